@@ -1,0 +1,151 @@
+"""The validated run configuration: one pydantic model, built from a YAML file, CLI flags and `--set` pairs.
+
+Unknown keys are errors that suggest the closest valid key. Values that cannot work (r <= 0, a negative
+learning rate, seq_len <= 0, an unknown method or task) fail here, before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError, closest
+
+Task = Literal["causal-lm", "classification"]
+
+# Keys whose change alters the result of a run: a resume with any of them different is refused.
+RESULT_KEYS = (
+    "model", "data", "task", "method", "method_options", "seed", "batch_size", "grad_accum", "lr",
+    "weight_decay", "schedule", "warmup_steps", "max_steps", "epochs", "seq_len", "packing", "max_grad_norm",
+    "val_fraction", "truncation", "adam_betas", "adam_eps",
+)
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs. Defaults give a short LoRA run on the embedded default model and data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = "smollm2-135m"
+    data: str = "default"
+    task: Task = "causal-lm"
+    method: str = "lora"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    adapter_name: str = "default"
+    output: str = "runs/latest"
+    seed: int = 0
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    seq_len: int = Field(default=256, gt=0)
+    packing: bool = False
+    truncation: Literal["truncate", "drop"] = "truncate"
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    eval_every: int | None = Field(default=None, gt=0)
+    eval_batches: int | None = Field(default=None, gt=0)
+    log_every: int = Field(default=1, gt=0)
+    save_every: int | None = Field(default=None, gt=0)
+    keep_last: int | None = Field(default=None, gt=0)
+    gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+    resume: bool = False
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _method_known(self) -> "RunConfig":
+        from tunelab.methods import get_method  # late import: methods import config-free modules only
+
+        get_method(self.method)
+        return self
+
+    def method_opts(self):
+        """The method's validated options object (`--set` values)."""
+        from tunelab.methods import get_method
+
+        method = get_method(self.method)
+        return parse_model(method.Options, self.method_options, where=f"--set for method '{self.method}'")
+
+    def result_hash(self) -> str:
+        """A short hash of the keys that change a run's result (a resume checks it)."""
+        payload = {k: getattr(self, k) for k in RESULT_KEYS}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def result_values(self) -> dict[str, Any]:
+        """The result-affecting keys and their values, JSON-ready."""
+        return json.loads(json.dumps({k: getattr(self, k) for k in RESULT_KEYS}, default=str))
+
+
+def parse_model(cls: type[BaseModel], values: dict[str, Any], where: str) -> BaseModel:
+    """Validate `values` into `cls`, turning pydantic errors into a one-line `ConfigError`."""
+    unknown = [k for k in values if k not in cls.model_fields]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{where}: unknown key '{key}'{closest(key, cls.model_fields)}; valid keys: {', '.join(cls.model_fields)}"
+        )
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_first_error(e)}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"key '{loc}': {err['msg']}{got_s}"
+
+
+def parse_set(pairs: list[str] | None) -> dict[str, Any]:
+    """Parse `--set key=value` pairs; values are YAML scalars or lists (`true`, `16`, `[q_proj,v_proj]`)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config YAML file into a dict; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: is a directory, expected a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{line}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys, found {type(data).__name__}")
+    return data
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> RunConfig:
+    """Merge config-file values with CLI overrides (non-None wins) and validate, options included."""
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = parse_model(RunConfig, values, where=where)
+    cfg.method_opts()  # validate the method's options now, before any model loads
+    return cfg

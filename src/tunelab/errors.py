@@ -1,0 +1,38 @@
+"""Errors meant for people: one line that names the file, row, field, key or module.
+
+Every error a user can cause by bad input is a `TunelabError`. The CLI prints it as one line and exits 2
+(no traceback unless `--debug`). Internal bugs stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TunelabError(Exception):
+    """Bad input or a refused operation; exit code 2 at the CLI."""
+
+    exit_code = 2
+
+
+class ConfigError(TunelabError):
+    """An invalid configuration key or value."""
+
+
+class DataError(TunelabError):
+    """A data file that cannot be read as documented (names file, row and field)."""
+
+
+class ArtifactError(TunelabError):
+    """A model, adapter or checkpoint file that is missing, corrupt or does not fit."""
+
+
+class ResourceError(TunelabError):
+    """Out of memory, disk full, or a numeric failure (NaN/inf) during a run."""
+
+
+def closest(key: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean X?)' for the closest choice to `key`, or '' when nothing is close."""
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
