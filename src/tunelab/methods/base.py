@@ -130,6 +130,13 @@ class Method:
         """Undo `merge`."""
         raise ConfigError(f"method '{self.name}' cannot be merged into the base weights")
 
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Detach adapter `name` entirely: its weights and hooks go, the base module tree is as before inject.
+
+        Used after `merge` to write a plain HF model, and to unload adapters in serving.
+        """
+        raise NotImplementedError
+
 
 # --- generic helpers built on the interface -----------------------------------------------------------
 
