@@ -1,0 +1,198 @@
+"""The `tunelab` command line. Each subcommand is a typed function; its docstring is its `--help`.
+
+Bad input exits 2 with one line on stderr that names the file, row, field or key (no traceback unless
+`--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunelab.errors import ConfigError, TunelabError, closest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
+                  "and measure the trade-offs on your own model, data and hardware.")
+_debug = False
+
+Model = Annotated[Optional[str], typer.Option(help="Local HF model dir or alias (smollm2-135m, minilm-l6).")]
+Data = Annotated[Optional[str], typer.Option(help="JSONL/CSV/Parquet file, or 'default'.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    global _debug
+    _debug = debug
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
+    model: Model = None,
+    data: Data = None,
+    task: Annotated[Optional[str], typer.Option(help="causal-lm or classification.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Fine-tuning method (see `tunelab methods`).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Micro-batch size.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the method's).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Maximum tokens per example.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Output dir (run.json, metrics.jsonl, artifact/).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if result-affecting config changed.")] = False,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
+    nan_policy: Annotated[Optional[str], typer.Option(help="stop (default) or skip.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
+    from tunelab.config import build_config, load_yaml, parse_set
+
+    file_values = load_yaml(config) if config else {}
+    options = {**file_values.get("method_options", {}), **parse_set(set_)}
+    overrides = dict(model=model, data=data, task=task, method=method, max_steps=max_steps, epochs=epochs,
+                     batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, seed=seed,
+                     output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
+                     gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
+                     method_options=options or None, resume=resume or None, force=force or None,
+                     trust_remote_code=trust_remote_code or None)
+    cfg = build_config(file_values, overrides, where=str(config) if config else "train")
+    from tunelab.train import train as run_training
+
+    summary = run_training(cfg, progress=not quiet)
+    _print_summary(summary, cfg.output)
+
+
+def _print_summary(summary: dict, output: str) -> None:
+    keys = ["method", "params_trainable", "trainable_percent", "peak_memory_bytes", "tokens_per_second",
+            "wall_seconds", "artifact_bytes", "final_train_loss", "final_val_loss"]
+    shown = {k: summary.get(k) for k in keys if k in summary}
+    typer.echo(json.dumps(shown, default=str))
+    typer.echo(f"run written to {output}/ (run.json, metrics.jsonl, artifact/)", err=True)
+
+
+@app.command(name="eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Local HF model dir or alias.")],
+    data: Annotated[str, typer.Option(help="JSONL/CSV/Parquet file, or 'default' (its validation split).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir to apply (PEFT layout).")] = None,
+    task: Annotated[str, typer.Option(help="causal-lm or classification.")] = "causal-lm",
+    seq_len: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    max_examples: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+) -> None:
+    """Report loss and perplexity (or accuracy) of a base model, with or without an adapter."""
+    from tunelab.evaluation import evaluate_spec
+
+    result = evaluate_spec(model, data, adapter=adapter, task=task, seq_len=seq_len, batch_size=batch_size,
+                           max_examples=max_examples, trust_remote_code=trust_remote_code)
+    if json_:
+        typer.echo(json.dumps(result))
+    else:
+        _print_table("evaluation", result)
+
+
+def _print_table(title: str, values: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command()
+def merge(
+    model: Annotated[str, typer.Option(help="Base model dir or alias.")],
+    adapter: Annotated[Path, typer.Option(help="Adapter dir to fold into the base.")],
+    output: Annotated[Path, typer.Option(help="Output HF model dir.")],
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+) -> None:
+    """Fold an adapter into the base weights and write a plain HF model dir."""
+    from tunelab.artifacts import load_adapter, save_merged
+    from tunelab.models import load_model
+
+    with_config = _adapter_task(adapter)
+    loaded = load_model(model, task=with_config["task"], dtype="float32", device="cpu",
+                        trust_remote_code=trust_remote_code, label_names=with_config["label_names"])
+    name = load_adapter(loaded.model, adapter)
+    written = save_merged(loaded.model, loaded.tokenizer, name, output)
+    typer.echo(f"merged model written to {output} ({written} bytes)")
+
+
+def _adapter_task(adapter: Path) -> dict:
+    """The task and label names recorded in an adapter dir (causal-lm when absent)."""
+    from tunelab.artifacts import read_adapter_config
+
+    config = read_adapter_config(adapter)
+    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
+    return {"task": task, "label_names": config.get("label_names")}
+
+
+@app.command()
+def methods() -> None:
+    """List every fine-tuning method: family, what trains, mergeable, HF PEFT loadable."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.methods import all_methods
+
+    table = Table(title="tunelab methods")
+    for col in ("method", "family", "what trains", "mergeable", "HF PEFT loads it", "paper"):
+        table.add_column(col)
+    for m in all_methods().values():
+        table.add_row(m.name, m.family, m.trains, "yes" if m.mergeable else "no",
+                      "yes" if m.peft_loadable else "no", m.paper)
+    Console(width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="tunelab", standalone_mode=False)
+        return 0
+    except TunelabError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (typer.Exit, typer.Abort) as e:
+        return getattr(e, "exit_code", 130)
+    except Exception as e:
+        if not hasattr(e, "format_message") or debug:  # not a CLI usage error (click's, vendored or not)
+            raise
+        return _usage_error(e)
+
+
+def _usage_error(e: Exception) -> int:
+    """Print a CLI usage error as one line; an unknown option gets the closest valid one."""
+    option = getattr(e, "option_name", None)
+    if option and hasattr(e, "possibilities"):
+        print(f"error: unknown option {option}{closest(option, e.possibilities or [])}", file=sys.stderr)
+    else:
+        print(f"error: {e.format_message().splitlines()[0]}", file=sys.stderr)
+    return 2
+
+if __name__ == "__main__":
+    sys.exit(main())

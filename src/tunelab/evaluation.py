@@ -1,0 +1,31 @@
+"""`tunelab eval`: loss and perplexity (or accuracy) of a base model, with or without an adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: str = "causal-lm",
+                  seq_len: int = 256, batch_size: int = 8, max_examples: int | None = None,
+                  trust_remote_code: bool = False) -> dict:
+    """Load `model` (+ `adapter`), read `data` and evaluate.
+
+    `data="default"` (or `default:<name>`) evaluates the embedded set's validation split; a file is evaluated
+    whole. Returns {"loss", "perplexity", "examples"} or {"loss", "accuracy", "examples"}.
+    """
+    from tunelab.artifacts import load_adapter, read_adapter_config
+    from tunelab.data import load_data
+    from tunelab.models import load_model
+    from tunelab.train import evaluate
+
+    label_names = read_adapter_config(adapter).get("label_names") if adapter else None
+    loaded = load_model(model, task=task, trust_remote_code=trust_remote_code, label_names=label_names)
+    if adapter is not None:
+        load_adapter(loaded.model, adapter)
+    is_default = data == "default" or data.startswith("default:")
+    dataset = load_data(data, loaded.tokenizer, task, seq_len, val_fraction=0.1 if is_default else 0.0,
+                        label_names=label_names)
+    examples = dataset.val if is_default else dataset.train
+    examples = examples[:max_examples] if max_examples else examples
+    result = evaluate(loaded.model, examples, task, loaded.tokenizer.pad_token_id, batch_size)
+    return {**result, "examples": len(examples)}
