@@ -1,0 +1,396 @@
+"""`tunelab compare`: train every selected strategy on the same model, data and budget, measure each, recommend one.
+
+Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare strategy JOB RESULT`, see
+`worker_main`), so memory figures do not leak between strategies; a baseline worker first scores the untouched
+base model on the reference prose and checks the data. The parent follows each worker's `metrics.jsonl` for the
+progress display, then gathers `run.json`, the metrics and the worker's own measurements (forgetting, attach
+time) into `results.json`, and writes the reports.
+
+Output dir layout: `results.json`, `report.md`, `report.html`, `plots/*.png`, and `runs/<strategy>/` (the train
+output dir of each strategy, with `worker.log` and the worker's `job.json` / `result.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunelab.errors import ConfigError, TunelabError, closest
+from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
+                                    detect_versions)
+
+WORKER_MODULE = "tunelab.measure.compare"  # `python -m tunelab.measure.compare KIND JOB RESULT`
+
+
+def parse_lr_for(pairs: list[str] | None) -> dict[str, float]:
+    """`["lora=3e-4", "full=2e-5"]` -> `{"lora": 3e-4, "full": 2e-5}` (the CLI's repeatable `--lr-for`)."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        try:
+            out[name.strip()] = float(raw)
+        except ValueError:
+            raise ConfigError(f"--lr-for {pair!r}: expected METHOD=LR such as lora=3e-4") from None
+        if not sep or not name.strip() or out[name.strip()] <= 0:
+            raise ConfigError(f"--lr-for {pair!r}: expected METHOD=LR with LR > 0, such as lora=3e-4")
+    return out
+
+
+def parse_options_for(pairs: list[str] | None) -> dict[str, dict]:
+    """`["lora.r=16", "lora.target_modules=[q_proj,v_proj]"]` -> `{"lora": {"r": 16, "target_modules": [...]}}`."""
+    from tunelab.config import parse_set
+
+    out: dict[str, dict] = {}
+    for pair in pairs or []:
+        dotted, sep, raw = pair.partition("=")
+        name, dot, key = dotted.partition(".")
+        if not sep or not dot or not name.strip() or not key.strip():
+            raise ConfigError(f"--set-for {pair!r}: expected METHOD.KEY=VALUE such as lora.r=16")
+        out.setdefault(name.strip(), {}).update(parse_set([f"{key}={raw}"]))
+    return out
+
+
+def select_methods(opts: CompareOptions) -> list:
+    """The `Method`s to compare (all registered when `opts.methods` is None), checking every name first."""
+    from tunelab.methods import all_methods, get_method
+
+    names = opts.methods if opts.methods is not None else list(all_methods())
+    if not names:
+        raise ConfigError("--methods: expected at least one method name, found none")
+    chosen = [get_method(n) for n in names]
+    for flag, per_method in (("--lr-for", opts.lr_for), ("--set-for", opts.options_for)):
+        for name in per_method:
+            if name not in names:
+                raise ConfigError(f"{flag} names method '{name}', which is not compared{closest(name, names)}; "
+                                  f"compared: {', '.join(names)}")
+    return chosen
+
+
+def strategy_config(opts: CompareOptions, method, run_dir: Path):
+    """The validated `RunConfig` of one strategy: the shared budget plus its own learning rate and options.
+
+    The learning rate is `--lr-for NAME=LR` when given, else the method's `default_lr` (one place for defaults).
+    """
+    from tunelab.config import build_config
+
+    values = dict(model=opts.model, data=opts.data, task=opts.task, method=method.name,
+                  method_options=opts.options_for.get(method.name, {}), output=str(run_dir), seed=opts.seed,
+                  max_steps=opts.max_steps, batch_size=opts.batch_size, seq_len=opts.seq_len,
+                  lr=opts.lr_for.get(method.name, getattr(method, "default_lr", None)),
+                  eval_batches=opts.eval_batches, device=opts.device, dtype=opts.dtype)
+    return build_config({}, values, where=f"compare strategy '{method.name}'")
+
+
+def run_compare(opts: CompareOptions, console=None) -> CompareResults:
+    """Run the whole comparison and write results.json, report.md, report.html and plots/ into `opts.output`.
+
+    Every option is checked before anything trains. A strategy that fails is recorded with its error and the
+    others still run. Prints the trade-off table and the report's path on `console` (a rich Console).
+    """
+    from rich.console import Console
+
+    from tunelab.measure.recommend import recommend
+    from tunelab.measure.report import CompareProgress, print_table, write_reports
+
+    console = console or Console()
+    out = Path(opts.output)
+    methods = select_methods(opts)
+    configs = [strategy_config(opts, m, out / "runs" / m.name) for m in methods]
+    out.mkdir(parents=True, exist_ok=True)
+    with CompareProgress(console, len(methods)) as progress:
+        progress.status("baseline: scoring the base model on the reference prose")
+        baseline = baseline_record(_run_worker("baseline", _baseline_job(opts), out / "runs" / "_baseline"))
+        strategies = []
+        for method, cfg in zip(methods, configs):
+            strategies.append(_run_strategy(opts, method, cfg, baseline, progress))
+    results = CompareResults(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
+        hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=baseline,
+        strategies=strategies, output_dir=str(out))
+    results.recommendation = recommend(strategies, opts.priority, opts.gpu_memory, opts.tasks)
+    write_json_atomic(out / "results.json", results.model_dump(mode="json"))
+    md, html = write_reports(results, out)
+    print_table(results, console)
+    console.print(f"report: {html} (also {md}, results.json)")
+    return results
+
+
+def _run_strategy(opts: CompareOptions, method, cfg, baseline, progress) -> StrategyResult:
+    """Train one strategy in a fresh worker, following its metrics for the display; never raises for its errors."""
+    run_dir = Path(cfg.output)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
+    job = {"run": cfg.model_dump(mode="json"), "reference_data": opts.reference_data,
+           "reference_sequences": opts.reference_sequences, "artifact": method.artifact}
+    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    with progress.strategy(method.name, opts.max_steps) as bar:
+        worker = _run_worker("strategy", job, run_dir, poll=lambda: bar.update(follower.new_records()),
+                             timeout_s=opts.timeout_s)
+        bar.finish(worker.get("status") == "ok", worker.get("error"))
+    return strategy_record(method, cfg, run_dir, worker, baseline, opts.warmup_steps_excluded)
+
+
+def _baseline_job(opts: CompareOptions) -> dict:
+    return {"model": opts.model, "data": opts.data, "task": opts.task, "dtype": opts.dtype, "device": opts.device,
+            "seq_len": opts.seq_len, "batch_size": opts.batch_size, "reference_data": opts.reference_data,
+            "reference_sequences": opts.reference_sequences}
+
+
+def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float | None = None) -> dict:
+    """Run one worker in a fresh interpreter and return its result dict (status 'failed' with an error if it died)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job_path, result_path = job_dir / "job.json", job_dir / "result.json"
+    job_path.write_text(json.dumps(job, indent=1))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", WORKER_MODULE, kind, str(job_path), str(result_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(job_dir / "worker.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        timed_out = _wait(proc, poll, timeout_s)
+    if poll:
+        poll()
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if timed_out:
+        return {**result, "status": "failed", "error": f"stopped after the {timeout_s:g} s limit per strategy"}
+    if proc.returncode != 0 and result.get("status") != "failed":
+        return {**result, "status": "failed", "error": _exit_reason(proc.returncode, job_dir / "worker.log")}
+    return result
+
+
+def _wait(proc: subprocess.Popen, poll, timeout_s: float | None) -> bool:
+    """Wait for `proc`, calling `poll` twice a second; kill it past `timeout_s`. Returns whether it timed out."""
+    start = time.monotonic()
+    while proc.poll() is None:
+        if poll:
+            poll()
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _exit_reason(returncode: int, log_path: Path) -> str:
+    """One line on why a worker died without writing its result: the signal, or the log's last line."""
+    if returncode < 0:
+        hint = " (out of memory?)" if returncode == -9 else ""
+        return f"worker killed by signal {-returncode}{hint}; see {log_path}"
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else "no output"
+    return f"worker exited with code {returncode}: {last[:300]}"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temp file in the same dir, fsync it, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tunelab_version() -> str:
+    import tunelab
+
+    return tunelab.__version__
+
+
+# --- gathering one strategy's figures (parent side) ------------------------------------------------------
+
+class MetricsFollower:
+    """The records appended to a growing `metrics.jsonl` since the last call (complete lines only)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = Path(path), 0
+
+    def new_records(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self.offset += end
+        return [r for r in (_json_line(line) for line in chunk[:end].splitlines()) if isinstance(r, dict)]
+
+
+def _json_line(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete record of a `metrics.jsonl` ([] when it does not exist)."""
+    return MetricsFollower(path).new_records()
+
+
+def speed_from_metrics(records: list[dict], warmup_steps: int) -> tuple[float | None, float | None]:
+    """(tokens/s, seconds) over the training steps after the first `warmup_steps`.
+
+    Step records carry the step's non-pad input `tokens` and the loop's cumulative `elapsed` seconds, so the
+    time is the last step's `elapsed` less the last warm-up step's. (None, None) when too few steps were logged.
+    """
+    steps = sorted((r for r in records if "loss" in r and "tokens" in r and "elapsed" in r), key=lambda r: r["step"])
+    if len(steps) <= warmup_steps:
+        return None, None
+    measured = steps[warmup_steps:]
+    seconds = steps[-1]["elapsed"] - (steps[warmup_steps - 1]["elapsed"] if warmup_steps else 0.0)
+    tokens = sum(r["tokens"] for r in measured)
+    return (tokens / seconds if seconds > 0 else None), seconds
+
+
+def _peak_memory(summary: dict) -> tuple[int | None, str | None]:
+    """The run's peak memory and where it comes from; on CPU the idle process's RSS is taken off the OS peak."""
+    peak, source, idle = (summary.get(k) for k in ("peak_memory_bytes", "peak_memory_source", "idle_rss_bytes"))
+    if peak is None or source is None or "cuda" in source:
+        return peak, source
+    if idle and "idle" not in source:
+        return max(peak - idle, 0), f"{source} minus idle RSS"
+    return peak, source
+
+
+def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline, warmup_steps: int) -> StrategyResult:
+    """One strategy's `StrategyResult`, from its run.json, metrics.jsonl and the worker's result."""
+    from tunelab.measure.forgetting import forgetting_record
+    from tunelab.measure.portability import portability_record
+
+    summary = _read_json(run_dir / "run.json")
+    records = read_records(run_dir / "metrics.jsonl")
+    notes = list(worker.get("notes", []))
+    tps, seconds = speed_from_metrics(records, warmup_steps)
+    if tps is None and summary.get("tokens_per_second") is not None:
+        tps, seconds = summary["tokens_per_second"], summary.get("train_seconds")
+        notes.append(f"fewer than {warmup_steps + 1} logged steps: speed includes warm-up")
+    peak, source = _peak_memory(summary)
+    artifact = summary.get("artifact_bytes") or _artifact_size(run_dir / "artifact")
+    before, after = baseline.reference_perplexity, worker.get("after_perplexity")
+    return StrategyResult(
+        name=method.name, method=method.name, family=method.family, status=worker.get("status", "failed"),
+        error=worker.get("error"), lr=summary.get("lr", cfg.lr), method_options=cfg.method_options,
+        params_total=summary.get("params_total"), params_trainable=summary.get("params_trainable"),
+        trainable_percent=summary.get("trainable_percent"), peak_memory_bytes=peak, peak_memory_source=source,
+        predicted_memory_bytes=_predicted_memory(cfg), tokens_per_second=tps, wall_seconds=seconds,
+        artifact_bytes=artifact, final_train_loss=summary.get("final_train_loss"),
+        val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
+        val_accuracy=summary.get("val_accuracy"),
+        forgetting=forgetting_record(before, after) if before and after else None,
+        portability=portability_record(method.artifact, artifact, baseline.base_bytes or 0,
+                                       worker.get("attach_seconds"), worker.get("switch_seconds"))
+        if artifact else None,
+        loss_curve=[(r["step"], r["loss"]) for r in records if r.get("loss") is not None],
+        val_curve=[(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
+        run_dir=str(run_dir), notes=notes)
+
+
+def baseline_record(result: dict) -> Baseline:
+    """The `Baseline` from the baseline worker's result; a bad model or data spec stops the compare here."""
+    if result.get("status") != "ok":
+        if result.get("user_error"):
+            raise TunelabError(result["error"])
+        return Baseline(error=result.get("error", "baseline worker failed"))
+    return Baseline(**{k: result[k] for k in Baseline.model_fields if k in result})
+
+
+def _predicted_memory(cfg) -> int | None:
+    """`tunelab plan`'s GPU-memory estimate for this run, where the planner can make one."""
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _artifact_size(path: Path) -> int | None:
+    if not path.is_dir():
+        return None
+    from tunelab.artifacts import artifact_bytes
+
+    return artifact_bytes(path)
+
+
+# --- the worker (child side): `python -m tunelab.measure.compare KIND JOB RESULT` ------------------------
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Run one job in this fresh interpreter and write its result JSON; exit 0 when it succeeded.
+
+    KIND is `baseline` (score the base model on the reference prose, check the data) or `strategy` (train one
+    strategy, then measure forgetting and attach time on what it wrote). Errors are written to the result, with
+    `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
+    """
+    kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
+    job = json.loads(Path(job_path).read_text())
+    try:
+        result = {"baseline": _baseline_worker, "strategy": _strategy_worker}[kind](job)
+    except Exception as e:  # recorded, not raised: one failing strategy must not stop the others
+        import traceback
+
+        traceback.print_exc()
+        result = {"status": "failed", "error": _error_line(e), "user_error": isinstance(e, TunelabError)}
+    write_json_atomic(Path(result_path), result)
+    return 0 if result["status"] == "ok" else 1
+
+
+def _error_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, TunelabError) else f"{type(e).__name__}: {text}"[:500]
+
+
+def _baseline_worker(job: dict) -> dict:
+    from tunelab.artifacts import artifact_bytes
+    from tunelab.data import load_data
+    from tunelab.measure.forgetting import score_reference
+    from tunelab.models import load_model
+
+    loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
+    load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
+    result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
+    if job["task"] == "causal-lm":
+        scored = score_reference(loaded, job["reference_data"], job["seq_len"], job["reference_sequences"],
+                                 job["batch_size"])
+        result.update(reference_perplexity=scored["perplexity"], reference_sequences=scored["sequences"],
+                      reference_tokens=scored["tokens"])
+    return result
+
+
+def _strategy_worker(job: dict) -> dict:
+    from tunelab.config import RunConfig
+    from tunelab.measure.forgetting import score_reference
+    from tunelab.measure.portability import load_trained
+    from tunelab.train import train
+
+    cfg = RunConfig(**job["run"])
+    summary = train(cfg, progress=False)
+    if summary.get("status") != "completed":
+        return {"status": "failed", "error": summary.get("message", f"training ended {summary.get('status')}")}
+    result: dict = {"status": "ok", "notes": []}
+    try:
+        loaded, timing = load_trained(cfg, job["artifact"])
+        result.update(timing)
+    except Exception as e:  # training succeeded; keep its figures and say what is missing
+        result["notes"].append(f"attach time and forgetting not measured: {_error_line(e)}")
+        return result
+    if cfg.task == "causal-lm":
+        try:
+            scored = score_reference(loaded, job["reference_data"], cfg.seq_len, job["reference_sequences"],
+                                     cfg.batch_size)
+            result["after_perplexity"] = scored["perplexity"]
+        except Exception as e:
+            result["notes"].append(f"forgetting not measured: {_error_line(e)}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

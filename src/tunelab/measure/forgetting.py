@@ -1,0 +1,59 @@
+"""Catastrophic forgetting: how much worse a fine-tuned model predicts general prose it never trained on.
+
+The reference set is general prose (default `default:prose`, or the user's `--reference-data`), cut to a fixed
+subset: the first N sequences, each truncated to the run's `seq_len`, so that every strategy and the base model
+are scored on exactly the same tokens. "Before" is scored once on the base model; "after" inside each strategy's
+worker, right after training. Forgetting is the change in perplexity, absolute and in percent.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tunelab.measure.schema import Forgetting
+
+
+def reference_examples(spec: str, tokenizer, seq_len: int, n_sequences: int) -> list[dict]:
+    """The first `n_sequences` examples of the reference prose, each truncated to `seq_len` tokens.
+
+    Loaded through `tunelab.data.load_data` as plain causal-LM text (loss on every token), with no validation
+    split, so the subset is the same in every process.
+    """
+    from tunelab.data import load_data
+
+    ds = load_data(spec, tokenizer, "causal-lm", seq_len, truncation="truncate", val_fraction=0.0)
+    examples = list(ds.train) + list(ds.val)
+    return examples[:n_sequences]
+
+
+def target_tokens(examples: list[dict]) -> int:
+    """How many tokens are scored: labels other than -100 after the first position (labels are shifted by one)."""
+    return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+
+
+def reference_perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Perplexity of `model` on the reference `examples` (exp of the mean next-token loss)."""
+    from tunelab.train import evaluate
+
+    model.eval()
+    result = evaluate(model, examples, "causal-lm", pad_id, batch_size)
+    return float(result.get("perplexity", math.exp(result["loss"])))
+
+
+def forgetting_record(before: float, after: float) -> Forgetting:
+    """The change from `before` to `after` perplexity; positive means the model got worse at general prose."""
+    delta = after - before
+    return Forgetting(before_perplexity=before, after_perplexity=after, delta=delta,
+                      delta_percent=100.0 * delta / before)
+
+
+def score_reference(loaded, spec: str, seq_len: int, n_sequences: int, batch_size: int) -> dict:
+    """Perplexity of a loaded model (a `LoadedModel`) on the reference subset, with the subset's size.
+
+    Returns {"perplexity", "sequences", "tokens"}.
+    """
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = reference_examples(spec, tok, seq_len, n_sequences)
+    return {"perplexity": reference_perplexity(loaded.model, examples, pad_id, batch_size),
+            "sequences": len(examples), "tokens": target_tokens(examples)}

@@ -1,0 +1,223 @@
+"""The options and the `results.json` schema of `tunelab compare`, as pydantic models.
+
+`CompareOptions` is what the user asks for; `CompareResults` is what `results.json` holds: run metadata (hardware,
+versions, the options), the baseline measured once on the base model, one `StrategyResult` per strategy, and the
+recommendation. docs/compare.md documents every field; `SCHEMA_VERSION` changes when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+TASK_COUNTS = (1, 10, 100)  # the K of "bytes needed to serve K tasks"
+Priority = Literal["quality", "memory", "speed", "forgetting"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GB' / '24GiB' / '512MB' / 1e9 -> bytes. Raises ValueError naming what was found."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size such as 80GB, 24GiB or 512MB, found {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompareOptions(_Strict):
+    """What to compare and under which constraints. The defaults are the embedded main job, sized to finish in
+    about ten minutes on two CPU cores for every registered strategy."""
+
+    model: str = "smollm2-135m"
+    data: str = "default"
+    task: Literal["causal-lm", "classification"] = "causal-lm"
+    methods: list[str] | None = None  # None: every registered method, in registry order
+    output: str = "runs/compare"
+    # The shared budget: every strategy trains the same steps on the same batches.
+    max_steps: int = Field(default=20, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    seq_len: int = Field(default=64, gt=0)
+    seed: int = 0
+    eval_batches: int | None = Field(default=8, gt=0)  # validation batches for the task-quality figures
+    warmup_steps_excluded: int = Field(default=2, ge=0)  # first steps left out of tokens/s (allocation, caches)
+    # Per-strategy learning rate (`--lr-for lora=3e-4`) and options (`--set-for lora.r=16`); else the method's default_lr.
+    lr_for: dict[str, float] = Field(default_factory=dict)
+    options_for: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Forgetting: perplexity on general prose the training never saw, first N sequences truncated to seq_len.
+    reference_data: str = "default:prose"
+    reference_sequences: int = Field(default=32, gt=0)
+    # The user's constraints for the recommendation.
+    gpu_memory: int | None = Field(default=None, gt=0)  # bytes; the CLI accepts '24GB'
+    tasks: int = Field(default=1, gt=0)  # K: how many task-specific variants will be served
+    priority: Priority = "quality"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    timeout_s: float | None = Field(default=None, gt=0)  # per strategy; a strategy past it is recorded as failed
+
+    @field_validator("gpu_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return None if v is None else parse_bytes(v)
+
+
+class Hardware(_Strict):
+    """Where the measurements were taken."""
+
+    cpu_model: str
+    cpu_cores: int
+    ram_bytes: int | None = None
+    device: str  # "cpu" or "cuda"
+    gpu_name: str | None = None
+    gpu_memory_bytes: int | None = None
+
+    @classmethod
+    def detect(cls, device: str = "auto") -> "Hardware":
+        """This machine: CPU model and cores, RAM, and the GPU that `device` selects (if any)."""
+        import torch
+
+        use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        props = torch.cuda.get_device_properties(torch.cuda.current_device()) if use_cuda else None
+        return cls(cpu_model=_cpu_model(), cpu_cores=os.cpu_count() or 1, ram_bytes=_ram_bytes(),
+                   device="cuda" if use_cuda else "cpu", gpu_name=props.name if props else None,
+                   gpu_memory_bytes=props.total_memory if props else None)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return None
+
+
+def detect_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the measurements."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("tunelab", "torch", "transformers", "safetensors", "peft", "accelerate"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Baseline(_Strict):
+    """Measured once on the untouched base model, shared by every strategy."""
+
+    model_path: str | None = None
+    base_bytes: int | None = None  # the base model's bytes on disk (weights + config + tokenizer)
+    reference_perplexity: float | None = None  # "before" perplexity on the reference prose
+    reference_sequences: int = 0
+    reference_tokens: int = 0
+    error: str | None = None
+
+
+class Forgetting(_Strict):
+    """Perplexity on the reference prose before and after training (higher after = forgotten)."""
+
+    before_perplexity: float
+    after_perplexity: float
+    delta: float  # after - before
+    delta_percent: float  # 100 * (after - before) / before
+
+
+class Portability(_Strict):
+    """What serving many tasks with this strategy costs, in bytes and in switching time."""
+
+    artifact: Literal["adapter", "model"]
+    bytes_per_task: int  # one artifact on disk
+    base_bytes: int  # the shared base an adapter needs (0 for whole models: each carries its own)
+    serve_bytes: dict[int, int]  # K -> bytes to serve K tasks: K models, or one base + K adapters
+    attach_seconds: float | None = None  # adapter: load_adapter + set_active on a loaded base; model: load_model
+    switch_seconds: float | None = None  # adapter: set_active between two loaded adapters
+
+
+class StrategyResult(_Strict):
+    """One strategy's measurements; `status` 'failed' keeps the error and whatever was measured before it."""
+
+    name: str
+    method: str
+    family: str = ""
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    lr: float | None = None
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    params_total: int | None = None
+    params_trainable: int | None = None
+    trainable_percent: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_source: str | None = None  # e.g. "cuda allocator peak" or "peak RSS minus idle RSS"
+    predicted_memory_bytes: int | None = None  # `tunelab plan`'s estimate of GPU memory, where it has one
+    tokens_per_second: float | None = None  # warm-up steps excluded
+    wall_seconds: float | None = None  # training loop time, warm-up steps excluded
+    artifact_bytes: int | None = None
+    final_train_loss: float | None = None
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    val_accuracy: float | None = None
+    forgetting: Forgetting | None = None
+    portability: Portability | None = None
+    loss_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, train loss)
+    val_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, val loss)
+    run_dir: str | None = None
+    notes: list[str] = Field(default_factory=list)  # figures that could not be measured, and why
+
+
+class Recommendation(_Strict):
+    """The strategy the documented rule picks (docs/compare.md), with its reasons as numbers."""
+
+    strategy: str | None
+    priority: Priority
+    gpu_memory: int | None = None
+    tasks: int = 1
+    reasons: list[str] = Field(default_factory=list)
+    ranking: list[str] = Field(default_factory=list)  # eligible strategies, best first
+    excluded: dict[str, str] = Field(default_factory=dict)  # strategy -> why it was left out
+
+
+class CompareResults(_Strict):
+    """The whole of `results.json`."""
+
+    schema_version: int = SCHEMA_VERSION
+    created: str  # ISO 8601, UTC
+    tunelab_version: str
+    hardware: Hardware
+    versions: dict[str, str]
+    config: CompareOptions
+    baseline: Baseline
+    strategies: list[StrategyResult]
+    recommendation: Recommendation | None = None
+    output_dir: str | None = None
+
+    def strategy(self, name: str) -> StrategyResult:
+        """The record of strategy `name` (KeyError if it was not compared)."""
+        for s in self.strategies:
+            if s.name == name:
+                return s
+        raise KeyError(name)
