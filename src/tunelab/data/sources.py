@@ -1,0 +1,116 @@
+"""Read data rows from JSONL, CSV or Parquet files, or from the embedded default data sets.
+
+Every row carries a `where` string (`pairs.jsonl line 3`, `data.csv row 2`) so later errors can name it.
+Numbering is 1-based: JSONL counts physical lines (blank lines are skipped but counted), CSV and Parquet count
+data rows (the CSV header is not a row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+SUFFIXES = (".jsonl", ".csv", ".parquet")
+DEFAULT_SPECS = ("default", "default:prose")
+
+
+@dataclass
+class Table:
+    """Rows read from one source: `name` for messages, the `columns` it declares, and (where, row) pairs."""
+
+    name: str
+    columns: list[str]
+    rows: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def read_source(spec: str | Path, task: str) -> Table:
+    """Read `spec`: `default`, `default:prose`, or a path to a `.jsonl`, `.csv` or `.parquet` file."""
+    if isinstance(spec, str) and (spec in DEFAULT_SPECS or spec.startswith("default:")):
+        return read_default(spec, task)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: data file not found; expected a .jsonl, .csv or .parquet file, or "
+                        f"{' or '.join(DEFAULT_SPECS)}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a .jsonl, .csv or .parquet file")
+    readers = {".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    return reader(path)
+
+
+def read_default(spec: str, task: str) -> Table:
+    """The embedded data sets: instruction pairs (causal-lm) or news topics (classification); prose articles."""
+    from tunelab import defaults
+
+    if spec == "default" and task == "classification":
+        rows, name = defaults.news_classification(), "default (news topics)"
+    elif spec == "default":
+        rows, name = defaults.instruction_pairs(), "default (instruction pairs)"
+    elif spec == "default:prose":
+        rows, name = defaults.prose_articles(), "default:prose (news articles)"
+    else:
+        raise DataError(f"data spec {spec!r} is unknown; expected a file path or one of {', '.join(DEFAULT_SPECS)}")
+    columns = list(rows[0]) if rows else []
+    return Table(name, columns, [(f"{name} row {i}", r) for i, r in enumerate(rows, 1)])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a UTF-8 encoded file") from None
+
+
+def read_jsonl(path: Path) -> Table:
+    """One JSON object per line; blank lines are skipped. Columns are the keys of the first object."""
+    table = Table(str(path), [])
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, found {type(row).__name__}")
+        if not table.rows:
+            table.columns = list(row)
+        table.rows.append((f"{path} line {number}", row))
+    return table
+
+
+def read_csv(path: Path) -> Table:
+    """A CSV file with a header row; every value is a string (a `messages` cell holds JSON text)."""
+    try:
+        reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
+        columns = list(reader.fieldnames or [])
+        rows = [(f"{path} row {i}", _csv_row(row)) for i, row in enumerate(reader, 1)]
+    except csv.Error as e:
+        raise DataError(f"{path}: not valid CSV ({e})") from None
+    return Table(str(path), columns, rows)
+
+
+def _csv_row(row: dict) -> dict:
+    # DictReader puts surplus cells under the key None and missing cells as None; keep named columns only
+    return {k: v for k, v in row.items() if k is not None and v is not None}
+
+
+def read_parquet(path: Path) -> Table:
+    """A Parquet file, read with pyarrow; null cells count as missing fields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    rows = [(f"{path} row {i}", {k: v for k, v in row.items() if v is not None})
+            for i, row in enumerate(arrow.to_pylist(), 1)]
+    return Table(str(path), list(arrow.column_names), rows)
