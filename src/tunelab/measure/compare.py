@@ -1,7 +1,7 @@
 """`tunelab compare`: train every selected strategy on the same model, data and budget, measure each, recommend one.
 
-Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare strategy JOB RESULT`, see
-`worker_main`), so memory figures do not leak between strategies; a baseline worker first scores the untouched
+Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare_worker strategy JOB RESULT`),
+so memory figures do not leak between strategies; a baseline worker first scores the untouched
 base model on the reference prose and checks the data. The parent follows each worker's `metrics.jsonl` for the
 progress display, then gathers `run.json`, the metrics and the worker's own measurements (forgetting, attach
 time) into `results.json`, and writes the reports.
@@ -12,11 +12,14 @@ output dir of each strategy, with `worker.log` and the worker's `job.json` / `re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from tunelab.errors import ConfigError, TunelabError, closest
 from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
                                     detect_versions)
 
-WORKER_MODULE = "tunelab.measure.compare"  # `python -m tunelab.measure.compare KIND JOB RESULT`
+WORKER_MODULE = "tunelab.measure.compare_worker"  # `python -m tunelab.measure.compare_worker KIND JOB RESULT`
 
 
 def parse_lr_for(pairs: list[str] | None) -> dict[str, float]:
@@ -96,13 +99,14 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
 
     from tunelab.measure.recommend import recommend
     from tunelab.measure.report import CompareProgress, print_table, write_reports
+    from tunelab.train.summary import write_json_atomic
 
     console = console or Console()
     out = Path(opts.output)
     methods = select_methods(opts)
     configs = [strategy_config(opts, m, out / "runs" / m.name) for m in methods]
     out.mkdir(parents=True, exist_ok=True)
-    with CompareProgress(console, len(methods)) as progress:
+    with _sigterm_exits(), CompareProgress(console, len(methods)) as progress:
         progress.status("baseline: scoring the base model on the reference prose")
         baseline = baseline_record(_run_worker("baseline", _baseline_job(opts), out / "runs" / "_baseline"))
         strategies = []
@@ -135,6 +139,23 @@ def _run_strategy(opts: CompareOptions, method, cfg, baseline, progress) -> Stra
     return strategy_record(method, cfg, run_dir, worker, baseline, opts.warmup_steps_excluded)
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """Turn SIGTERM into SystemExit while the compare runs, so the running worker is killed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _baseline_job(opts: CompareOptions) -> dict:
     return {"model": opts.model, "data": opts.data, "task": opts.task, "dtype": opts.dtype, "device": opts.device,
             "seq_len": opts.seq_len, "batch_size": opts.batch_size, "reference_data": opts.reference_data,
@@ -163,17 +184,24 @@ def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float
 
 
 def _wait(proc: subprocess.Popen, poll, timeout_s: float | None) -> bool:
-    """Wait for `proc`, calling `poll` twice a second; kill it past `timeout_s`. Returns whether it timed out."""
+    """Wait for `proc`, calling `poll` twice a second; kill it past `timeout_s`. Returns whether it timed out.
+
+    If the parent stops (Ctrl-C, SIGTERM, an error), the worker is killed too: no training outlives the compare.
+    """
     start = time.monotonic()
-    while proc.poll() is None:
-        if poll:
-            poll()
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
+    try:
+        while proc.poll() is None:
+            if poll:
+                poll()
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                proc.kill()
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
-            return True
-        time.sleep(0.5)
-    return False
+        proc.wait()
 
 
 def _exit_reason(returncode: int, log_path: Path) -> str:
@@ -184,16 +212,6 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
     last = lines[-1].strip() if lines else "no output"
     return f"worker exited with code {returncode}: {last[:300]}"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temp file in the same dir, fsync it, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _tunelab_version() -> str:
@@ -319,78 +337,3 @@ def _artifact_size(path: Path) -> int | None:
     from tunelab.artifacts import artifact_bytes
 
     return artifact_bytes(path)
-
-
-# --- the worker (child side): `python -m tunelab.measure.compare KIND JOB RESULT` ------------------------
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """Run one job in this fresh interpreter and write its result JSON; exit 0 when it succeeded.
-
-    KIND is `baseline` (score the base model on the reference prose, check the data) or `strategy` (train one
-    strategy, then measure forgetting and attach time on what it wrote). Errors are written to the result, with
-    `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
-    """
-    kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
-    job = json.loads(Path(job_path).read_text())
-    try:
-        result = {"baseline": _baseline_worker, "strategy": _strategy_worker}[kind](job)
-    except Exception as e:  # recorded, not raised: one failing strategy must not stop the others
-        import traceback
-
-        traceback.print_exc()
-        result = {"status": "failed", "error": _error_line(e), "user_error": isinstance(e, TunelabError)}
-    write_json_atomic(Path(result_path), result)
-    return 0 if result["status"] == "ok" else 1
-
-
-def _error_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, TunelabError) else f"{type(e).__name__}: {text}"[:500]
-
-
-def _baseline_worker(job: dict) -> dict:
-    from tunelab.artifacts import artifact_bytes
-    from tunelab.data import load_data
-    from tunelab.measure.forgetting import score_reference
-    from tunelab.models import load_model
-
-    loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
-    load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
-    result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
-    if job["task"] == "causal-lm":
-        scored = score_reference(loaded, job["reference_data"], job["seq_len"], job["reference_sequences"],
-                                 job["batch_size"])
-        result.update(reference_perplexity=scored["perplexity"], reference_sequences=scored["sequences"],
-                      reference_tokens=scored["tokens"])
-    return result
-
-
-def _strategy_worker(job: dict) -> dict:
-    from tunelab.config import RunConfig
-    from tunelab.measure.forgetting import score_reference
-    from tunelab.measure.portability import load_trained
-    from tunelab.train import train
-
-    cfg = RunConfig(**job["run"])
-    summary = train(cfg, progress=False)
-    if summary.get("status") != "completed":
-        return {"status": "failed", "error": summary.get("message", f"training ended {summary.get('status')}")}
-    result: dict = {"status": "ok", "notes": []}
-    try:
-        loaded, timing = load_trained(cfg, job["artifact"])
-        result.update(timing)
-    except Exception as e:  # training succeeded; keep its figures and say what is missing
-        result["notes"].append(f"attach time and forgetting not measured: {_error_line(e)}")
-        return result
-    if cfg.task == "causal-lm":
-        try:
-            scored = score_reference(loaded, job["reference_data"], cfg.seq_len, job["reference_sequences"],
-                                     cfg.batch_size)
-            result["after_perplexity"] = scored["perplexity"]
-        except Exception as e:
-            result["notes"].append(f"forgetting not measured: {_error_line(e)}")
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

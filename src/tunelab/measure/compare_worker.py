@@ -1,0 +1,90 @@
+"""The worker of `tunelab compare`: one job in a fresh interpreter, so no memory figure leaks between strategies.
+
+    python -m tunelab.measure.compare_worker KIND JOB RESULT
+
+KIND is `baseline` (load the base model, check the data, score the base model on the reference prose) or
+`strategy` (train one strategy, then load what it wrote, timing the attach or load, and score it on the same
+reference prose). JOB is the JSON the parent wrote; RESULT is where this worker writes its result JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.train.summary import write_json_atomic
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Run one job in this fresh interpreter and write its result JSON; exit 0 when it succeeded.
+
+    KIND is `baseline` (score the base model on the reference prose, check the data) or `strategy` (train one
+    strategy, then measure forgetting and attach time on what it wrote). Errors are written to the result, with
+    `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
+    """
+    kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
+    job = json.loads(Path(job_path).read_text())
+    try:
+        result = {"baseline": _baseline_worker, "strategy": _strategy_worker}[kind](job)
+    except Exception as e:  # recorded, not raised: one failing strategy must not stop the others
+        import traceback
+
+        traceback.print_exc()
+        result = {"status": "failed", "error": _error_line(e), "user_error": isinstance(e, TunelabError)}
+    write_json_atomic(Path(result_path), result)  # the parent reads it only after this process exits
+    return 0 if result["status"] == "ok" else 1
+
+
+def _error_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, TunelabError) else f"{type(e).__name__}: {text}"[:500]
+
+
+def _baseline_worker(job: dict) -> dict:
+    from tunelab.artifacts import artifact_bytes
+    from tunelab.data import load_data
+    from tunelab.measure.forgetting import score_reference
+    from tunelab.models import load_model
+
+    loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
+    load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
+    result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
+    if job["task"] == "causal-lm":
+        scored = score_reference(loaded, job["reference_data"], job["seq_len"], job["reference_sequences"],
+                                 job["batch_size"])
+        result.update(reference_perplexity=scored["perplexity"], reference_sequences=scored["sequences"],
+                      reference_tokens=scored["tokens"])
+    return result
+
+
+def _strategy_worker(job: dict) -> dict:
+    from tunelab.config import RunConfig
+    from tunelab.measure.forgetting import score_reference
+    from tunelab.measure.portability import load_trained
+    from tunelab.train import train
+
+    cfg = RunConfig(**job["run"])
+    summary = train(cfg, progress=False)
+    if summary.get("status") != "completed":
+        return {"status": "failed", "error": summary.get("message", f"training ended {summary.get('status')}")}
+    result: dict = {"status": "ok", "notes": []}
+    try:
+        loaded, timing = load_trained(cfg, job["artifact"])
+        result.update(timing)
+    except Exception as e:  # training succeeded; keep its figures and say what is missing
+        result["notes"].append(f"attach time and forgetting not measured: {_error_line(e)}")
+        return result
+    if cfg.task == "causal-lm":
+        try:
+            scored = score_reference(loaded, job["reference_data"], cfg.seq_len, job["reference_sequences"],
+                                     cfg.batch_size)
+            result["after_perplexity"] = scored["perplexity"]
+        except Exception as e:
+            result["notes"].append(f"forgetting not measured: {_error_line(e)}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
