@@ -1,0 +1,71 @@
+"""The tensors of rows decoding together: left-padded prompts, the attention mask, positions, the KV cache.
+
+A `Batch` is always ready for its next forward. Rows that finish leave it (and its cache); a batch of rows
+just prefilled can be merged into a running one (continuous batching) by left-padding the shorter cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Batch:
+    """Rows decoding together. `ids` (B, L) is what the next forward feeds: the prompts, then one token per row;
+    `mask` (B, S + L) covers the cache's S positions and `ids`; `pos` (B, L) are the position ids of `ids`."""
+
+    rows: list
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    cache: DynamicCache
+
+
+def prefill_batch(rows: list, prompts: list[list[int]], pad_id: int, device, config) -> Batch:
+    """Left-pad `prompts` into one batch with an empty cache."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+    return Batch(rows, ids.to(device), mask.to(device), pos.to(device), DynamicCache(config=config))
+
+
+def next_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
+    """After a forward: keep rows `keep` (finished ones leave the cache too) and feed each its new token."""
+    if len(keep) < len(batch.rows):
+        sel = torch.tensor(keep, device=batch.mask.device)
+        batch.cache.batch_select_indices(sel)
+        batch.mask, batch.pos = batch.mask[sel], batch.pos[sel]
+    ids = torch.tensor([[tokens[i]] for i in keep], device=batch.mask.device)  # (B', 1)
+    mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=-1)  # (B', S + 1)
+    return Batch([batch.rows[i] for i in keep], ids, mask, batch.pos[:, -1:] + 1, batch.cache)
+
+
+def can_merge(batch: Batch) -> bool:
+    """Whether another batch can join this one: one token per row next, and a plain (non-sliding) cache."""
+    return batch.ids.shape[1] == 1 and all(type(layer) is DynamicLayer for layer in batch.cache.layers)
+
+
+def merge(a: Batch, b: Batch, config) -> Batch:
+    """One batch of the rows of `a` then `b` (both `can_merge`): the shorter cache is left-padded and masked."""
+    len_a, len_b = a.mask.shape[1], b.mask.shape[1]
+    width = max(len_a, len_b)
+
+    def pad(t: torch.Tensor, missing: int, dim_from_end: int) -> torch.Tensor:
+        # F.pad takes (left, right) pairs from the last dim backwards; zeros on the left of the sequence dim
+        return F.pad(t, (0, 0) * dim_from_end + (missing, 0)) if missing else t
+
+    layers = [(torch.cat([pad(la.keys, width - len_a, 1), pad(lb.keys, width - len_b, 1)]),
+               torch.cat([pad(la.values, width - len_a, 1), pad(lb.values, width - len_b, 1)]))
+              for la, lb in zip(a.cache.layers, b.cache.layers)]  # keys/values: (B, heads, S, head_dim)
+    mask = torch.cat([pad(a.mask, width - len_a, 0), pad(b.mask, width - len_b, 0)])  # (Ba + Bb, width)
+    return Batch(a.rows + b.rows, torch.cat([a.ids, b.ids]), mask, torch.cat([a.pos, b.pos]),
+                 DynamicCache(layers, config=config))

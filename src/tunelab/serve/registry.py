@@ -1,0 +1,249 @@
+"""The adapters a server holds: where each comes from, which are loaded, and which are in use.
+
+Adapters come from `--adapter NAME=DIR` at start or, by name, from directories under `--adapter-root`.
+A requested name is a path below the root and nothing more: absolute paths, `..` parts and anything that
+resolves (symlinks followed) outside the root are refused before a file is opened, and so is an adapter
+directory holding a link that leads out of the root.
+
+At most `max_adapters` are loaded. Each request holds a reference on its adapter from `acquire` to `release`;
+loading one more evicts the least recently used adapter that no request holds, or refuses with `Busy` when
+all are held. Adapters above `max_rank`, of a method that cannot be served, or whose files are corrupt are
+refused with a message naming the adapter. On the model, adapters carry internal keys (`serve_0`, ...), so
+public names need not be valid module names.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.methods.base import adapter_state
+from tunelab.serve.adapter_files import inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
+
+log = logging.getLogger("tunelab.serve")
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Adapter:
+    """One known adapter: public `name`, key on the model (`None` while unloaded), source dir and method."""
+
+    name: str
+    path: Path
+    method: str = ""
+    key: str | None = None
+    given: bool = False  # from `--adapter NAME=DIR` (else found under the adapter root)
+    mixed: bool = False
+    refs: int = 0
+    last_used: int = 0
+
+
+def check_name(name: str) -> None:
+    """Refuse a public adapter name that is not a relative path of plain parts (letters, digits, `._-`)."""
+    if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or name[:1] in "/\\":
+        raise AdapterRejected(f"adapter name {name!r}: expected a name relative to the adapter root, "
+                              "found an absolute path")
+    parts = name.split("/")
+    if ".." in parts or "\\" in name:
+        raise AdapterRejected(f"adapter name {name!r}: expected a name inside the adapter root, found '..' "
+                              "or '\\' in it")
+    bad = next((p for p in parts if not _PART.fullmatch(p)), None)
+    if bad is not None:
+        raise AdapterRejected(f"adapter name {name!r}: part {bad!r} should be letters, digits, '.', '_' or '-' "
+                              "(starting with a letter or digit)")
+
+
+def resolve_in_root(root: Path, name: str) -> Path:
+    """The directory of adapter `name` under `root`, after `check_name` and with symlinks resolved.
+
+    Raises `AdapterRejected` when it resolves outside `root`, `ModelNotFound` when it does not exist.
+    Only file-system metadata is read here, never file contents.
+    """
+    check_name(name)
+    real_root = root.resolve()
+    path = (real_root / name).resolve()
+    if not path.is_relative_to(real_root):
+        raise AdapterRejected(f"adapter name {name!r}: resolves outside the adapter root (a symbolic link); "
+                              "expected a directory inside it")
+    if not path.is_dir():
+        raise ModelNotFound(f"model {name!r}: no such adapter directory under the adapter root")
+    for entry in path.rglob("*"):
+        if not entry.resolve().is_relative_to(real_root):
+            raise AdapterRejected(f"adapter {name!r}: file {entry.relative_to(path)} links outside the "
+                                  "adapter root; expected the adapter's files inside it")
+    return path
+
+
+class AdapterRegistry:
+    """Loads, counts references to and evicts the adapters on one served model (thread-safe).
+
+    `lock` is the model lock the engine holds during forwards; adapters are attached and removed under it.
+    """
+
+    def __init__(self, model, lock: threading.RLock, *, base_name: str, adapter_root: Path | None = None,
+                 max_adapters: int = 8, max_rank: int = 64):
+        self.model, self.lock, self.base_name = model, lock, base_name
+        self.adapter_root = Path(adapter_root) if adapter_root is not None else None
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
+        self._meta = threading.Lock()  # guards refs, last_used, key and _known
+        self._load_lock = threading.Lock()  # one load at a time: never two loads racing for the last slot
+        self._clock = itertools.count(1)
+        self._keys = (f"serve_{i}" for i in itertools.count())
+        self._base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    # --- public -----------------------------------------------------------------------------------------
+    def add(self, name: str, path: Path) -> Adapter:
+        """Register and load an operator-given adapter (`--adapter NAME=DIR`); errors name it."""
+        check_name(name)
+        if name == self.base_name:
+            raise AdapterRejected(f"adapter name {name!r} is the base model's name; choose another")
+        if name in self._known:
+            raise AdapterRejected(f"adapter name {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise ModelNotFound(f"adapter {name!r}: {path} is not a directory")
+        self._known[name] = Adapter(name, Path(path), given=True)
+        self.release(self.acquire(name))
+        return self._known[name]
+
+    def acquire(self, name: str) -> str | None:
+        """Hold adapter `name` for one request, loading it if needed; returns its key on the model.
+
+        The base model's name gives None. Raises `ModelNotFound`, `AdapterRejected` or `Busy`.
+        """
+        if name == self.base_name:
+            return None
+        if (key := self._hold(name)) is not None:
+            return key
+        with self._load_lock:
+            if (key := self._hold(name)) is not None:  # loaded by the request we waited for
+                return key
+            adapter = self._known.get(name)
+            if adapter is None or not adapter.given:  # root adapters are located afresh on every load
+                adapter = Adapter(name, self._locate(name))
+            method = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
+            self._make_room()
+            self._attach(adapter, method)
+            with self._meta:
+                self._known[name] = adapter
+                adapter.refs, adapter.last_used = 1, next(self._clock)
+            return adapter.key
+
+    def release(self, key: str | None) -> None:
+        """Give back a hold taken by `acquire` (None, the base, is a no-op)."""
+        if key is None:
+            return
+        with self._meta:
+            adapter = next(a for a in self._known.values() if a.key == key)
+            adapter.refs -= 1
+
+    def loaded(self) -> list[Adapter]:
+        """The loaded adapters, most recently used first."""
+        with self._meta:
+            return sorted((a for a in self._known.values() if a.key), key=lambda a: -a.last_used)
+
+    def mixed_batch(self, key: str) -> bool:
+        """Whether the adapter with model key `key` can share a batch with other adapters' rows."""
+        with self._meta:
+            return any(a.mixed for a in self._known.values() if a.key == key)
+
+    def unload(self, name: str) -> None:
+        """Remove loaded adapter `name` from the model now; `Busy` while a request holds it."""
+        with self._meta:
+            adapter = self._known.get(name)
+            if adapter is None or adapter.key is None:
+                raise ModelNotFound(f"adapter {name!r} is not loaded")
+            if adapter.refs:
+                raise Busy(f"adapter {name!r} is in use by {adapter.refs} running request(s); retry later")
+            key, adapter.key = adapter.key, None
+        self._detach(key)
+
+    def merge_into_base(self, name: str) -> None:
+        """Fold loaded adapter `name` into the base weights and drop it; the base is then served as `name`."""
+        from tunelab.artifacts import merge_and_unload
+        from tunelab.methods import get_method
+
+        adapter = self._known[name]
+        if not get_method(adapter.method).mergeable:
+            raise ConfigError(f"--merge {name}: method '{adapter.method}' cannot be merged into the base "
+                              "weights; serve it as an adapter instead")
+        with self.lock:
+            merge_and_unload(self.model, adapter.key)
+        with self._meta:
+            self._known.clear()
+            self.base_name = name
+
+    # --- internals --------------------------------------------------------------------------------------
+    def _hold(self, name: str) -> str | None:
+        with self._meta:
+            adapter = self._known.get(name)
+            if adapter is None or adapter.key is None:
+                return None
+            adapter.refs += 1
+            adapter.last_used = next(self._clock)
+            return adapter.key
+
+    def _locate(self, name: str) -> Path:
+        if self.adapter_root is None:
+            check_name(name)
+            known = ", ".join([self.base_name, *(a.name for a in self.loaded())])
+            raise ModelNotFound(f"model {name!r} not found; this server has no adapter root and serves: {known}")
+        return resolve_in_root(self.adapter_root, name)
+
+    def _make_room(self) -> None:
+        """Evict the least recently used idle adapter when all slots are taken; `Busy` when none is idle."""
+        with self._meta:
+            loaded = [a for a in self._known.values() if a.key]
+            if len(loaded) < self.max_adapters:
+                return
+            idle = [a for a in loaded if a.refs == 0]
+            if not idle:
+                raise Busy(f"all {self.max_adapters} adapter slots (--max-adapters) are in use by running "
+                           "requests; retry later")
+            victim = min(idle, key=lambda a: a.last_used)
+            key, victim.key = victim.key, None  # from here no request can take it
+            if not victim.given:
+                del self._known[victim.name]
+        self._detach(key)
+
+    def _attach(self, adapter: Adapter, method: str) -> None:
+        """Load the adapter's weights onto the model under a fresh key and probe mixed-batch support."""
+        from tunelab.artifacts import load_adapter
+
+        key = next(self._keys)
+        with self.lock:
+            try:
+                load_adapter(self.model, adapter.path, key)
+            except Exception as err:  # a file tunelab's checks missed must not take the server down either
+                try:
+                    self._detach(key)
+                except Exception:
+                    log.exception("adapter %r: could not remove what a failed load left on the model", adapter.name)
+                reason = public_message(err, adapter.path, adapter.name)
+                if not isinstance(err, TunelabError):
+                    reason = f"{type(err).__name__}: {reason}"
+                raise AdapterRejected(f"adapter {adapter.name!r}: cannot be loaded ({reason})") from None
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.model.eval()
+            adapter_state(self.model).active = ()
+            mixed = mixed_batch_ok(self.model, method, key)
+        adapter.method, adapter.key, adapter.mixed = method, key, mixed
+
+    def _detach(self, key: str) -> None:
+        """Remove adapter `key` from the model (whatever part of it a failed load left behind)."""
+        from tunelab.methods import get_method
+
+        with self.lock:
+            if key in adapter_state(self.model).methods:
+                get_method(adapter_state(self.model).methods[key]).remove(self.model, key)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,124 @@
+"""One served model: the frozen base, its tokenizer, the adapter registry and the generation engine.
+
+`build_service` loads the base once (frozen, eval mode), attaches the start-up adapters, optionally folds one
+adapter into the base (`merge`), and starts the batching loop. The HTTP layer (`api.py`) only turns requests
+into `Service.submit` calls and results into OpenAI response bodies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+from tunelab.models import load_model
+from tunelab.serve.engine import Engine, GenerationRequest
+from tunelab.serve.errors import BadRequest
+from tunelab.serve.registry import AdapterRegistry
+
+
+@dataclass
+class Service:
+    """The served base model (`base_name`), its tokenizer, adapters and engine."""
+
+    base_name: str
+    tokenizer: object
+    registry: AdapterRegistry
+    engine: Engine
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's usual special tokens, e.g. BOS)."""
+        self._check_length(prompt, "prompt")
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered by the tokenizer's chat template, ending with the assistant turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest(f"messages: the model {self.base_name!r} has no chat template; "
+                             "use /v1/completions", param="messages")
+        self._check_length("".join(m["content"] for m in messages), "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # the template's own checks (e.g. role order) fail with jinja errors
+            raise BadRequest(f"messages: the chat template refused them ({err})", param="messages") from None
+        # the template writes any BOS itself, so the tokenizer must not add special tokens again
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_length(self, text: str, param: str) -> None:
+        limit = 16 * (self.engine.context_length or 8192)  # far more characters than fit in the context
+        if len(text) > limit:
+            raise BadRequest(f"{param}: {len(text)} characters, expected at most {limit} (the model's context "
+                             f"is {self.engine.context_length} tokens)", param=param)
+
+    def submit(self, model: str, req: GenerationRequest) -> Future:
+        """Queue `req` on adapter or base `model`; the adapter is held until the result is ready."""
+        self.engine.check(req)  # before any adapter loads
+        key = self.registry.acquire(model)
+        req.adapter = key
+        try:
+            future = self.engine.submit(req)
+        except BaseException:
+            self.registry.release(key)
+            raise
+        future.add_done_callback(lambda _: self.registry.release(key))
+        return future
+
+    def close(self) -> None:
+        """Stop the batching loop (queued requests fail with a clear error)."""
+        self.engine.stop()
+
+
+def base_name_of(spec: str | Path) -> str:
+    """The public name of the base model: the alias, or the model directory's name."""
+    from tunelab.defaults import MODEL_ALIASES
+
+    return str(spec) if str(spec) in MODEL_ALIASES else Path(spec).name
+
+
+def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_root: Path | None = None,
+                  max_adapters: int = 8, max_rank: int = 64, max_batch_size: int = 16,
+                  max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
+                  dtype: str = "auto") -> Service:
+    """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
+
+    `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
+    own name with no adapter overhead, and no other adapter may be given. Errors are `TunelabError`s naming
+    the adapter or option.
+    """
+    adapters = dict(adapters or {})
+    _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters))
+    if merge is not None and (set(adapters) != {merge} or adapter_root is not None):
+        raise ConfigError(f"--merge {merge}: expected exactly one --adapter named {merge!r} and no "
+                          f"--adapter-root; found adapters {sorted(adapters) or 'none'}")
+    if adapter_root is not None and not Path(adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {adapter_root}: not a directory")
+    loaded = load_model(str(model), task="causal-lm", device=device, dtype=dtype)
+    base = loaded.model.eval().requires_grad_(False)
+    base_name = base_name_of(model)
+    lock = threading.RLock()
+    registry = AdapterRegistry(base, lock, base_name=base_name, adapter_root=adapter_root,
+                               max_adapters=max_adapters, max_rank=max_rank)
+    for name, path in adapters.items():
+        registry.add(name, Path(path))
+    if merge is not None:
+        registry.merge_into_base(merge)
+        base_name = merge
+    engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
+                    max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit)
+    engine.start()
+    return Service(base_name, loaded.tokenizer, registry, engine)
+
+
+def _check_limits(max_adapters: int, max_rank: int, max_batch_size: int, max_tokens_limit: int,
+                  given: int) -> None:
+    for flag, value in (("--max-adapters", max_adapters), ("--max-rank", max_rank),
+                        ("max_batch_size", max_batch_size), ("max_tokens_limit", max_tokens_limit)):
+        if value < 1:
+            raise ConfigError(f"{flag}: expected a positive number, found {value}")
+    if given > max_adapters:
+        raise ConfigError(f"--max-adapters {max_adapters}: {given} adapters were given with --adapter; "
+                          "raise the limit or give fewer")
