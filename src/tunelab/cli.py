@@ -165,6 +165,32 @@ def methods() -> None:
     Console(width=200).print(table)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Base model dir or alias (loaded once, frozen).")],
+    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR of an adapter to load (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    adapter_root: Annotated[Optional[Path], typer.Option(help="Dir of adapters loaded on demand by name.")] = None,
+    max_adapters: Annotated[int, typer.Option(help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
+    max_rank: Annotated[int, typer.Option(help="Refuse adapters of a higher rank.")] = 64,
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
+) -> None:
+    """Serve one frozen base with many adapters (mixed-adapter batches) behind an OpenAI-compatible API."""
+    from tunelab.serve.server import serve as run_server
+
+    adapters = {}
+    for pair in adapter or []:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {pair!r}: expected NAME=DIR")
+        adapters[name] = Path(path)
+    run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
+               max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
