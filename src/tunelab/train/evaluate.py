@@ -1,0 +1,62 @@
+"""Evaluation on held-out examples: token-weighted loss and perplexity, or loss and accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tunelab.train.loss import task_loss_sum
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move every tensor of a collated batch to `device`."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int, *,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Evaluate `model` on `examples` (in order) under `torch.no_grad` in eval mode; the mode is restored.
+
+    Args:
+        model: an HF causal-LM or sequence-classification model (adapters as currently active).
+        examples: tunelab examples (`input_ids` + `labels` or `label`), as `tunelab.data` produces.
+        task: "causal-lm" or "classification".
+        pad_id: the padding token id for collation.
+        batch_size: examples per forward pass.
+        max_batches: evaluate only the first N batches (None: all).
+
+    Returns:
+        causal-lm: {"loss", "perplexity"}, the loss being the mean over every target token of all examples
+        (not a mean of batch means); classification: {"loss", "accuracy"}. Empty `examples` give NaNs.
+    """
+    from tunelab.data import collate
+
+    was_training = model.training
+    device = model_device(model)
+    loss_sum, n_targets, correct = 0.0, 0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, start in enumerate(range(0, len(examples), batch_size)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = to_device(collate(examples[start:start + batch_size], pad_id, task), device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                batch_sum, n = task_loss_sum(logits, batch["labels"], task)
+                loss_sum, n_targets = loss_sum + float(batch_sum), n_targets + n
+                if task == "classification":  # logits: (batch, classes)
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    loss = loss_sum / n_targets if n_targets else float("nan")
+    if task == "classification":
+        return {"loss": loss, "accuracy": correct / n_targets if n_targets else float("nan")}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)) if n_targets else float("nan")}
+

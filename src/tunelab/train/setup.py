@@ -1,0 +1,137 @@
+"""Building a run from its config: model, data, the method's adapter, trainable parameters, optimizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunelab.config import RunConfig
+from tunelab.methods import get_method
+from tunelab.methods.base import Method, adapter_state, mark_trainable, output_head_names
+from tunelab.train import rng
+from tunelab.train.batches import total_steps
+from tunelab.train.memory import rss_bytes
+from tunelab.train.optim import build_optimizer, build_scheduler, resolve_lr
+from tunelab.train.state import Trainables
+
+log = logging.getLogger("tunelab.train")
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once from the config."""
+
+    cfg: RunConfig
+    loaded: object  # tunelab.models.LoadedModel
+    dataset: object  # tunelab.data.Dataset
+    trainables: Trainables
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lr: float
+    total_steps: int
+    idle_rss_bytes: int
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.loaded.device)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.loaded.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Load the model and data, inject the method's adapter, and build the optimizer and schedule.
+
+    The seed is set before the model loads and before injection, so fresh heads and adapter weights are the
+    same in every run with this config (a resume then overwrites them from the checkpoint).
+    """
+    idle_rss = rss_bytes()
+    rng.seed_everything(cfg.seed)
+    method = get_method(cfg.method)
+    options = cfg.method_opts()
+    loaded, dataset = load_model_and_data(cfg)
+    model = loaded.model
+    touched = method.inject(model, options, cfg.adapter_name)
+    state = adapter_state(model)  # methods record themselves on inject; fill in what one left out
+    state.methods.setdefault(cfg.adapter_name, method.name)
+    state.options.setdefault(cfg.adapter_name, options)
+    state.targets.setdefault(cfg.adapter_name, list(touched or []))
+    state.active = (cfg.adapter_name,)
+    trainables = select_trainables(model, method, cfg.adapter_name, cfg.task)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    lr = resolve_lr(cfg, method)
+    groups = method.param_groups(model, cfg.adapter_name, lr, cfg.weight_decay)
+    if trainables.extra:
+        groups.append({"params": list(trainables.extra.values()), "lr": lr, "weight_decay": cfg.weight_decay})
+    steps = total_steps(cfg, len(dataset.train))
+    optimizer = build_optimizer(groups, cfg, torch.device(loaded.device))
+    return Run(cfg, loaded, dataset, trainables, optimizer, build_scheduler(optimizer, cfg, steps), lr, steps, idle_rss)
+
+
+def load_model_and_data(cfg: RunConfig):
+    """Load the model and the data set. Classification reads the labels first, so the head gets their count."""
+    from tunelab.data import load_data
+    from tunelab.models import load_model
+
+    def model_with(label_names):
+        return load_model(cfg.model, cfg.task, dtype=cfg.dtype, device=cfg.device,
+                          trust_remote_code=cfg.trust_remote_code, label_names=label_names)
+
+    def data_with(tokenizer, label_names=None):
+        return load_data(cfg.data, tokenizer, cfg.task, cfg.seq_len, packing=cfg.packing,
+                         truncation=cfg.truncation, val_fraction=cfg.val_fraction, label_names=label_names)
+
+    if cfg.task != "classification":
+        loaded = model_with(None)
+        return loaded, data_with(loaded.tokenizer)
+    tokenizer = load_tokenizer(cfg)
+    dataset = data_with(tokenizer)
+    loaded = model_with(list(dataset.label_names))
+    return loaded, dataset
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The model's tokenizer alone (to read classification labels before the head is sized)."""
+    from tunelab.models import load_tokenizer as load, read_config, resolve_spec
+
+    path = resolve_spec(cfg.model)
+    read_config(path)  # a missing or invalid model dir is reported as such, not as a tokenizer problem
+    return load(path, trust_remote_code=cfg.trust_remote_code)
+
+
+def select_trainables(model: nn.Module, method: Method, name: str, task: str) -> Trainables:
+    """Freeze the model except the method's parameters and, for classification, the head.
+
+    The head (`classifier`/`score`) of a classification model is new and must train with every method.
+    Methods normally own a copy of it (`tunelab.methods.heads`); when a method owns no parameter under the
+    head, the head's own parameters are trained and checkpointed here as extras.
+    """
+    owned = method.parameters(model, name)
+    extra = {}
+    if task == "classification":
+        heads = tuple(h + "." for h in output_head_names(model))
+        if not any(q.startswith(heads) for q in owned):
+            extra = {q: p for q, p in model.named_parameters() if q.startswith(heads)}
+    mark_trainable(model, {**owned, **extra})
+    return Trainables(model, method, name, extra)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant); frozen bases need inputs that require grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not all(p.requires_grad for p in model.parameters()):
+        model.enable_input_require_grads()

@@ -1,0 +1,120 @@
+"""What a checkpoint holds, and putting a run back exactly where a checkpoint left it.
+
+Files of `checkpoints/step-N/` (written atomically by `tunelab.train.checkpoint`):
+- `adapter.safetensors`: the method's trainable state, `method.state_dict(model, name)` (for `full`, the model);
+- `extra.safetensors`: trainable parameters outside the method (a classification head), by qualified name;
+- `optimizer.pt`: optimizer and scheduler state dicts (torch.save; read back with `weights_only=True`);
+- `state.json`: global step, data position, every RNG state, counters, and the result-affecting config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from tunelab.config import RunConfig
+from tunelab.errors import ArtifactError, ConfigError
+from tunelab.methods.base import Method
+from tunelab.train import rng
+from tunelab.train.batches import DataPosition
+from tunelab.train import checkpoint
+from tunelab.train.checkpoint import Writer
+
+
+@dataclass
+class TrainState:
+    """The loop's counters that a checkpoint carries (everything else is rebuilt from the config)."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    nan_skipped: int = 0
+    elapsed: float = 0.0  # wall seconds of training before this process (resumed runs)
+
+
+@dataclass
+class Trainables:
+    """The trainable state of a run: the method's adapter plus parameters trained outside it."""
+
+    model: nn.Module
+    method: Method
+    name: str
+    extra: dict[str, nn.Parameter]
+
+
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # own contiguous CPU copies: safetensors refuses tensors that share storage (tied embeddings in `full`)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Writer:
+    data = safetensors.torch.save(_cpu_copies(tensors))
+    return lambda path: checkpoint.write_bytes(path, data)
+
+
+def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, cfg: RunConfig) -> dict[str, Writer]:
+    """The files of a checkpoint of the run as it is now, as {file name: writer}."""
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
+    meta = {
+        "step": state.step,
+        "position": state.position.to_json(),
+        "nan_skipped": state.nan_skipped,
+        "elapsed": state.elapsed,
+        "rng": rng.capture(),
+        "method": t.method.name,
+        "adapter_name": t.name,
+        "result_hash": cfg.result_hash(),
+        "result_values": cfg.result_values(),
+        "saved_at": time.time(),
+    }
+    meta_bytes = json.dumps(meta).encode()
+    return {
+        "adapter.safetensors": _tensor_writer(t.method.state_dict(t.model, t.name)),
+        "extra.safetensors": _tensor_writer(dict(t.extra)),
+        "optimizer.pt": lambda path: checkpoint.write_bytes(path, buf.getvalue()),
+        "state.json": lambda path: checkpoint.write_bytes(path, meta_bytes),
+    }
+
+
+def read_meta(path: Path) -> dict:
+    """The `state.json` of checkpoint dir `path`."""
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path / 'state.json'}: unreadable checkpoint state ({e})") from None
+
+
+def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse to resume when a result-affecting key changed (unless `cfg.force`); the error lists them."""
+    saved, now = meta.get("result_values", {}), cfg.result_values()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed and not cfg.force:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"{path}: cannot resume, result-affecting config changed ({detail}); "
+                          f"pass --force to resume anyway")
+
+
+def load_checkpoint(path: Path, t: Trainables, optimizer, scheduler, device: torch.device) -> TrainState:
+    """Load weights, optimizer, scheduler and RNG states from checkpoint dir `path`; return the counters."""
+    meta = read_meta(path)
+    t.method.load_state_dict(t.model, safetensors.torch.load_file(path / "adapter.safetensors"), t.name)
+    extra = safetensors.torch.load_file(path / "extra.safetensors")
+    missing = sorted(set(t.extra) - set(extra))
+    if missing:
+        raise ArtifactError(f"{path / 'extra.safetensors'}: missing keys {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for qname, param in t.extra.items():
+            param.copy_(extra[qname])
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng.restore(meta["rng"])
+    return TrainState(step=int(meta["step"]), position=DataPosition.from_json(meta["position"], str(path)),
+                      nan_skipped=int(meta.get("nan_skipped", 0)), elapsed=float(meta.get("elapsed", 0.0)))
