@@ -83,6 +83,7 @@ class Method:
     peft_type: ClassVar[str | None] = None
     peft_loadable: ClassVar[bool] = False
     artifact: ClassVar[str] = "adapter"
+    default_lr: ClassVar[float] = 2e-4  # peak learning rate when the run sets none (the loop reads it)
 
     # --- required -------------------------------------------------------------------------------------
     def inject(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:
