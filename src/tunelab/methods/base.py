@@ -138,6 +138,14 @@ class Method:
         """
         raise NotImplementedError
 
+    def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
+        """The analytic number of trainable parameters `inject` would add to the base `model`, or None.
+
+        Computed from the architecture and options alone (not by counting after inject); the test matrix checks
+        it against the count after inject. Methods that do not implement it return None.
+        """
+        return None
+
 
 # --- generic helpers built on the interface -----------------------------------------------------------
 
@@ -200,7 +208,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str], predicate=li
     linear layer except the output head). Only modules passing `predicate` count. Raises `ConfigError` that
     lists the patterns and a few real module names when nothing matches.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if n and predicate(m)]
+    owned = adapter_module_prefixes(model)
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if n and predicate(m) and not n.startswith(owned)]  # never adapt another adapter's layers
     if target_modules == "all-linear":
         heads = output_head_names(model)
         found = [n for n, _ in candidates if n not in heads and not any(n.startswith(h + ".") for h in heads)]
@@ -215,6 +225,50 @@ def find_targets(model: nn.Module, target_modules: str | list[str], predicate=li
             f"some module names in this model: {', '.join(examples) or 'none of a supported type'}"
         )
     return found
+
+
+def adapter_module_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """`"<path>."` for every ModuleDict keyed by a loaded adapter name: the modules below them belong to adapters."""
+    names = set(adapter_state(model).methods)
+    if not names:
+        return ()
+    return tuple(f"{n}." for n, m in model.named_modules()
+                 if n and isinstance(m, nn.ModuleDict) and names.intersection(m.keys()))
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def add_adapter(model: nn.Module, method: Method, name: str, options: MethodOptions, targets: list[str]) -> None:
+    """Record adapter `name` of `method` in the model's `AdapterState` and make it the only active adapter.
+
+    Refuses a name that is taken or cannot key a ModuleDict, and refuses to combine a whole-model method
+    (`artifact == "model"`, e.g. `full`) with any other adapter.
+    """
+    state = adapter_state(model)
+    if not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
+        raise ConfigError(f"adapter name {name!r}: expected letters, digits, '_' or '-' and not a reserved word")
+    if name in state.methods:
+        raise ConfigError(f"adapter {name!r} already exists (method '{state.methods[name]}'); remove it or pick another name")
+    from tunelab.methods import get_method  # late import: the registry imports this module
+
+    whole = [n for n, m in state.methods.items() if get_method(m).artifact == "model"]
+    if state.methods and (method.artifact == "model" or whole):
+        loaded = ", ".join(f"{n} ({m})" for n, m in state.methods.items())
+        raise ConfigError(f"adapter {name!r} (method '{method.name}'): a whole-model method cannot be combined "
+                          f"with other adapters; already loaded: {loaded}")
+    state.methods[name] = method.name
+    state.options[name] = options
+    state.targets[name] = list(targets)
+    state.active = (name,)
+
+
+def forget_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter `name` from the model's `AdapterState` (its method's `remove` calls this last)."""
+    state = adapter_state(model)
+    for table in (state.methods, state.options, state.targets):
+        table.pop(name, None)
+    state.active = tuple(n for n in state.active if n != name)
 
 
 def peft_key(module_path: str, rest: str) -> str:

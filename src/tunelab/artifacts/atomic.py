@@ -1,0 +1,78 @@
+"""Directories that appear complete or not at all: write into a temp dir beside the target, fsync, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunelab.errors import ArtifactError, ResourceError
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `out_dir`; on success fsync it and move it to `out_dir`.
+
+    An existing `out_dir` is replaced only after the new one is complete. On any failure the temp dir is
+    removed and `out_dir` is left as it was; a full disk becomes a `ResourceError` naming `out_dir`.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary dir
+        yield tmp
+        _fsync_tree(tmp)
+        _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise ResourceError(f"{out}: disk full while writing it; the previous contents are intact") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then the directories themselves."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the complete `tmp` to `out`; an old `out` is moved aside first and deleted afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Total size in bytes of a file, or of every file under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

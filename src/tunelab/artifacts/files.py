@@ -1,0 +1,73 @@
+"""Reading and writing the files of an artifact: JSON, safetensors, and tunelab's small sidecar file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from tunelab.errors import ArtifactError
+
+# tunelab's own notes on an artifact (which method wrote it, the label names of a classifier). Loaders of the
+# HF ecosystem ignore this file; everything they need is in their own files.
+SIDECAR = "tunelab.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; `ArtifactError` naming the file when it is missing, not JSON or not an object."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on CPU. A missing, truncated or corrupt file is an `ArtifactError`.
+
+    safetensors checks the header against the file size before reading, so a lying header never allocates.
+    """
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("*.bin")] if path.parent.is_dir() else []
+        hint = f"; pickle-based {pickled[0]} is never loaded, convert it to safetensors" if pickled else ""
+        raise ArtifactError(f"{path}: weights file not found{hint}")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+
+
+def write_sidecar(out_dir: Path, model, method: str, options: dict[str, Any], label_names: list[str] | None) -> None:
+    """Record the method, its options, the task and the label names next to the artifact's own files."""
+    from tunelab.methods.heads import head_names
+
+    task_type = "SEQ_CLS" if head_names(model) else "CAUSAL_LM"
+    write_json(out_dir / SIDECAR, {"method": method, "options": options, "task_type": task_type,
+                                   "label_names": list(label_names) if label_names else None})
+
+
+def read_sidecar(artifact_dir: Path) -> dict[str, Any]:
+    """The sidecar's content, or {} for an artifact written by another tool."""
+    path = Path(artifact_dir) / SIDECAR
+    return read_json(path) if path.exists() else {}
+
+
+def read_label_names(artifact_dir: str | Path) -> list[str] | None:
+    """The classification label names saved with an artifact (None when it has none)."""
+    return read_sidecar(Path(artifact_dir)).get("label_names")
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,113 @@
+"""Adapters in HF PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+from torch import nn
+
+from tunelab.artifacts.files import read_json, read_safetensors, read_sidecar, write_json, write_sidecar
+from tunelab.errors import ArtifactError, ConfigError
+from tunelab.methods import all_methods
+from tunelab.methods.base import Method, adapter_state
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
+                  base_model: str | None = None, label_names: list[str] | None = None) -> None:
+    """Write adapter `name` of `model` into `out_dir` (PEFT keys; tensors contiguous in their own dtype)."""
+    from safetensors.torch import save_file
+
+    options = adapter_state(model).options[name]
+    config = method.adapter_config(model, options, name)
+    if base_model is not None:
+        config["base_model_name_or_path"] = str(base_model)
+    # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in method.state_dict(model, name).items()}
+    save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
+    write_json(out_dir / CONFIG, config)
+    write_sidecar(out_dir, model, method.name, options.model_dump(), label_names)
+
+
+def peft_types() -> dict[str, Method]:
+    """`peft_type` string -> the registered method that reads it (the first registered wins a shared type)."""
+    out: dict[str, Method] = {}
+    for method in all_methods().values():
+        if method.artifact == "adapter":
+            out.setdefault(method.peft_type or method.name.upper(), method)
+    return out
+
+
+def method_for_config(config: dict, path: Path | str = CONFIG, written_by: str | None = None) -> Method:
+    """The method named by the config's `peft_type`; errors name the file and list the supported types.
+
+    `written_by` (the method named in tunelab's sidecar) resolves a tunelab-only `peft_type` that no method
+    declares, when that method declares none itself (its `adapter_config` writes its own string).
+    """
+    types = peft_types()
+    if "peft_type" not in config:
+        raise ArtifactError(f"{path}: no 'peft_type' field; expected one of {', '.join(sorted(types))}")
+    peft_type = config["peft_type"]
+    by_sidecar = {m.name: m for m in all_methods().values() if m.artifact == "adapter" and m.peft_type is None}
+    if peft_type not in types and written_by in by_sidecar:
+        return by_sidecar[written_by]
+    if peft_type not in types:
+        raise ArtifactError(f"{path}: peft_type {peft_type!r} is not supported; supported: {', '.join(sorted(types))}")
+    return types[peft_type]
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """`adapter_config.json` of an adapter dir, with `label_names` from tunelab's sidecar (None if absent).
+
+    For a whole-model dir (no adapter_config.json, a config.json): only `task_type` and `label_names`.
+    """
+    path = Path(adapter_dir)
+    side = read_sidecar(path) if path.is_dir() else {}
+    if not (path / CONFIG).exists() and (path / "config.json").exists():
+        config = {"task_type": side.get("task_type")}
+    else:
+        config = read_json(path / CONFIG)
+    config.setdefault("label_names", side.get("label_names"))
+    return config
+
+
+def load_adapter_dir(model: nn.Module, adapter_dir: Path, name: str) -> str:
+    """Inject the adapter saved in `adapter_dir` as `name` and load its weights; return `name`.
+
+    Everything is read and checked before the model is touched; if the weights do not fit, the adapter is
+    removed again and the model is as before.
+    """
+    config_path = adapter_dir / CONFIG
+    config = read_json(config_path)
+    method = method_for_config(config, config_path, read_sidecar(adapter_dir).get("method"))
+    try:
+        options = method.options_from_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{config_path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    weights_path = adapter_dir / WEIGHTS
+    inject_and_load(model, method, options, read_safetensors(weights_path), name,
+                    config_source=config_path, weights_source=weights_path)
+    return name
+
+
+def inject_and_load(model: nn.Module, method: Method, options, weights: dict, name: str, *,
+                    config_source: Path, weights_source: Path) -> None:
+    """Inject adapter `name` and load `weights` into it; errors are prefixed with the file they come from.
+
+    When the weights do not fit, the adapter is removed again, so a failed load leaves the model as it was.
+    """
+    try:
+        method.inject(model, options, name)
+    except ConfigError as e:
+        raise ConfigError(f"{config_source}: {e}") from None
+    try:
+        method.load_state_dict(model, weights, name)
+    except ArtifactError as e:
+        method.remove(model, name)
+        raise ArtifactError(f"{weights_source}: {e}") from None

@@ -1,0 +1,76 @@
+"""Parity with HF PEFT both ways: tunelab LoRA artifacts load in `PeftModel.from_pretrained` with the same logits,
+and LoRA adapters saved by PEFT load in tunelab with the same logits (Llama, GPT-2's Conv1D, BERT with its head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_artifacts import LORA, logits, lora_model, randomize
+
+from tunelab.artifacts import load_adapter, save_artifact
+
+# (kind, tunelab options, the same adapter as a PEFT LoraConfig)
+CASES = [
+    pytest.param("llama", {}, {}, id="llama-default"),
+    pytest.param("llama", {"rslora": True, "r": 4, "alpha": 8}, {"use_rslora": True, "r": 4, "lora_alpha": 8},
+                 id="llama-rslora"),
+    pytest.param("llama", {"target_modules": "all-linear"}, {"target_modules": "all-linear"}, id="llama-all-linear"),
+    pytest.param("llama", {"target_modules": r".*layers\.1\.mlp\.(up|down)_proj"},
+                 {"target_modules": r".*layers\.1\.mlp\.(up|down)_proj"}, id="llama-regex"),
+    pytest.param("gpt2", {}, {}, id="gpt2-conv1d"),
+    pytest.param("gpt2", {"rslora": True}, {"use_rslora": True}, id="gpt2-rslora"),
+    pytest.param("bert", {}, {"task_type": "SEQ_CLS"}, id="bert-classification"),
+    pytest.param("bert", {"rslora": True, "target_modules": "all-linear"},
+                 {"task_type": "SEQ_CLS", "use_rslora": True, "target_modules": "all-linear"}, id="bert-all-linear"),
+]
+
+
+def peft_default_targets(kind):
+    return {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}[kind]
+
+
+@pytest.mark.parametrize("kind, ours, _", CASES)
+def test_tunelab_artifact_loads_in_peft(kind, ours, _, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    model = lora_model(kind, tokenizer, seed=1, **ours)
+    want = logits(model, tokenizer=tokenizer)
+    save_artifact(model, tokenizer, "default", tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(build_tiny(kind, tokenizer), tmp_path / "a").eval()
+    theirs = {n for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    assert len(theirs) == len([k for k in LORA.state_dict(model, "default") if ".lora_A." in k])
+    assert torch.allclose(logits(peft_model, tokenizer=tokenizer), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, _, peft_options", CASES)
+def test_peft_adapter_loads_in_tunelab(kind, _, peft_options, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    options = {"target_modules": peft_default_targets(kind), **peft_options}
+    peft_model = get_peft_model(build_tiny(kind, tokenizer), LoraConfig(**options))
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}  # lora A/B (+ the head copy)
+    randomize(trainable, seed=2)
+    peft_model.eval()
+    want = logits(peft_model, tokenizer=tokenizer)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = build_tiny(kind, tokenizer)
+    load_adapter(model, tmp_path / "peft")
+    ours = LORA.parameters(model, "default")
+    assert sum(p.numel() for p in ours.values()) == sum(p.numel() for p in trainable.values())
+    assert torch.allclose(logits(model, tokenizer=tokenizer), want, atol=1e-5)
+
+
+def test_peft_classification_head_is_loaded_not_the_base_head(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_tiny("bert", tokenizer), LoraConfig(task_type="SEQ_CLS",
+                                                                          target_modules=["query"]))
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    randomize(dict(head.named_parameters()), seed=3, std=1.0)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = build_tiny("bert", tokenizer)
+    base_head = model.classifier.weight.detach().clone()
+    load_adapter(model, tmp_path / "peft")
+    assert torch.equal(model.classifier.modules_to_save["default"].weight, head.weight.detach())
+    assert torch.equal(model.classifier.weight, base_head)  # the base head is untouched
