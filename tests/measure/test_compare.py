@@ -12,8 +12,8 @@ from rich.console import Console
 
 from conftest import write_jsonl
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.measure.compare import (parse_lr_for, parse_options_for, run_compare, select_methods,
-                                     speed_from_metrics)
+from tunelab.measure.compare import (build_options, parse_lr_for, parse_options_for, run_compare,
+                                     select_methods, speed_from_metrics)
 from tunelab.measure.recommend import recommend
 from tunelab.measure.schema import TASK_COUNTS, CompareOptions, CompareResults
 
@@ -65,6 +65,7 @@ def test_every_figure_is_measured_and_plausible(compared):
         assert f.delta == pytest.approx(f.after_perplexity - f.before_perplexity)
         p = s.portability
         assert p.attach_seconds > 0 and sorted(p.serve_bytes) == list(TASK_COUNTS)
+        assert s.predicted_memory_bytes > 0  # tunelab plan's estimate for the same run
 
 
 def test_full_against_lora(compared):
@@ -131,6 +132,20 @@ def test_option_parsing():
         select_methods(CompareOptions(methods=["lora", "full"], lr_for={"lroa": 1e-4}))
     with pytest.raises(ConfigError, match="unknown method 'lorra'"):
         select_methods(CompareOptions(methods=["lorra"]))
+
+
+def test_options_from_cli_values(tmp_path):
+    opts = build_options({"methods": "full, lora", "lr_for": ["lora=3e-4"], "options_for": ["lora.r=8"],
+                          "gpu_memory": "24GB", "tasks": 10, "max_steps": None})
+    assert opts.methods == ["full", "lora"] and opts.lr_for == {"lora": 3e-4}
+    assert opts.options_for == {"lora": {"r": 8}} and opts.gpu_memory == 24 * 10**9 and opts.max_steps == 20
+    with pytest.raises(ConfigError, match="key 'priority'"):
+        build_options({"priority": "cheap"})
+    with pytest.raises(ConfigError, match="unknown key 'max_step'.*did you mean 'max_steps'"):
+        build_options({"max_step": 3})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file, expected a directory"):
+        run_compare(CompareOptions(output=str(tmp_path / "file"), methods=["lora"]))
 
 
 def test_speed_leaves_out_warmup_steps():

@@ -58,6 +58,21 @@ def parse_options_for(pairs: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def build_options(values: dict) -> CompareOptions:
+    """`CompareOptions` from CLI values: None means the default; `methods` may be "a,b,c"; `lr_for` and
+    `options_for` may be the raw repeatable flags. Bad keys or values raise a one-line `ConfigError`."""
+    from tunelab.config import parse_model
+
+    values = {k: v for k, v in values.items() if v is not None}
+    if isinstance(values.get("methods"), str):
+        values["methods"] = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    if isinstance(values.get("lr_for"), list):
+        values["lr_for"] = parse_lr_for(values["lr_for"])
+    if isinstance(values.get("options_for"), list):
+        values["options_for"] = parse_options_for(values["options_for"])
+    return parse_model(CompareOptions, values, where="compare")
+
+
 def select_methods(opts: CompareOptions) -> list:
     """The `Method`s to compare (all registered when `opts.methods` is None), checking every name first."""
     from tunelab.methods import all_methods, get_method
@@ -103,15 +118,18 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
 
     console = console or Console()
     out = Path(opts.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out}: is a file, expected a directory")
     methods = select_methods(opts)
     configs = [strategy_config(opts, m, out / "runs" / m.name) for m in methods]
     out.mkdir(parents=True, exist_ok=True)
     with _sigterm_exits(), CompareProgress(console, len(methods)) as progress:
         progress.status("baseline: scoring the base model on the reference prose")
-        baseline = baseline_record(_run_worker("baseline", _baseline_job(opts), out / "runs" / "_baseline"))
-        strategies = []
-        for method, cfg in zip(methods, configs):
-            strategies.append(_run_strategy(opts, method, cfg, baseline, progress))
+        reference = out / "runs" / "_baseline" / "reference.json"
+        baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent))
+        reference = reference if baseline.reference_perplexity is not None else None
+        strategies = [_run_strategy(opts, method, cfg, baseline, reference, progress)
+                      for method, cfg in zip(methods, configs)]
     results = CompareResults(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
         hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=baseline,
@@ -124,13 +142,13 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     return results
 
 
-def _run_strategy(opts: CompareOptions, method, cfg, baseline, progress) -> StrategyResult:
+def _run_strategy(opts: CompareOptions, method, cfg, baseline, reference: Path | None, progress) -> StrategyResult:
     """Train one strategy in a fresh worker, following its metrics for the display; never raises for its errors."""
     run_dir = Path(cfg.output)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
-    job = {"run": cfg.model_dump(mode="json"), "reference_data": opts.reference_data,
-           "reference_sequences": opts.reference_sequences, "artifact": method.artifact}
+    job = {"run": cfg.model_dump(mode="json"), "artifact": method.artifact,
+           "reference_file": str(reference) if reference else None}
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     with progress.strategy(method.name, opts.max_steps) as bar:
         worker = _run_worker("strategy", job, run_dir, poll=lambda: bar.update(follower.new_records()),
@@ -156,10 +174,10 @@ def _sigterm_exits():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _baseline_job(opts: CompareOptions) -> dict:
+def _baseline_job(opts: CompareOptions, reference_file: Path) -> dict:
     return {"model": opts.model, "data": opts.data, "task": opts.task, "dtype": opts.dtype, "device": opts.device,
             "seq_len": opts.seq_len, "batch_size": opts.batch_size, "reference_data": opts.reference_data,
-            "reference_sequences": opts.reference_sequences}
+            "reference_sequences": opts.reference_sequences, "reference_file": str(reference_file)}
 
 
 def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float | None = None) -> dict:
@@ -297,7 +315,7 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         error=worker.get("error"), lr=summary.get("lr", cfg.lr), method_options=cfg.method_options,
         params_total=summary.get("params_total"), params_trainable=summary.get("params_trainable"),
         trainable_percent=summary.get("trainable_percent"), peak_memory_bytes=peak, peak_memory_source=source,
-        predicted_memory_bytes=_predicted_memory(cfg), tokens_per_second=tps, wall_seconds=seconds,
+        predicted_memory_bytes=_predicted_memory(cfg, notes), tokens_per_second=tps, wall_seconds=seconds,
         artifact_bytes=artifact, final_train_loss=summary.get("final_train_loss"),
         val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
         val_accuracy=summary.get("val_accuracy"),
@@ -319,9 +337,25 @@ def baseline_record(result: dict) -> Baseline:
     return Baseline(**{k: result[k] for k in Baseline.model_fields if k in result})
 
 
-def _predicted_memory(cfg) -> int | None:
-    """`tunelab plan`'s GPU-memory estimate for this run, where the planner can make one."""
-    return None
+def _predicted_memory(cfg, notes: list[str]) -> int | None:
+    """`tunelab plan`'s estimate of this run's peak memory on the run's device, where it has one.
+
+    The planner reads only the model's config; method options it does not model are left out.
+    """
+    from tunelab.measure.plan import plan
+    from tunelab.measure.plan_methods import PlanOptions
+    from tunelab.models import pick_device
+
+    device = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
+    options = {k: v for k, v in cfg.method_options.items() if k in PlanOptions.model_fields}
+    try:
+        result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
+                      method_options=options, methods=[cfg.method], task=cfg.task)
+    except Exception as e:  # a prediction must never cost the measurements
+        notes.append(f"no memory prediction from tunelab plan: {str(e).splitlines()[0] if str(e) else e!r}")
+        return None
+    estimate = result.strategies[0]
+    return estimate.total_bytes if estimate.supported else None
 
 
 def _read_json(path: Path) -> dict:

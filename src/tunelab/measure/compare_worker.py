@@ -45,23 +45,24 @@ def _error_line(e: BaseException) -> str:
 def _baseline_worker(job: dict) -> dict:
     from tunelab.artifacts import artifact_bytes
     from tunelab.data import load_data
-    from tunelab.measure.forgetting import score_reference
+    from tunelab.measure.forgetting import reference_examples, save_examples, score_reference, target_tokens
     from tunelab.models import load_model
 
     loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
     load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
     result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
     if job["task"] == "causal-lm":
-        scored = score_reference(loaded, job["reference_data"], job["seq_len"], job["reference_sequences"],
-                                 job["batch_size"])
-        result.update(reference_perplexity=scored["perplexity"], reference_sequences=scored["sequences"],
-                      reference_tokens=scored["tokens"])
+        examples = reference_examples(job["reference_data"], loaded.tokenizer, job["seq_len"],
+                                      job["reference_sequences"])
+        save_examples(examples, Path(job["reference_file"]))
+        result.update(reference_perplexity=score_reference(loaded, examples, job["batch_size"]),
+                      reference_sequences=len(examples), reference_tokens=target_tokens(examples))
     return result
 
 
 def _strategy_worker(job: dict) -> dict:
     from tunelab.config import RunConfig
-    from tunelab.measure.forgetting import score_reference
+    from tunelab.measure.forgetting import load_examples, score_reference
     from tunelab.measure.portability import load_trained
     from tunelab.train import train
 
@@ -76,11 +77,10 @@ def _strategy_worker(job: dict) -> dict:
     except Exception as e:  # training succeeded; keep its figures and say what is missing
         result["notes"].append(f"attach time and forgetting not measured: {_error_line(e)}")
         return result
-    if cfg.task == "causal-lm":
+    if job.get("reference_file"):
         try:
-            scored = score_reference(loaded, job["reference_data"], cfg.seq_len, job["reference_sequences"],
-                                     cfg.batch_size)
-            result["after_perplexity"] = scored["perplexity"]
+            examples = load_examples(job["reference_file"])
+            result["after_perplexity"] = score_reference(loaded, examples, cfg.batch_size)
         except Exception as e:
             result["notes"].append(f"forgetting not measured: {_error_line(e)}")
     return result

@@ -2,13 +2,16 @@
 
 The reference set is general prose (default `default:prose`, or the user's `--reference-data`), cut to a fixed
 subset: the first N sequences, each truncated to the run's `seq_len`, so that every strategy and the base model
-are scored on exactly the same tokens. "Before" is scored once on the base model; "after" inside each strategy's
+are scored on exactly the same tokens: the baseline worker tokenizes the subset once and saves the token ids, which
+each strategy's worker reads back. "Before" is scored once on the base model; "after" inside each strategy's
 worker, right after training. Forgetting is the change in perplexity, absolute and in percent.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from tunelab.measure.schema import Forgetting
 
@@ -47,13 +50,18 @@ def forgetting_record(before: float, after: float) -> Forgetting:
                       delta_percent=100.0 * delta / before)
 
 
-def score_reference(loaded, spec: str, seq_len: int, n_sequences: int, batch_size: int) -> dict:
-    """Perplexity of a loaded model (a `LoadedModel`) on the reference subset, with the subset's size.
+def save_examples(examples: list[dict], path: Path) -> None:
+    """Write the reference subset's token ids, so that every worker scores exactly the same tokens."""
+    path.write_text(json.dumps([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples]))
 
-    Returns {"perplexity", "sequences", "tokens"}.
-    """
+
+def load_examples(path: Path) -> list[dict]:
+    """The reference subset written by `save_examples`."""
+    return json.loads(Path(path).read_text())
+
+
+def score_reference(loaded, examples: list[dict], batch_size: int) -> float:
+    """Perplexity of a `LoadedModel` on the reference `examples` (its tokenizer gives the padding id)."""
     tok = loaded.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = reference_examples(spec, tok, seq_len, n_sequences)
-    return {"perplexity": reference_perplexity(loaded.model, examples, pad_id, batch_size),
-            "sequences": len(examples), "tokens": target_tokens(examples)}
+    return reference_perplexity(loaded.model, examples, pad_id, batch_size)

@@ -24,7 +24,7 @@ class CompareProgress:
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console)
+                                 TimeRemainingColumn(), console=console, speed_estimate_period=600)
         self.n_strategies, self.started = n_strategies, 0
 
     def __enter__(self) -> "CompareProgress":
@@ -93,18 +93,24 @@ def _serve(s: StrategyResult) -> str:
 def trade_off_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
     """The headers and rows (strings) of the trade-off table, shared by the terminal, Markdown and HTML."""
     classification = any(s.val_accuracy is not None for s in results.strategies)
-    headers = ["strategy", "status", "params updated", "peak memory", "artifact", "tokens/s", "train time",
-               "val loss", "val accuracy" if classification else "val perplexity", "forgetting (prose ppl)",
+    predicted = any(s.predicted_memory_bytes is not None for s in results.strategies)
+    headers = ["strategy", "status", "params updated", "peak memory", *(["plan predicts"] * predicted),
+               "artifact", "tokens/s", "train time", "val loss",
+               "val accuracy" if classification else "val perplexity", "forgetting (prose ppl)",
                "serve " + "/".join(str(k) for k in TASK_COUNTS) + " tasks", "attach / load"]
     rows = []
     for s in results.strategies:
         quality = _num(s.val_accuracy, ".3f") if classification else _num(s.val_perplexity, ".4g")
         attach = s.portability.attach_seconds if s.portability else None
-        rows.append([s.name, s.status, _params(s), human_bytes(s.peak_memory_bytes), human_bytes(s.artifact_bytes),
-                     _num(s.tokens_per_second, ".0f"), _num(s.wall_seconds, ".1f") + " s" * (s.wall_seconds is not None),
-                     _num(s.val_loss, ".4f"), quality, _forgetting(s), _serve(s),
-                     _num(attach, ".3g") + " s" * (attach is not None)])
+        rows.append([s.name, s.status, _params(s), human_bytes(s.peak_memory_bytes),
+                     *([human_bytes(s.predicted_memory_bytes)] * predicted), human_bytes(s.artifact_bytes),
+                     _num(s.tokens_per_second, ".0f"), _seconds(s.wall_seconds), _num(s.val_loss, ".4f"),
+                     quality, _forgetting(s), _serve(s), _seconds(attach)])
     return headers, rows
+
+
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g} s"
 
 
 def recommendation_lines(results: CompareResults) -> list[str]:
