@@ -114,6 +114,10 @@ def test_classification_quality_uses_accuracy():
     scores = quality_scores([a, b])
     assert scores == pytest.approx({"lora": 1.0, "ia3": 0.9})
     assert recommend([a, b], priority="quality").strategy == "lora"
+    assert recommend([a, b], priority="quality").reasons[0] == (
+        "lora: the best validation accuracy, 0.8; ia3 reaches 0.72 (90.0% of it)")
+    zero = [lora(val_loss=0.9, val_accuracy=0.0), ia3(val_loss=0.8, val_accuracy=0.0)]
+    assert quality_scores(zero) == pytest.approx({"lora": 0.8 / 0.9, "ia3": 1.0})  # no accuracy: by loss
     c = ia3(val_loss=0.8, val_accuracy=0.70)  # 87.5% of the best accuracy: below the floor for memory
     rec = recommend([a, c], priority="memory")
     assert rec.strategy == "lora" and f"below the {MIN_QUALITY:.0%} floor" in rec.excluded["ia3"]

@@ -7,7 +7,8 @@ The rule, step by step (docs/compare.md states the same rule; tests/measure/test
    measured peak (GPU allocator peak on a GPU; peak RSS minus idle RSS on CPU), or `tunelab plan`'s
    prediction where nothing was measured.
 3. Quality of each remaining strategy, relative to the best: best_val_loss / val_loss (1.0 = the best); for
-   classification, where every strategy has an accuracy, val_accuracy / best_val_accuracy.
+   classification, where every strategy has an accuracy and the best is above zero,
+   val_accuracy / best_val_accuracy.
 4. Unless the priority is quality, leave out strategies below `MIN_QUALITY` (90%) of the best quality: a strategy
    that saves memory but has not learned the task is no answer.
 5. Score each strategy by the priority: quality (higher is better), memory (peak bytes, lower), speed
@@ -42,11 +43,17 @@ def storage_for(s: StrategyResult, k: int) -> int | None:
     return serve_bytes(p.artifact, p.bytes_per_task, p.base_bytes, k)
 
 
+def _by_accuracy(strategies: list[StrategyResult]) -> bool:
+    accuracies = [s.val_accuracy for s in strategies]
+    return bool(accuracies) and None not in accuracies and max(accuracies) > 0
+
+
 def quality_scores(strategies: list[StrategyResult]) -> dict[str, float]:
-    """Quality relative to the best, in (0, 1]: by accuracy when every strategy has one, else by val loss."""
-    if strategies and all(s.val_accuracy is not None for s in strategies):
+    """Quality relative to the best, in (0, 1]: by accuracy when every strategy has one (and the best is above
+    zero), else by val loss."""
+    if _by_accuracy(strategies):
         best = max(s.val_accuracy for s in strategies)
-        return {s.name: (s.val_accuracy / best if best > 0 else 1.0) for s in strategies}
+        return {s.name: s.val_accuracy / best for s in strategies}
     best = min(s.val_loss for s in strategies) if strategies else 0.0
     return {s.name: best / s.val_loss if s.val_loss > 0 else 1.0 for s in strategies}
 
@@ -145,10 +152,11 @@ def _reference(pick: StrategyResult, ranking: list[StrategyResult], everything: 
 def _quality_reason(pick: StrategyResult, ref: StrategyResult | None, ranking: list[StrategyResult],
                     quality: dict[str, float]) -> str:
     """'lora: quality 98.7% of the best (full), ...' or, for the best itself, how far the reference is behind."""
-    metric = "validation accuracy" if pick.val_accuracy is not None else "validation loss"
+    accuracy = _by_accuracy(ranking)
+    metric = "validation accuracy" if accuracy else "validation loss"
 
     def value(s: StrategyResult) -> str:
-        return f"{(s.val_accuracy if pick.val_accuracy is not None else s.val_loss):.4g}"
+        return f"{(s.val_accuracy if accuracy else s.val_loss):.4g}"
 
     best = max(ranking, key=lambda s: quality[s.name])
     if best.name != pick.name:
