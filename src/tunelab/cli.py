@@ -78,6 +78,9 @@ def train(
 
 
 def _print_summary(summary: dict, output: str) -> None:
+    if summary.get("status") == "interrupted":  # SIGTERM: checkpoint saved, exit 0
+        typer.echo(summary.get("message", "interrupted; resume with --resume"), err=True)
+        return
     keys = ["method", "params_trainable", "trainable_percent", "peak_memory_bytes", "tokens_per_second",
             "wall_seconds", "artifact_bytes", "final_train_loss", "final_val_loss"]
     shown = {k: summary.get(k) for k in keys if k in summary}

@@ -42,7 +42,7 @@ def _cfg(base, out, **changes) -> RunConfig:
 
 
 def _adapter(path):
-    return load_file(path / "adapter.safetensors")
+    return load_file(path / "trainable.safetensors")
 
 
 def test_case06_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(base, reference, tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_torn_or_corrupt_checkpoints_are_never_chosen(base, reference, tmp_path,
     train(_cfg(base, out), progress=False)
     root = out / "checkpoints"
     (root / "step-8" / "COMPLETE").unlink()  # torn: killed before the marker
-    blob = root / "step-6" / "adapter.safetensors"
+    blob = root / "step-6" / "trainable.safetensors"
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF  # corrupted after the fact: size right, checksum wrong
     blob.write_bytes(bytes(data))

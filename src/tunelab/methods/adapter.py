@@ -160,6 +160,7 @@ class BottleneckAdapter(Method):
     al. 2020 (AdapterFusion) and the parallel adapter of He et al. 2022 ("Towards a Unified View of
     Parameter-Efficient Transfer Learning")."""
 
+    default_lr = 1e-3  # bottleneck adapters start near identity (Houlsby et al. use 1e-3 to 1e-4)
     name = "adapter"
     family = "additive"
     trains = "small down/up projections inside each block"

@@ -129,6 +129,7 @@ class BitFit(Method):
     """BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
     Masked Language-models"): bias terms only, held as per-adapter deltas on a frozen base."""
 
+    default_lr = 1e-3  # bias deltas start at zero (Ben Zaken et al. sweep 1e-4 to 1e-3)
     name = "bitfit"
     family = "selective"
     trains = "bias terms (and norm weights with include_norms)"

@@ -23,6 +23,7 @@ class FullOptions(MethodOptions):
 class Full(Method):
     """Train every parameter (full fine-tuning; Howard & Ruder 2018, Devlin et al. 2019)."""
 
+    default_lr = 2e-5  # every weight moves: the usual full fine-tuning step
     name = "full"
     family = "full"
     trains = "every weight"

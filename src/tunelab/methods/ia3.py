@@ -109,6 +109,7 @@ class IA3(Method):
     """(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
     Learning"): rescaling vectors on keys, values and feed-forward activations."""
 
+    default_lr = 3e-3  # rescaling vectors start at one and need larger steps (PEFT's IA3 examples)
     name = "ia3"
     family = "selective"
     trains = "rescaling vectors for keys, values and FFN activations"

@@ -1,8 +1,9 @@
 """What a checkpoint holds, and putting a run back exactly where a checkpoint left it.
 
 Files of `checkpoints/step-N/` (written atomically by `tunelab.train.checkpoint`):
-- `adapter.safetensors`: the method's trainable state, `method.state_dict(model, name)` (for `full`, the model);
-- `extra.safetensors`: trainable parameters outside the method (a classification head), by qualified name;
+- `trainable.safetensors`: every trainable parameter by qualified name: the method's `parameters(model, name)`
+  (for `full`, the whole model) and those trained outside it (a classification head). Raw parameters, not the
+  method's saved artifact form, so a method that folds its weights on save (prefix with its MLP) still resumes;
 - `optimizer.pt`: optimizer and scheduler state dicts (torch.save; read back with `weights_only=True`);
 - `state.json`: global step, data position, every RNG state, counters, and the result-affecting config.
 """
@@ -21,7 +22,7 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.errors import ArtifactError, ConfigError
-from tunelab.methods.base import Method
+from tunelab.methods.base import Method, check_loaded
 from tunelab.train import rng
 from tunelab.train.batches import DataPosition
 from tunelab.train import checkpoint
@@ -46,6 +47,10 @@ class Trainables:
     method: Method
     name: str
     extra: dict[str, nn.Parameter]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Every trainable parameter of the run, by qualified name."""
+        return {**self.method.parameters(self.model, self.name), **self.extra}
 
 
 def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,8 +81,7 @@ def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, c
     }
     meta_bytes = json.dumps(meta).encode()
     return {
-        "adapter.safetensors": _tensor_writer(t.method.state_dict(t.model, t.name)),
-        "extra.safetensors": _tensor_writer(dict(t.extra)),
+        "trainable.safetensors": _tensor_writer(t.parameters()),
         "optimizer.pt": lambda path: checkpoint.write_bytes(path, buf.getvalue()),
         "state.json": lambda path: checkpoint.write_bytes(path, meta_bytes),
     }
@@ -104,14 +108,12 @@ def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
 def load_checkpoint(path: Path, t: Trainables, optimizer, scheduler, device: torch.device) -> TrainState:
     """Load weights, optimizer, scheduler and RNG states from checkpoint dir `path`; return the counters."""
     meta = read_meta(path)
-    t.method.load_state_dict(t.model, safetensors.torch.load_file(path / "adapter.safetensors"), t.name)
-    extra = safetensors.torch.load_file(path / "extra.safetensors")
-    missing = sorted(set(t.extra) - set(extra))
-    if missing:
-        raise ArtifactError(f"{path / 'extra.safetensors'}: missing keys {', '.join(missing[:5])}")
+    params = t.parameters()
+    saved = safetensors.torch.load_file(path / "trainable.safetensors")
+    check_loaded(params, saved, str(path / "trainable.safetensors"))
     with torch.no_grad():
-        for qname, param in t.extra.items():
-            param.copy_(extra[qname])
+        for qname, param in params.items():
+            param.copy_(saved[qname])
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
