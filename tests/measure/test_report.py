@@ -112,7 +112,7 @@ def test_progress_follows_metrics_records():
             task = progress.progress.tasks[0]
             assert task.completed == 2 and task.fields["loss"] == "loss 3.1000 val 3.0500"
             bar.finish(False, "worker killed by signal 9")
-            assert task.fields["loss"].startswith("failed: worker killed")
+            assert task.fields["loss"].startswith("failed: worker killed") and task.stop_time is not None
 
 
 def test_gpu_memory_accepts_sizes():

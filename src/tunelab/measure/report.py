@@ -65,6 +65,7 @@ class StrategyBar:
         text = f"{self.text}, done" if ok else f"failed: {(error or '')[:60]}"
         self.progress.update(self.task, loss=text, **({"completed": self.progress.tasks[self.task].total}
                                                          if ok else {}))
+        self.progress.stop_task(self.task)  # freezes its elapsed time, failed or not
 
 
 # --- the trade-off table -------------------------------------------------------------------------------
