@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -146,6 +150,19 @@ def test_options_from_cli_values(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file, expected a directory"):
         run_compare(CompareOptions(output=str(tmp_path / "file"), methods=["lora"]))
+
+
+def test_a_worker_past_its_time_limit_is_killed(tmp_path):
+    from tunelab.measure.compare import _exit_reason, _wait
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = time.monotonic()
+    assert _wait(proc, poll=None, timeout_s=0.5) is True
+    assert proc.returncode == -signal.SIGKILL and time.monotonic() - start < 10
+    log = tmp_path / "worker.log"
+    log.write_text("Traceback ...\nRuntimeError: boom\n")
+    assert _exit_reason(-9, log) == f"worker killed by signal 9 (out of memory?); see {log}"
+    assert _exit_reason(1, log) == "worker exited with code 1: RuntimeError: boom"
 
 
 def test_speed_leaves_out_warmup_steps():

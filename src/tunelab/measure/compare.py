@@ -1,10 +1,10 @@
 """`tunelab compare`: train every selected strategy on the same model, data and budget, measure each, recommend one.
 
-Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare_worker strategy JOB RESULT`),
-so memory figures do not leak between strategies; a baseline worker first scores the untouched
-base model on the reference prose and checks the data. The parent follows each worker's `metrics.jsonl` for the
-progress display, then gathers `run.json`, the metrics and the worker's own measurements (forgetting, attach
-time) into `results.json`, and writes the reports.
+Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare_worker strategy JOB RESULT`), so
+memory figures do not leak between strategies; a baseline worker first checks the model and data and scores the
+untouched base model on the reference prose. The parent follows each worker's `metrics.jsonl` for the progress
+display, then gathers `run.json`, the metrics and the worker's own measurements (forgetting, attach time) into
+`results.json`, and writes the reports.
 
 Output dir layout: `results.json`, `report.md`, `report.html`, `plots/*.png`, and `runs/<strategy>/` (the train
 output dir of each strategy, with `worker.log` and the worker's `job.json` / `result.json`).
@@ -99,7 +99,7 @@ def strategy_config(opts: CompareOptions, method, run_dir: Path):
     values = dict(model=opts.model, data=opts.data, task=opts.task, method=method.name,
                   method_options=opts.options_for.get(method.name, {}), output=str(run_dir), seed=opts.seed,
                   max_steps=opts.max_steps, batch_size=opts.batch_size, seq_len=opts.seq_len,
-                  lr=opts.lr_for.get(method.name, getattr(method, "default_lr", None)),
+                  lr=opts.lr_for.get(method.name, method.default_lr),
                   eval_batches=opts.eval_batches, device=opts.device, dtype=opts.dtype)
     return build_config({}, values, where=f"compare strategy '{method.name}'")
 
