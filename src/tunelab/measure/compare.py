@@ -342,13 +342,14 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
 
     The planner reads only the model's config; method options it does not model are left out.
     """
-    from tunelab.measure.plan import plan
-    from tunelab.measure.plan_methods import PlanOptions
     from tunelab.models import pick_device
 
     device = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
-    options = {k: v for k, v in cfg.method_options.items() if k in PlanOptions.model_fields}
     try:
+        from tunelab.measure.plan import plan
+        from tunelab.measure.plan_methods import PlanOptions
+
+        options = {k: v for k, v in cfg.method_options.items() if k in PlanOptions.model_fields}
         result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
                       method_options=options, methods=[cfg.method], task=cfg.task)
     except Exception as e:  # a prediction must never cost the measurements
