@@ -38,13 +38,16 @@ def loss_curves(strategies: list[StrategyResult], path: Path) -> Path | None:
     with_curves = [s for s in strategies if s.loss_curve]
     if not with_curves:
         return None
-    fig, ax = _axes("Loss curves", "step", "loss")
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _axes("Loss curves (same batches for every strategy; dots: validation)", "step", "loss")
     for s in with_curves:
         steps, losses = zip(*s.loss_curve)
         (line,) = ax.plot(steps, losses, label=s.name)
         if s.val_curve:
             vs, vl = zip(*s.val_curve)
             ax.plot(vs, vl, "o", color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     return _save(fig, path)
 
