@@ -322,7 +322,7 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         forgetting=forgetting_record(before, after) if before and after else None,
         portability=portability_record(method.artifact, artifact, baseline.base_bytes or 0,
                                        worker.get("attach_seconds"), worker.get("switch_seconds"))
-        if artifact else None,
+        if artifact and (baseline.base_bytes or method.artifact == "model") else None,
         loss_curve=[(r["step"], r["loss"]) for r in records if r.get("loss") is not None],
         val_curve=[(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
         run_dir=str(run_dir), notes=notes)
