@@ -42,21 +42,32 @@ def peft_types() -> dict[str, Method]:
 
 
 def method_for_config(config: dict, path: Path | str = CONFIG, written_by: str | None = None) -> Method:
-    """The method named by the config's `peft_type`; errors name the file and list the supported types.
+    """The method that reads the config; errors name the file and list the supported `peft_type`s.
 
-    `written_by` (the method named in tunelab's sidecar) resolves a tunelab-only `peft_type` that no method
-    declares, when that method declares none itself (its `adapter_config` writes its own string).
+    Among the methods of the config's `peft_type`: the one tunelab's sidecar names (`written_by`), else the
+    first whose `matches_config(config)` is true (PEFT's LORA with `use_dora: true` is dora's). `written_by` also
+    resolves a tunelab-only `peft_type` that no method declares, when that method declares none itself (its
+    `adapter_config` writes its own string).
     """
     types = peft_types()
     if "peft_type" not in config:
         raise ArtifactError(f"{path}: no 'peft_type' field; expected one of {', '.join(sorted(types))}")
     peft_type = config["peft_type"]
-    by_sidecar = {m.name: m for m in all_methods().values() if m.artifact == "adapter" and m.peft_type is None}
+    adapters = [m for m in all_methods().values() if m.artifact == "adapter"]
+    by_sidecar = {m.name: m for m in adapters if m.peft_type is None}
     if peft_type not in types and written_by in by_sidecar:
         return by_sidecar[written_by]
     if peft_type not in types:
         raise ArtifactError(f"{path}: peft_type {peft_type!r} is not supported; supported: {', '.join(sorted(types))}")
-    return types[peft_type]
+    same_type = [m for m in adapters if (m.peft_type or m.name.upper()) == peft_type]
+    for method in same_type:
+        if method.name == written_by:
+            return method
+    for method in same_type:
+        if method.matches_config(config):
+            return method
+    raise ArtifactError(f"{path}: no method reads this {peft_type} config; methods of that type: "
+                        f"{', '.join(m.name for m in same_type)}")
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:

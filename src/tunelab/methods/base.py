@@ -71,7 +71,9 @@ class Method:
     - `mergeable`: whether `merge` folds it into the base weights;
     - `peft_type`: PEFT's `peft_type` string written to `adapter_config.json`;
     - `peft_loadable`: whether HF PEFT loads the artifact as it is;
-    - `artifact`: "adapter" (adapter_config.json + adapter_model.safetensors) or "model" (an HF model dir).
+    - `artifact`: "adapter" (adapter_config.json + adapter_model.safetensors) or "model" (an HF model dir);
+    - `changes_base`: `inject` stores the frozen base differently (qlora: NF4), so the base alone (disabled)
+      gives outputs close to, not equal to, those before inject.
     """
 
     name: ClassVar[str]
@@ -83,6 +85,7 @@ class Method:
     peft_type: ClassVar[str | None] = None
     peft_loadable: ClassVar[bool] = False
     artifact: ClassVar[str] = "adapter"
+    changes_base: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4  # peak learning rate when the run sets none (the loop reads it)
 
     # --- required -------------------------------------------------------------------------------------
@@ -118,6 +121,15 @@ class Method:
         known = {k: v for k, v in config.items() if k in self.Options.model_fields}
         return self.Options(**known)
 
+    def matches_config(self, config: dict[str, Any]) -> bool:
+        """Whether an `adapter_config.json` of this method's `peft_type` is this method's.
+
+        Several methods may share one `peft_type` (PEFT's LORA: lora, dora through `use_dora`, qlora). The
+        artifact loader takes, among the methods of the config's `peft_type`, the one tunelab's sidecar names,
+        else the first (in registration order) whose `matches_config` is true.
+        """
+        return True
+
     def param_groups(self, model: nn.Module, name: str, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups for adapter `name` (one group by default; LoRA+ overrides)."""
         params = [p for p in self.parameters(model, name).values() if p.requires_grad]
@@ -137,6 +149,13 @@ class Method:
         Used after `merge` to write a plain HF model, and to unload adapters in serving.
         """
         raise NotImplementedError
+
+    def memory_report(self, model: nn.Module, name: str) -> dict[str, Any] | None:
+        """Memory facts of adapter `name` that the training loop adds to run.json (`memory_report`), or None.
+
+        For methods that change how the base is stored (qlora: the bytes its NF4 weights saved).
+        """
+        return None
 
     def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
         """The analytic number of trainable parameters `inject` would add to the base `model`, or None.

@@ -151,5 +151,8 @@ def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: flo
         "device": str(run.device),
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
     }
+    report = run.trainables.method.memory_report(run.model, cfg.adapter_name)
+    if report is not None:  # methods that change how the base is stored (qlora: NF4 bytes saved)
+        summary["memory_report"] = report
     write_json_atomic(out / "run.json", summary)
     return summary
