@@ -71,6 +71,7 @@ def train(
                      method_options=options or None, resume=resume or None, force=force or None,
                      trust_remote_code=trust_remote_code or None)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
+    _check_output_path(Path(cfg.output))
     from tunelab.train import train as run_training
 
     summary = run_training(cfg, progress=not quiet)
@@ -134,12 +135,54 @@ def merge(
     from tunelab.artifacts import load_adapter, save_merged
     from tunelab.models import load_model
 
+    _check_merge_output(output)
+    _refuse_unmergeable(adapter)
     with_config = _adapter_task(adapter)
     loaded = load_model(model, task=with_config["task"], dtype="float32", device="cpu",
                         trust_remote_code=trust_remote_code, label_names=with_config["label_names"])
     name = load_adapter(loaded.model, adapter)
     written = save_merged(loaded.model, loaded.tokenizer, name, output)
     typer.echo(f"merged model written to {output} ({written} bytes)")
+
+
+def _check_output_path(output: Path) -> None:
+    """`--output` must be a directory or creatable as one: no file in its place or in place of a parent."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "exists and is a file" if path == output else f"its parent {path} is a file"
+                raise ConfigError(f"--output {output}: {what}; expected a directory path")
+            return
+
+
+def _check_merge_output(output: Path) -> None:
+    """`--output` must be new or an empty dir: a merge never replaces files it did not write."""
+    _check_output_path(output)
+    if output.is_dir() and any(output.iterdir()):
+        shown = ", ".join(sorted(p.name for p in output.iterdir())[:3])
+        raise ConfigError(f"--output {output}: exists and is not empty ({shown}, ...); expected a new or empty "
+                          f"directory for the merged model (remove it or choose another)")
+
+
+def _refuse_unmergeable(adapter: Path) -> None:
+    """Refuse, before the base model loads, an adapter whose method cannot be folded into the base weights."""
+    from tunelab.artifacts import check_adapter_dir, method_for_config, read_adapter_config
+    from tunelab.artifacts.files import read_sidecar
+    from tunelab.artifacts.hf_model import whole_model_method
+    from tunelab.methods import all_methods
+
+    check_adapter_dir(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        if (adapter / "config.json").is_file() and whole_model_method(adapter).artifact == "model":
+            raise ConfigError(f"--adapter {adapter}: a whole model dir, not an adapter; there is nothing to merge, "
+                              f"use it as --model directly")
+        return  # load_adapter names what is missing
+    config = read_adapter_config(adapter)
+    method = method_for_config(config, adapter / "adapter_config.json", read_sidecar(adapter).get("method"))
+    if not method.mergeable:
+        mergeable = ", ".join(m.name for m in all_methods().values() if m.mergeable)
+        raise ConfigError(f"--adapter {adapter}: method '{method.name}' trains {method.trains}, not base weights, "
+                          f"so it cannot be merged; mergeable methods: {mergeable} (serve it as an adapter instead)")
 
 
 def _adapter_task(adapter: Path) -> dict:
@@ -198,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # accepted anywhere on the line, not only before the subcommand
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         app(args=argv, prog_name="tunelab", standalone_mode=False)
         return 0
@@ -208,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except (typer.Exit, typer.Abort) as e:
         return getattr(e, "exit_code", 130)
+    except OSError as e:  # a path the system refused (permissions, read-only or full disk) that no check named
+        if debug or e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}; expected a path tunelab can read and write", file=sys.stderr)
+        return 2
     except Exception as e:
         if not hasattr(e, "format_message") or debug:  # not a CLI usage error (click's, vendored or not)
             raise

@@ -13,12 +13,12 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
     `data="default"` (or `default:<name>`) evaluates the embedded set's validation split; a file is evaluated
     whole. Returns {"loss", "perplexity", "examples"} or {"loss", "accuracy", "examples"}.
     """
-    from tunelab.artifacts import load_adapter, read_adapter_config
+    from tunelab.artifacts import check_adapter_dir, load_adapter, read_adapter_config
     from tunelab.data import load_data
     from tunelab.models import load_model
     from tunelab.train import evaluate
 
-    label_names = read_adapter_config(adapter).get("label_names") if adapter else None
+    label_names = read_adapter_config(check_adapter_dir(adapter)).get("label_names") if adapter else None
     loaded = load_model(model, task=task, trust_remote_code=trust_remote_code, label_names=label_names)
     if adapter is not None:
         load_adapter(loaded.model, adapter)

@@ -7,8 +7,10 @@ never unpickled: a directory that has only those is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +101,8 @@ def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None
         if tok_config.is_file() and '"auto_map"' in tok_config.read_text(errors="replace"):
             reason = "tokenizer_config.json has auto_map"
     if reason:
-        raise ArtifactError(f"{path}: needs remote code ({reason}); refused. Set trust_remote_code: true in the "
-                            f"run config (or load_model(..., trust_remote_code=True)) if you trust this code")
+        raise ArtifactError(f"{path}: needs remote code ({reason}); refused. Pass --trust-remote-code (or set "
+                            f"trust_remote_code: true in the run config) if you trust this code")
 
 
 def check_safetensors_file(file: Path) -> None:
@@ -229,7 +231,26 @@ def _from_pretrained(path: Path, task: str, config: dict, dtype: torch.dtype, tr
     else:
         auto = AutoModelForCausalLM
     try:
-        return auto.from_pretrained(path, **kwargs)
+        with _progress_bars_on_terminal_only():
+            return auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path}: cannot load the model for task {task} ({first})") from None
+
+
+@contextlib.contextmanager
+def _progress_bars_on_terminal_only():
+    """transformers' weight-loading bars only when stderr is a terminal.
+
+    Piped stderr (scripts, CI logs) then carries tunelab's own lines only, so an error stays one line.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -19,7 +19,7 @@ from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, set_active
 
-__all__ = ["save_artifact", "load_adapter", "merge_and_unload", "save_merged", "artifact_bytes",
+__all__ = ["save_artifact", "load_adapter", "check_adapter_dir", "merge_and_unload", "save_merged", "artifact_bytes",
            "read_label_names", "read_adapter_config", "method_for_config", "atomic_dir"]
 
 
@@ -60,13 +60,19 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     `name`; the new adapter is the active one. Bad files raise `ArtifactError` naming the file, and the model
     is then left as it was.
     """
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise ArtifactError(f"{path}: adapter directory not found" if not path.exists()
-                            else f"{path}: is a file, expected an adapter directory")
+    path = check_adapter_dir(adapter_dir)
     for marker, loader in LOADERS:
         if (path / marker).exists():
             loader(model, path, name)
             set_active(model, [name])
             return name
     raise ArtifactError(f"{path}: neither {peft_format.CONFIG} nor {hf_model.CONFIG} found")
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: adapter directory not found" if not path.exists()
+                            else f"{path}: is a file, expected an adapter directory")
+    return path

@@ -19,13 +19,17 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temp dir next to `out_dir`; on success fsync it and move it to `out_dir`.
 
     An existing `out_dir` is replaced only after the new one is complete. On any failure the temp dir is
-    removed and `out_dir` is left as it was; a full disk becomes a `ResourceError` naming `out_dir`.
+    removed and `out_dir` is left as it was; a full disk becomes a `ResourceError` naming `out_dir`, any other
+    OS error an `ArtifactError` naming it.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"{out}: cannot create it ({e.strerror or e}); expected a writable directory path") from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary dir
         yield tmp
@@ -35,7 +39,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise ResourceError(f"{out}: disk full while writing it; the previous contents are intact") from None
-        raise
+        raise ArtifactError(f"{out}: could not write it ({e.strerror or e}); the previous contents are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

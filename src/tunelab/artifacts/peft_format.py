@@ -53,6 +53,9 @@ def method_for_config(config: dict, path: Path | str = CONFIG, written_by: str |
     if "peft_type" not in config:
         raise ArtifactError(f"{path}: no 'peft_type' field; expected one of {', '.join(sorted(types))}")
     peft_type = config["peft_type"]
+    if not isinstance(peft_type, str):  # a list or object would not even be hashable below
+        raise ArtifactError(f"{path}: field 'peft_type' expected a string (one of {', '.join(sorted(types))}), "
+                            f"found {type(peft_type).__name__}")
     adapters = [m for m in all_methods().values() if m.artifact == "adapter"]
     by_sidecar = {m.name: m for m in adapters if m.peft_type is None}
     if peft_type not in types and written_by in by_sidecar:

@@ -8,6 +8,7 @@ data rows (the CSV header is not a row).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ def read_source(spec: str | Path, task: str) -> Table:
     """Read `spec`: `default`, `default:prose`, or a path to a `.jsonl`, `.csv` or `.parquet` file."""
     if isinstance(spec, str) and (spec in DEFAULT_SPECS or spec.startswith("default:")):
         return read_default(spec, task)
+    if not str(spec).strip():
+        raise DataError(f"data path is empty; expected a .jsonl, .csv or .parquet file, or {' or '.join(DEFAULT_SPECS)}")
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"{path}: data file not found; expected a .jsonl, .csv or .parquet file, or "
@@ -62,16 +65,20 @@ def read_default(spec: str, task: str) -> Table:
 
 
 def _read_text(path: Path) -> str:
+    # utf-8-sig: a leading byte order mark (spreadsheet CSV exports) is not part of the first column's name
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a UTF-8 encoded file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror or e}); expected a readable file") from None
 
 
 def read_jsonl(path: Path) -> Table:
     """One JSON object per line; blank lines are skipped. Columns are the keys of the first object."""
     table = Table(str(path), [])
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    # split on "\n" only: str.splitlines also breaks at U+2028 and other separators a JSON string may hold raw
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -89,7 +96,8 @@ def read_jsonl(path: Path) -> Table:
 def read_csv(path: Path) -> Table:
     """A CSV file with a header row; every value is a string (a `messages` cell holds JSON text)."""
     try:
-        reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
+        # newline="": records end at \n, \r\n or \r only (not U+2028), and quoted cells keep their line breaks
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
         columns = list(reader.fieldnames or [])
         rows = [(f"{path} row {i}", _csv_row(row)) for i, row in enumerate(reader, 1)]
     except csv.Error as e:

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from tunelab.config import RunConfig
+from tunelab.errors import ConfigError
 from tunelab.methods import get_method
-from tunelab.methods.base import Method, adapter_state, mark_trainable, output_head_names
+from tunelab.methods.base import (Method, adapter_module_prefixes, adapter_state, linear_like, mark_trainable,
+                                  output_head_names)
 from tunelab.train import rng
 from tunelab.train.batches import total_steps
 from tunelab.train.memory import rss_bytes
@@ -61,6 +63,7 @@ def build_run(cfg: RunConfig) -> Run:
     loaded, dataset = load_model_and_data(cfg)
     model = loaded.model
     touched = method.inject(model, options, cfg.adapter_name)
+    check_every_target_matched(model, options, touched or [])
     state = adapter_state(model)  # methods record themselves on inject; fill in what one left out
     state.methods.setdefault(cfg.adapter_name, method.name)
     state.options.setdefault(cfg.adapter_name, options)
@@ -76,6 +79,24 @@ def build_run(cfg: RunConfig) -> Run:
     steps = total_steps(cfg, len(dataset.train))
     optimizer = build_optimizer(groups, cfg, torch.device(loaded.device))
     return Run(cfg, loaded, dataset, trainables, optimizer, build_scheduler(optimizer, cfg, steps), lr, steps, idle_rss)
+
+
+def check_every_target_matched(model: nn.Module, options, touched: list[str]) -> None:
+    """Each name listed in `target_modules` must select a module the method touched.
+
+    `find_targets` refuses a list that matches nothing at all; here a misspelt entry beside good ones
+    (`[q_proj, v_prj]`) is refused too, instead of training a silently smaller adapter.
+    """
+    wanted = getattr(options, "target_modules", None)
+    if not isinstance(wanted, list):  # None (the method's default), a regex or "all-linear"
+        return
+    unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in touched)]
+    if unmatched:
+        owned = adapter_module_prefixes(model)  # the new adapter's own layers are not candidates
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n and linear_like(m) and not n.startswith(owned)})
+        raise ConfigError(f"target_modules entries {unmatched} matched no module (of {wanted}); "
+                          f"some module names in this model: {', '.join(leaves[:8]) or 'none'}")
 
 
 def load_model_and_data(cfg: RunConfig):

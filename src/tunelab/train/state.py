@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +92,12 @@ def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, c
 def read_meta(path: Path) -> dict:
     """The `state.json` of checkpoint dir `path`."""
     try:
-        return json.loads((path / "state.json").read_text())
+        meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path / 'state.json'}: unreadable checkpoint state ({e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path / 'state.json'}: expected a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
@@ -106,17 +111,53 @@ def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, t: Trainables, optimizer, scheduler, device: torch.device) -> TrainState:
-    """Load weights, optimizer, scheduler and RNG states from checkpoint dir `path`; return the counters."""
+    """Load weights, optimizer, scheduler and RNG states from checkpoint dir `path`; return the counters.
+
+    A file that cannot be read as tunelab writes it (a corrupt safetensors file, an `optimizer.pt` holding
+    anything but tensors and containers, a `state.json` that does not fit) is an `ArtifactError` naming it.
+    `optimizer.pt` is read with `weights_only=True` and never unpickled otherwise.
+    """
     meta = read_meta(path)
     params = t.parameters()
-    saved = safetensors.torch.load_file(path / "trainable.safetensors")
+    saved = _read_trainable(path / "trainable.safetensors")
     check_loaded(params, saved, str(path / "trainable.safetensors"))
+    opt = _read_optimizer(path / "optimizer.pt")
+    try:
+        state = TrainState(step=int(meta["step"]), position=DataPosition.from_json(meta["position"], str(path)),
+                           nan_skipped=int(meta.get("nan_skipped", 0)), elapsed=float(meta.get("elapsed", 0.0)))
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        rng.restore(meta["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: checkpoint does not fit this run ({type(e).__name__}: {_first_line(e)}); "
+                            f"expected state.json and optimizer.pt as tunelab writes them") from None
     with torch.no_grad():
         for qname, param in params.items():
             param.copy_(saved[qname])
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng.restore(meta["rng"])
-    return TrainState(step=int(meta["step"]), position=DataPosition.from_json(meta["position"], str(path)),
-                      nan_skipped=int(meta.get("nan_skipped", 0)), elapsed=float(meta.get("elapsed", 0.0)))
+    return state
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _read_trainable(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's `trainable.safetensors`; `ArtifactError` naming it when unreadable."""
+    try:
+        return safetensors.torch.load_file(file)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _read_optimizer(file: Path) -> dict:
+    """`optimizer.pt` with `weights_only=True` (no fallback): anything but tensors and containers is refused."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it all
+            warnings.simplefilter("ignore")
+            opt = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{file}: refused, not a weights-only torch file ({type(e).__name__}); expected the "
+                            f"optimizer and scheduler state tunelab writes (it is never unpickled otherwise)") from None
+    if not isinstance(opt, dict) or not {"optimizer", "scheduler"} <= set(opt):
+        raise ArtifactError(f"{file}: expected a dict with optimizer and scheduler, found {type(opt).__name__}")
+    return opt
