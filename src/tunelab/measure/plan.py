@@ -1,0 +1,298 @@
+"""`tunelab plan`: predict the peak training memory of every strategy before training.
+
+For each strategy the estimate breaks down into weights, gradients, AdamW states, activations kept for backward,
+the logits/loss buffers and a framework overhead, plus the artifact size. The peak is not the sum of all of them:
+a step passes through phases that hold different things, and the total is the largest phase:
+- the loss (its forward or the start of backward): weights + AdamW states + every kept activation + the loss
+  buffers (no gradients yet: the loop zeroes them with `set_to_none`);
+- with gradient checkpointing, the recompute of one block: the stored block inputs + one block's activations;
+- full fine-tuning, the LM head's backward: activations + the logits' gradient + the head's weight gradient;
+- the optimizer step: weights + AdamW states + every gradient (+ the CPU AdamW loop's temporaries).
+Formulas and their sources: `plan_formulas` (activations, loss, optimizer) and `plan_methods` (per strategy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from tunelab.config import parse_model
+from tunelab.errors import ConfigError, closest
+from tunelab.measure.plan_formulas import (
+    ADAMW_MOMENTS, Runtime, block_bytes, final_bytes, first_block_unkept, logits_bytes, loss_buffers,
+    optimizer_step_temp, runtime,
+)
+from tunelab.measure.plan_methods import FAMILIES, PlanOptions, Strategy, build_strategy
+from tunelab.measure.plan_model import ModelInfo, describe_model
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6,
+         "g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MAX_BATCH = 1 << 20
+
+
+class StrategyEstimate(BaseModel):
+    """One strategy's predicted peak memory (bytes) and artifact size."""
+
+    method: str
+    family: str
+    params_trainable: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    peak_tensor_bytes: int  # what torch.cuda.max_memory_allocated would report
+    total_bytes: int  # peak_tensor_bytes + overhead_bytes
+    peak_phase: str
+    artifact_bytes: int
+    supported: bool = True
+    fits: bool | None = None
+    max_batch_size: int | None = None
+    notes: list[str] = []
+
+
+class PlanResult(BaseModel):
+    """The plan of one model and setting: every strategy's estimate (JSON-serialisable)."""
+
+    model: str
+    model_type: str
+    task: str
+    params_total: int
+    batch_size: int
+    seq_len: int
+    dtype: str
+    device: str
+    gradient_checkpointing: bool
+    gpu_memory_bytes: int | None
+    options: dict[str, Any]
+    strategies: list[StrategyEstimate]
+    notes: list[str] = []
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes of a memory size: `80GB` (SI: 80e9), `24GiB` (24 * 2**30), `16000MB`, `1.5T`, or plain bytes.
+
+    Raises `ConfigError` naming the value when it cannot be read.
+    """
+    if isinstance(text, int) and text > 0:
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory {text!r}: expected a positive size like 80GB, 24GiB or 16000MB")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, int]:
+    """(dtype name, bytes per weight): `auto` is bf16 on CUDA and fp32 on CPU, as `tunelab.models.pick_dtype`."""
+    if dtype == "auto":
+        return ("bfloat16", 2) if device == "cuda" else ("float32", 4)
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"dtype {dtype!r}: expected one of auto, {', '.join(DTYPE_BYTES)}")
+    return dtype, DTYPE_BYTES[dtype]
+
+
+def _activations(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int) -> tuple[float, float, float]:
+    """(all blocks, outside the blocks, one block) bytes kept for backward at batch size `batch`."""
+    s = seq + st.extra_tokens  # tokens each block runs: a soft prompt adds its virtual tokens
+    tokens = batch * s
+    kv_seq, kv_width = s + st.prefix_tokens, info.kv_dim
+    blocks = st.keeps.extra_per_token * tokens
+    if st.prefix_tokens:  # prefixes come with an (s, n + s) mask in the run dtype, so SDPA gets repeated kv heads
+        kv_width = info.heads * info.head_dim
+        blocks += rt.param_bytes * batch * s * kv_seq
+    blocks += info.layers * block_bytes(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
+    blocks -= first_block_unkept(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
+    return blocks, final_bytes(info, rt, st.keeps) * tokens, blocks / info.layers
+
+
+def _with_checkpointing(st: Strategy) -> Strategy:
+    """Under checkpointing tunelab makes the embedding output require grad when the base is frozen
+    (`train.setup.enable_gradient_checkpointing`), so the first norm keeps its input as with full fine-tuning."""
+    return dataclasses.replace(st, keeps=dataclasses.replace(st.keeps, input_grad=True))
+
+
+def _checkpointed_inputs(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int) -> float:
+    """With gradient checkpointing, each block keeps only its input hidden state (run dtype)."""
+    return info.layers * rt.param_bytes * info.hidden * batch * (seq + st.extra_tokens)
+
+
+def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckpt: bool) -> dict[str, float]:
+    """Bytes beyond weights + AdamW states held in each phase of a training step (see the module docstring)."""
+    st = _with_checkpointing(st) if ckpt else st
+    p, h = rt.param_bytes, info.hidden
+    s = seq + st.extra_tokens
+    blocks, final, one_block = _activations(st, info, rt, batch, seq)
+    loss_fwd, loss_bwd = loss_buffers(info, rt, batch, seq, s)
+    # prefix: the model output carries the key/value cache (every layer's n + s keys and values) until the loop
+    # has computed the loss from it
+    loss_fwd += p * 2 * info.kv_dim * (s + st.prefix_tokens) * batch * info.layers if st.prefix_tokens else 0
+    grads = st.trainable_bytes
+    out = {"optimizer step": grads + optimizer_step_temp(rt, st.largest_trainable_bytes)}
+    stored = _checkpointed_inputs(st, info, rt, batch, seq)
+    kept = (stored if ckpt else blocks) + final
+    out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes)
+    if ckpt:
+        out["recompute"] = stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
+    if st.method == "full" and info.task == "causal-lm":
+        out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h
+        if info.tied:  # the embedding's gradient is formed apart before it is added to the tied weight's
+            out["optimizer step"] = max(out["optimizer step"], grads + p * info.vocab * h)
+    return out
+
+
+def activation_total(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckpt: bool) -> float:
+    """Activation bytes reported in the breakdown: all kept, or with checkpointing the stored inputs + one block."""
+    if not ckpt:
+        return sum(_activations(st, info, rt, batch, seq)[:2])
+    _, final, one_block = _activations(_with_checkpointing(st), info, rt, batch, seq)
+    return _checkpointed_inputs(st, info, rt, batch, seq) + one_block + final
+
+
+def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckpt: bool) -> StrategyEstimate:
+    """The breakdown and peak of strategy `st` at batch size `batch` and sequence length `seq`."""
+    states = ADAMW_MOMENTS * st.trainable_bytes
+    by_phase = phases(st, info, rt, batch, seq, ckpt)
+    phase = max(by_phase, key=by_phase.get)
+    peak = st.weights_bytes + states + by_phase[phase] + rt.workspace_bytes
+    refusals = [st.unsupported] if st.unsupported else []
+    if ckpt and st.method == "prefix":
+        refusals.append("tunelab's prefix method refuses gradient checkpointing (it drops the prefix cache)")
+    return StrategyEstimate(
+        method=st.method, family=st.family, params_trainable=st.params_trainable,
+        weights_bytes=round(st.weights_bytes), gradients_bytes=round(st.trainable_bytes),
+        optimizer_bytes=round(states), activations_bytes=round(activation_total(st, info, rt, batch, seq, ckpt)),
+        logits_bytes=round(logits_bytes(info, rt, batch, seq, seq + st.extra_tokens)),
+        overhead_bytes=rt.overhead_bytes, peak_tensor_bytes=round(peak), total_bytes=round(peak) + rt.overhead_bytes,
+        peak_phase=phase, artifact_bytes=round(st.artifact_bytes), supported=not refusals,
+        notes=[*st.notes, *refusals],
+    )
+
+
+def largest_batch(st: Strategy, info: ModelInfo, rt: Runtime, seq: int, ckpt: bool, budget: int) -> int | None:
+    """The largest batch size whose total fits `budget` bytes (the total grows with the batch); None if 1 does not."""
+    def fits(b: int) -> bool:
+        return estimate(st, info, rt, b, seq, ckpt).total_bytes <= budget
+
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= MAX_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > MAX_BATCH:
+        return lo
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _options(method_options: dict[str, Any] | PlanOptions | None) -> PlanOptions:
+    if isinstance(method_options, PlanOptions):
+        return method_options
+    return parse_model(PlanOptions, dict(method_options or {}), where="plan method options")
+
+
+def _methods(methods: list[str] | None) -> list[str]:
+    chosen = list(methods) if methods else list(FAMILIES)
+    for m in chosen:
+        if m not in FAMILIES:
+            raise ConfigError(f"method {m!r}{closest(m, FAMILIES)}: the planner knows {', '.join(FAMILIES)}")
+    return chosen
+
+
+def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
+         gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
+         gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
+         task: str | None = None) -> PlanResult:
+    """Predict the peak training memory of each strategy for `model_spec`.
+
+    Args:
+        model_spec: a local HF model dir, a config.json path, a packaged alias, a config dict or a
+            PretrainedConfig. Only the config is read: the model is built on the meta device.
+        batch_size, seq_len: the micro-batch shape (tokens per sequence, padded length).
+        dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16: the model's dtype.
+        gradient_checkpointing: whether each block is recomputed in the backward pass.
+        method_options: `PlanOptions` keys (r, target_modules, lora_dropout, num_virtual_tokens, bottleneck,
+            adapter_variant, bitfit_include_norms); unknown keys are a `ConfigError`.
+        gpu_memory: a size (`80GB`, `24GiB`, `16000MB` or bytes): each strategy then says whether it fits and
+            the largest batch size that does.
+        device: "cuda" (tunelab's GPU scheme: bf16 autocast, fused AdamW, CUDA overhead) or "cpu".
+        methods: the strategies to plan (default: all of full, lora, dora, qlora, adapter, prefix, prompt, ia3,
+            bitfit).
+        task: causal-lm or classification; default from the config.
+
+    Returns:
+        A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
+    """
+    if batch_size <= 0 or seq_len <= 0:
+        key, value = ("batch_size", batch_size) if batch_size <= 0 else ("seq_len", seq_len)
+        raise ConfigError(f"{key} = {value}: expected a positive integer")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
+    dtype_name, param_bytes = resolve_dtype(dtype, device)
+    budget = parse_memory(gpu_memory) if gpu_memory is not None else None
+    opts, chosen = _options(method_options), _methods(methods)
+    info = describe_model(model_spec, task)
+    rt = runtime(device, param_bytes)
+    estimates = []
+    for method in chosen:
+        st = build_strategy(method, info, opts, rt)
+        est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
+        if budget is not None:
+            est.fits = est.supported and est.total_bytes <= budget
+            est.max_batch_size = (largest_batch(st, info, rt, seq_len, gradient_checkpointing, budget)
+                                  if est.supported else None)
+        estimates.append(est)
+    return PlanResult(
+        model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
+        batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
+        gradient_checkpointing=gradient_checkpointing, gpu_memory_bytes=budget,
+        options=opts.model_dump(), strategies=estimates, notes=_plan_notes(info),
+    )
+
+
+def _plan_notes(info: ModelInfo) -> list[str]:
+    notes = ["assumes unpadded (or packed) batches: padding adds an attention mask and, with grouped-query "
+             "attention, repeated key/value heads"]
+    if info.arch == "generic":
+        notes.append(f"model_type {info.model_type!r}: parameters are exact; activations use the Llama block "
+                     "formulas and are approximate")
+    return notes
+
+
+def render_plan(result: PlanResult):
+    """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB)."""
+    from rich.table import Table
+
+    title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
+             f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
+             f"{', gradient checkpointing' if result.gradient_checkpointing else ''}")
+    table = Table(title=title)
+    columns = ["method", "trainable", "weights", "grads", "AdamW", "activations", "logits", "total GiB",
+               "peak in", "artifact MiB"]
+    if result.gpu_memory_bytes is not None:
+        columns += [f"fits {result.gpu_memory_bytes / 2**30:.1f} GiB", "max batch"]
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("method", "peak in") else "right")
+    for e in result.strategies:
+        row = [e.method, f"{e.params_trainable:,}", *(_gib(v) for v in (
+            e.weights_bytes, e.gradients_bytes, e.optimizer_bytes, e.activations_bytes, e.logits_bytes,
+            e.total_bytes)), e.peak_phase, f"{e.artifact_bytes / 2**20:,.2f}"]
+        if result.gpu_memory_bytes is not None:
+            fit = "n/a" if not e.supported else ("yes" if e.fits else "no")
+            row += [fit, "-" if e.max_batch_size is None else str(e.max_batch_size)]
+        table.add_row(*row)
+    return table
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f}"
+
+
+__all__ = ["PlanOptions", "PlanResult", "StrategyEstimate", "parse_memory", "plan", "render_plan"]
