@@ -16,8 +16,8 @@ from tunelab.measure.forgetting import forgetting_record
 from tunelab.measure.portability import portability_record
 from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
-from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
-                                    parse_bytes)
+from tunelab.errors import ConfigError
+from tunelab.measure.schema import Baseline, CompareOptions, CompareResults, Hardware, StrategyResult
 
 MB = 10**6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,6 +118,6 @@ def test_progress_follows_metrics_records():
 def test_gpu_memory_accepts_sizes():
     assert CompareOptions(gpu_memory="24GB").gpu_memory == 24 * 10**9
     assert CompareOptions(gpu_memory="16GiB").gpu_memory == 16 * 2**30
-    assert parse_bytes("512 MB") == 512 * MB
-    with pytest.raises(ValidationError, match="expected a size such as 80GB"):
+    assert CompareOptions(gpu_memory=512 * MB).gpu_memory == 512 * MB
+    with pytest.raises(ConfigError, match="--gpu-memory 'lots': expected a positive size like 80GB"):
         CompareOptions(gpu_memory="lots")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,20 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SCHEMA_VERSION = 1
 TASK_COUNTS = (1, 10, 100)  # the K of "bytes needed to serve K tasks"
 Priority = Literal["quality", "memory", "speed", "forgetting"]
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'80GB' / '24GiB' / '512MB' / 1e9 -> bytes. Raises ValueError naming what was found."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"expected a size such as 80GB, 24GiB or 512MB, found {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,7 +55,9 @@ class CompareOptions(_Strict):
     @field_validator("gpu_memory", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
-        return None if v is None else parse_bytes(v)
+        from tunelab.measure.plan import parse_memory  # one parser for sizes, shared with `tunelab plan`
+
+        return None if v is None else parse_memory(v)
 
 
 class Hardware(_Strict):
