@@ -34,8 +34,8 @@ def test_case16_unknown_config_key_suggests_closest(tmp_path, capsys):
 
 
 def test_case16_unknown_method_option_suggests_closest(capsys):
-    code, err = run_cli(capsys, "train", "--method", "lora", "--set", "rank=4", "--model", MISSING_MODEL)
-    assert code == 2 and "'rank'" in err and "'r'" in err
+    code, err = run_cli(capsys, "train", "--method", "lora", "--set", "alpah=4", "--model", MISSING_MODEL)
+    assert code == 2 and "'alpah'" in err and "'alpha'" in err
 
 
 @pytest.mark.parametrize("argv, needle", [
