@@ -212,6 +212,64 @@ def methods() -> None:
 
 
 @app.command()
+def compare(
+    model: Model = None,
+    data: Data = None,
+    task: Annotated[Optional[str], typer.Option(help="causal-lm or classification.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all registered).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per strategy.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Micro-batch size.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Maximum tokens per example.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    lr_for: Annotated[Optional[list[str]], typer.Option(help="METHOD=LR learning-rate override (repeatable).")] = None,
+    set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE method option (repeatable).")] = None,
+    reference_data: Annotated[Optional[str], typer.Option(help="General prose for forgetting (default: BBC articles).")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the recommendation, e.g. 24GB.")] = None,
+    tasks: Annotated[Optional[int], typer.Option(help="How many tasks you will serve (K).")] = None,
+    priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
+) -> None:
+    """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
+    from tunelab.measure.compare import build_options, run_compare
+
+    opts = build_options(dict(model=model, data=data, task=task, methods=methods, max_steps=max_steps,
+                              batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
+                              reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
+                              priority=priority, device=device, output=output))
+    run_compare(opts)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="Local HF model dir, alias, or a config.json (no weights needed).")],
+    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cuda or cpu: where training would run.")] = "cuda",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations.")] = False,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 80GB: what fits, largest batch.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated strategies (default: all).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Plan option key=value, e.g. r=16.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
+    from rich.console import Console
+
+    from tunelab.config import parse_set
+    from tunelab.measure.plan import plan as make_plan, render_plan
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
+                       gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
+                       gpu_memory=gpu_memory, methods=chosen)
+    if json_:
+        typer.echo(result.model_dump_json(indent=1))
+    else:
+        Console(width=200).print(render_plan(result))
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Base model dir or alias (loaded once, frozen).")],
     adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR of an adapter to load (repeatable).")] = None,
