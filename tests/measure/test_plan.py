@@ -186,6 +186,15 @@ def test_json_and_table():
     table = render_plan(result)
     headers = [c.header for c in table.columns]
     assert table.row_count == 9 and "max batch" in headers and "total GiB" in headers
+    assert "bitfit: the model has no biases" in table.caption
+
+
+def test_packaged_alias_is_planned_from_its_config_and_unknown_aliases_fail():
+    result = plan("minilm-l6", batch_size=8, seq_len=128, methods=["full", "lora"])
+    assert result.model_type == "bert" and result.task == "classification"
+    assert result.params_total == 22_713_216 + 384 * 2 + 2  # all-MiniLM-L6-v2 + a 2-class head
+    with pytest.raises(ConfigError, match="model alias 'no-such-alias' is unknown"):
+        plan("no-such-alias")
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -267,13 +267,14 @@ def _plan_notes(info: ModelInfo) -> list[str]:
 
 
 def render_plan(result: PlanResult):
-    """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB)."""
+    """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB), notes as its caption."""
     from rich.table import Table
 
     title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}")
-    table = Table(title=title)
+    notes = [f"{e.method}: {note}" for e in result.strategies for note in e.notes] + list(result.notes)
+    table = Table(title=title, caption="\n".join(notes) or None)
     columns = ["method", "trainable", "weights", "grads", "AdamW", "activations", "logits", "total GiB",
                "peak in", "artifact MiB"]
     if result.gpu_memory_bytes is not None:
