@@ -141,8 +141,8 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
         out["recompute"] = stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
     if st.method == "full" and info.task == "causal-lm":
         out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h
-        if info.tied:  # the embedding's gradient is formed apart before it is added to the tied weight's
-            out["optimizer step"] = max(out["optimizer step"], grads + p * info.vocab * h)
+        if info.tied:  # the embedding's gradient is added to the head's out of place: new grad + sum beside it
+            out["optimizer step"] = max(out["optimizer step"], grads + 2 * p * info.vocab * h)
     return out
 
 
