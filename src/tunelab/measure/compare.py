@@ -116,7 +116,7 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     from tunelab.measure.report import CompareProgress, print_table, write_reports
     from tunelab.train.summary import write_json_atomic
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out}: is a file, expected a directory")
