@@ -34,7 +34,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary dir
         yield tmp
         _fsync_tree(tmp)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -62,11 +62,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the complete `tmp` to `out`; an old `out` is moved aside first and deleted afterwards."""
+def replace_dir(tmp: Path, out: Path, aside: Path | None = None) -> None:
+    """Move the complete `tmp` to `out`; an old `out` is moved to `aside` first and deleted afterwards."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = aside or out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
     os.rename(tmp, out)
     _fsync_dir(out.parent)

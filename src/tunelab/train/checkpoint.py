@@ -99,15 +99,11 @@ def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer]) -> None:
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is swapped out first and removed after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Rename `tmp` to `final`; an existing `final` is swapped out first (under the temp prefix, so a crash
+    leaves it to the stale-dir cleanup) and removed after."""
+    from tunelab.artifacts.atomic import replace_dir
+
+    replace_dir(tmp, final, aside=final.with_name(f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"))
 
 
 def verify(path: Path) -> str | None:
