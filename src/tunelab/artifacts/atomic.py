@@ -51,10 +51,11 @@ def _fsync_tree(root: Path) -> None:
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,7 +70,7 @@ def replace_dir(tmp: Path, out: Path, aside: Path | None = None) -> None:
         old = aside or out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tunelab.artifacts.atomic import fsync_path, replace_dir
 from tunelab.errors import ResourceError
 
 log = logging.getLogger("tunelab.train")
@@ -31,15 +32,6 @@ TMP_PREFIX = ".tmp-"
 SAVE_DELAY_ENV = "TUNELAB_TEST_SAVE_DELAY"  # test hook: seconds to sleep after each file of a checkpoint
 
 Writer = Callable[[Path], None]
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -101,8 +93,6 @@ def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer]) -> None:
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an existing `final` is swapped out first (under the temp prefix, so a crash
     leaves it to the stale-dir cleanup) and removed after."""
-    from tunelab.artifacts.atomic import replace_dir
-
     replace_dir(tmp, final, aside=final.with_name(f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"))
 
 
