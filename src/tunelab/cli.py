@@ -7,7 +7,6 @@ Bad input exits 2 with one line on stderr that names the file, row, field or key
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

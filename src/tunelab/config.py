@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tunelab.errors import ConfigError, closest
+from tunelab.errors import ConfigError
+from tunelab.validation import parse_model
 
 Task = Literal["causal-lm", "classification"]
 
@@ -89,28 +90,6 @@ class RunConfig(BaseModel):
     def result_values(self) -> dict[str, Any]:
         """The result-affecting keys and their values, JSON-ready."""
         return json.loads(json.dumps({k: getattr(self, k) for k in RESULT_KEYS}, default=str))
-
-
-def parse_model(cls: type[BaseModel], values: dict[str, Any], where: str) -> BaseModel:
-    """Validate `values` into `cls`, turning pydantic errors into a one-line `ConfigError`."""
-    unknown = [k for k in values if k not in cls.model_fields]
-    if unknown:
-        key = unknown[0]
-        raise ConfigError(
-            f"{where}: unknown key '{key}'{closest(key, cls.model_fields)}; valid keys: {', '.join(cls.model_fields)}"
-        )
-    try:
-        return cls(**values)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_first_error(e)}") from None
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
-    got = err.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"key '{loc}': {err['msg']}{got_s}"
 
 
 def parse_set(pairs: list[str] | None) -> dict[str, Any]:

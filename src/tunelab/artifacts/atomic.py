@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.errors import ArtifactError, ResourceError
+from tunelab.jsonio import fsync_path
 
 
 @contextlib.contextmanager
@@ -52,15 +53,6 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_path(Path(dirpath))
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_dir(tmp: Path, out: Path, aside: Path | None = None) -> None:

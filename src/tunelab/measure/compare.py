@@ -61,7 +61,7 @@ def parse_options_for(pairs: list[str] | None) -> dict[str, dict]:
 def build_options(values: dict) -> CompareOptions:
     """`CompareOptions` from CLI values: None means the default; `methods` may be "a,b,c"; `lr_for` and
     `options_for` may be the raw repeatable flags. Bad keys or values raise a one-line `ConfigError`."""
-    from tunelab.config import parse_model
+    from tunelab.validation import parse_model
 
     values = {k: v for k, v in values.items() if v is not None}
     if isinstance(values.get("methods"), str):
@@ -114,7 +114,7 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
 
     from tunelab.measure.recommend import recommend
     from tunelab.measure.report import CompareProgress, print_table, write_reports
-    from tunelab.train.summary import write_json_atomic
+    from tunelab.jsonio import write_json_atomic
 
     console = console or Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     out = Path(opts.output)

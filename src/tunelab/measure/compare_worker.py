@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.train.summary import write_json_atomic
+from tunelab.jsonio import write_json_atomic
 
 
 def worker_main(argv: list[str] | None = None) -> int:

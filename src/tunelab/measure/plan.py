@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tunelab.config import parse_model
+from tunelab.validation import parse_model
 from tunelab.errors import ConfigError, closest
 from tunelab.measure.plan_formulas import (
     ADAMW_MOMENTS, Runtime, block_bytes, final_bytes, first_block_unkept, logits_bytes, loss_buffers,

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.config import parse_model
+from tunelab.validation import parse_model
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import heads, lora_init, lora_layer, nf4, register
 from tunelab.methods.base import (

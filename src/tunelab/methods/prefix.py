@@ -147,7 +147,7 @@ class Prefix(Method):
 
     def options_from_config(self, config: dict[str, Any]) -> PrefixOptions:
         """Options from a PREFIX_TUNING `adapter_config.json` (ours or PEFT's)."""
-        from tunelab.config import parse_model
+        from tunelab.validation import parse_model
 
         vt.check_peft_config(config)
         values = {k: config[k] for k in PrefixOptions.model_fields if config.get(k) is not None}

@@ -119,7 +119,7 @@ class Prompt(Method):
         The initialisation is not carried over (`init` is "random"): the saved soft prompt replaces it, and
         loading must not need the tokenizer the prompt was once initialised from.
         """
-        from tunelab.config import parse_model
+        from tunelab.validation import parse_model
 
         vt.check_peft_config(config)
         values = {"num_virtual_tokens": config.get("num_virtual_tokens", 20)}

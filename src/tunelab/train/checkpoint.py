@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.artifacts.atomic import fsync_path, replace_dir
+from tunelab.artifacts.atomic import replace_dir
+from tunelab.jsonio import fsync_path
 from tunelab.errors import ResourceError
 
 log = logging.getLogger("tunelab.train")

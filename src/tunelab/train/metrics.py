@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from tunelab.train.checkpoint import fsync_path
+from tunelab.jsonio import fsync_path
 
 
 def _clean(value):

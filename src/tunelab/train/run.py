@@ -18,8 +18,8 @@ from tunelab.train.progress import ProgressBar
 from tunelab.train.setup import Run, build_run
 from tunelab.train.signals import TrainingInterrupted, stop_signals
 from tunelab.train.state import TrainState, check_config, load_checkpoint, read_meta
-from tunelab.train.summary import (THROUGHPUT_COUNTS, eval_fields, finite_or_none, parameter_counts, versions,
-                                   write_json_atomic)
+from tunelab.jsonio import write_json_atomic
+from tunelab.train.summary import THROUGHPUT_COUNTS, eval_fields, finite_or_none, parameter_counts, versions
 
 log = logging.getLogger("tunelab.train")
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from tunelab.train.checkpoint import fsync_path
 
 THROUGHPUT_COUNTS = "non-pad input tokens per second, leaving out the first 2 optimizer steps of each process"
 
@@ -49,12 +45,3 @@ def eval_fields(result: dict | None) -> dict:
         if key in result:
             fields[f"val_{key}"] = finite_or_none(result[key])
     return fields
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write `data` as JSON to `path` through a fsynced temp file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)

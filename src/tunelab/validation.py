@@ -1,0 +1,36 @@
+"""Validating user values into pydantic models, with one-line errors (the ground floor: imports no tunelab layer).
+
+Both the run configuration and each method's `--set` options go through `parse_model`, so an unknown key or a
+bad value reads the same wherever it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tunelab.errors import ConfigError, closest
+
+
+def parse_model(cls: type[BaseModel], values: dict[str, Any], where: str) -> BaseModel:
+    """Validate `values` into `cls`, turning pydantic errors into a one-line `ConfigError` prefixed by `where`."""
+    unknown = [k for k in values if k not in cls.model_fields]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{where}: unknown key '{key}'{closest(key, cls.model_fields)}; valid keys: {', '.join(cls.model_fields)}"
+        )
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {first_error(e)}") from None
+
+
+def first_error(e: ValidationError) -> str:
+    """The first pydantic error as `key 'a.b': message (got value)`."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"key '{loc}': {err['msg']}{got_s}"
