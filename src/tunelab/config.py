@@ -66,7 +66,8 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     resume: bool = False
-    force: bool = False
+    force: bool = False  # resume even though a result-affecting key changed
+    overwrite: bool = False  # replace an earlier run's outputs (its checkpoints, run.json) by this fresh run's
 
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":

@@ -88,15 +88,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def load_adapter_dir(model: nn.Module, adapter_dir: Path, name: str) -> str:
-    """Inject the adapter saved in `adapter_dir` as `name` and load its weights; return `name`.
+def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: str) -> str:
+    """Inject `method`'s adapter saved in `adapter_dir` as `name` and load its weights; return `name`.
 
-    Everything is read and checked before the model is touched; if the weights do not fit, the adapter is
-    removed again and the model is as before.
+    `method` is the one `tunelab.artifacts.inspect` found (or one reading the same files). Everything is read
+    and checked before the model is touched; if the weights do not fit, the adapter is removed again and the
+    model is as before.
     """
     config_path = adapter_dir / CONFIG
     config = read_json(config_path)
-    method = method_for_config(config, config_path, read_sidecar(adapter_dir).get("method"))
     try:
         options = method.options_from_config(config)
     except ConfigError as e:

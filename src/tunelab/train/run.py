@@ -60,16 +60,16 @@ def prepare_output(cfg: RunConfig, out: Path, root: Path) -> Path | None:
     """Check the output dir before any model loads; return the checkpoint to resume from, if resuming.
 
     A fresh run refuses an output dir that already holds checkpoints (they would mix with the new run's),
-    unless `cfg.force`, which deletes them. Temp dirs of saves that died midway are removed either way.
+    unless `cfg.overwrite`, which deletes them. Temp dirs of saves that died midway are removed either way.
     """
     if cfg.resume:
         return find_resume_checkpoint(cfg, out, root)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(root)
     existing = ckpt.complete_steps(root)
-    if existing and not cfg.force:
+    if existing and not cfg.overwrite:
         raise ConfigError(f"{root}: holds checkpoints of an earlier run (newest {existing[0].name}); pass --resume "
-                          f"to continue it, or --force to start over and delete them")
+                          f"to continue it, or --overwrite to start over and delete them")
     if existing:
         shutil.rmtree(root)
     (out / "run.json").unlink(missing_ok=True)  # a summary of an earlier run must not describe this one
