@@ -237,19 +237,23 @@ def plan(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations.")] = False,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 80GB: what fits, largest batch.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated strategies (default: all).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Plan option key=value, e.g. r=16.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value for every planned "
+                                                                    "method that has the key, e.g. r=16.")] = None,
+    set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE option of one method "
+                                                              "(repeatable; wins over --set).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
 
     from tunelab.config import parse_set
+    from tunelab.measure.compare import parse_options_for
     from tunelab.measure.plan import plan as make_plan, render_plan
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
-                       gpu_memory=gpu_memory, methods=chosen)
+                       options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

@@ -340,18 +340,18 @@ def baseline_record(result: dict) -> Baseline:
 def _predicted_memory(cfg, notes: list[str]) -> int | None:
     """`tunelab plan`'s estimate of this run's peak memory on the run's device, where it has one.
 
-    The planner reads only the model's config; method options it does not model are left out.
+    The planner reads only the model's config, and the run's method options as `train --set` reads them
+    (every option reaches the planner; the few that change memory but are not modelled are planned at their
+    default, with a note in the plan).
     """
     from tunelab.models import pick_device
 
     device = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
     try:
         from tunelab.measure.plan import plan
-        from tunelab.measure.plan_methods import PlanOptions
 
-        options = {k: v for k, v in cfg.method_options.items() if k in PlanOptions.model_fields}
         result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
-                      method_options=options, methods=[cfg.method], task=cfg.task)
+                      options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task)
     except Exception as e:  # a prediction must never cost the measurements
         notes.append(f"no memory prediction from tunelab plan: {str(e).splitlines()[0] if str(e) else e!r}")
         return None
