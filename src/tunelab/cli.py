@@ -3,8 +3,9 @@
 Bad input exits 2 with one line on stderr that names the file, row, field or key (no traceback unless
 `--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0.
 
-This is the one module that imports tunelab's layers inside functions: `tunelab --help` and `tunelab methods`
-must start without loading torch, transformers and the training stack that `train` or `serve` need.
+Imports of tunelab's layers sit inside the commands, on purpose and only here (and in the one-time model
+conversion of `defaults`): `tunelab --help` and a usage error must answer without loading torch,
+transformers and the training stack that `train` or `serve` need. Every other module imports at its top.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.methods import get_method
 from tunelab.validation import parse_model
 
 Task = Literal["causal-lm", "classification"]
@@ -71,15 +72,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":
-        from tunelab.methods import get_method  # late import: methods import config-free modules only
-
         get_method(self.method)
         return self
 
     def method_opts(self):
         """The method's validated options object (`--set` values)."""
-        from tunelab.methods import get_method
-
         method = get_method(self.method)
         return parse_model(method.Options, self.method_options, where=f"--set for method '{self.method}'")
 

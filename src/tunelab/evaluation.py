@@ -27,5 +27,5 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
                         label_names=label_names)
     examples = dataset.val if is_default else dataset.train
     examples = examples[:max_examples] if max_examples else examples
-    result = evaluate(loaded.model, examples, task, loaded.tokenizer.pad_token_id, batch_size)
+    result = evaluate(loaded.model, examples, task, loaded.pad_id, batch_size)
     return {**result, "examples": len(examples)}

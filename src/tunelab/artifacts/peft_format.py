@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import ValidationError
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.artifacts.files import read_json, read_safetensors, read_sidecar, write_json, write_sidecar
@@ -19,8 +20,6 @@ WEIGHTS = "adapter_model.safetensors"
 def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
                   base_model: str | None = None, label_names: list[str] | None = None) -> None:
     """Write adapter `name` of `model` into `out_dir` (PEFT keys; tensors contiguous in their own dtype)."""
-    from safetensors.torch import save_file
-
     options = adapter_state(model).options[name]
     config = method.adapter_config(model, options, name)
     if base_model is not None:

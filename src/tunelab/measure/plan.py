@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from pydantic import BaseModel
+from rich.table import Table
 
 from tunelab.errors import ConfigError, closest
 from tunelab.measure.plan_formulas import (
@@ -295,8 +296,6 @@ def _plan_notes(info: ModelInfo) -> list[str]:
 
 def render_plan(result: PlanResult):
     """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB), notes as its caption."""
-    from rich.table import Table
-
     title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}")

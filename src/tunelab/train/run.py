@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tunelab.artifacts import save_artifact
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.train import checkpoint as ckpt
@@ -120,8 +121,6 @@ def last_train_loss(metrics_path: Path) -> float | None:
 
 def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: float, wall: float) -> dict:
     """Save the artifact, then write run.json (its presence marks a finished run); returns the summary."""
-    from tunelab.artifacts import save_artifact
-
     cfg, out = run.cfg, Path(run.cfg.output)
     result = final_eval(run, outcome)
     artifact_bytes = save_artifact(run.model, run.loaded.tokenizer, cfg.adapter_name, out / "artifact",
