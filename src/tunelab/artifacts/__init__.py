@@ -1,7 +1,7 @@
 """Artifacts: PEFT-format adapters, HF-format whole models, and merging.
 
-`save_artifact` dispatches on the method's `artifact` kind ("adapter" or "model"), `load_adapter` on which
-files the dir holds; neither knows any method by name.
+`save_artifact` dispatches on the method's `artifact` kind ("adapter" or "model"), `load_adapter` on what
+`inspect(dir)` finds (the same answer merge, eval and serve read); neither knows any method by name.
 """
 
 from __future__ import annotations
