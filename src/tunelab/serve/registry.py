@@ -23,9 +23,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from tunelab.artifacts import load_adapter, merge_and_unload
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
-from tunelab.serve.adapter_files import inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.adapter_files import Servable, inspect_adapter, mixed_batch_ok, public_message
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
 
 log = logging.getLogger("tunelab.serve")
@@ -34,11 +36,13 @@ _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 @dataclass
 class Adapter:
-    """One known adapter: public `name`, key on the model (`None` while unloaded), source dir and method."""
+    """One known adapter: public `name`, key on the model (`None` while unloaded), source dir, the method that
+    wrote it and the method it is loaded with (`served_as`; they differ for qlora, served as the LoRA it saved)."""
 
     name: str
     path: Path
     method: str = ""
+    served_as: str = ""
     key: str | None = None
     given: bool = False  # from `--adapter NAME=DIR` (else found under the adapter root)
     mixed: bool = False
@@ -129,9 +133,9 @@ class AdapterRegistry:
             adapter = self._known.get(name)
             if adapter is None or not adapter.given:  # root adapters are located afresh on every load
                 adapter = Adapter(name, self._locate(name))
-            method = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
+            servable = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
             self._make_room()
-            self._attach(adapter, method)
+            self._attach(adapter, servable)
             with self._meta:
                 self._known[name] = adapter
                 adapter.refs, adapter.last_used = 1, next(self._clock)
@@ -168,11 +172,8 @@ class AdapterRegistry:
 
     def merge_into_base(self, name: str) -> None:
         """Fold loaded adapter `name` into the base weights and drop it; the base is then served as `name`."""
-        from tunelab.artifacts import merge_and_unload
-        from tunelab.methods import get_method
-
         adapter = self._known[name]
-        if not get_method(adapter.method).mergeable:
+        if not get_method(adapter.served_as).mergeable:
             raise ConfigError(f"--merge {name}: method '{adapter.method}' cannot be merged into the base "
                               "weights; serve it as an adapter instead")
         with self.lock:
@@ -214,14 +215,12 @@ class AdapterRegistry:
                 del self._known[victim.name]
         self._detach(key)
 
-    def _attach(self, adapter: Adapter, method: str) -> None:
+    def _attach(self, adapter: Adapter, servable: Servable) -> None:
         """Load the adapter's weights onto the model under a fresh key and probe mixed-batch support."""
-        from tunelab.artifacts import load_adapter
-
         key = next(self._keys)
         with self.lock:
             try:
-                load_adapter(self.model, adapter.path, key)
+                load_adapter(self.model, adapter.path, key, as_method=servable.served_as)
             except Exception as err:  # a file tunelab's checks missed must not take the server down either
                 try:
                     self._detach(key)
@@ -235,13 +234,12 @@ class AdapterRegistry:
                 p.requires_grad_(False)
             self.model.eval()
             adapter_state(self.model).active = ()
-            mixed = mixed_batch_ok(self.model, method, key)
-        adapter.method, adapter.key, adapter.mixed = method, key, mixed
+            mixed = mixed_batch_ok(self.model, servable.served_as, key)
+        adapter.method, adapter.served_as = servable.method, servable.served_as
+        adapter.key, adapter.mixed = key, mixed
 
     def _detach(self, key: str) -> None:
         """Remove adapter `key` from the model (whatever part of it a failed load left behind)."""
-        from tunelab.methods import get_method
-
         with self.lock:
             if key in adapter_state(self.model).methods:
                 get_method(adapter_state(self.model).methods[key]).remove(self.model, key)

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import uvicorn
+
 from tunelab.serve.api import create_app
 from tunelab.serve.service import build_service
 
@@ -31,8 +33,6 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
 
     Bad arguments or adapters raise `TunelabError`s naming them before the server listens.
     """
-    import uvicorn
-
     service = build_service(model, adapters, adapter_root=adapter_root, max_adapters=max_adapters,
                             max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit,
                             merge=merge)
@@ -45,8 +45,6 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
 @contextlib.contextmanager
 def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 20.0) -> Iterator[str]:
     """Run `app` with uvicorn on a daemon thread; yield its base URL (`port=0`: a free port), then stop it."""
-    import uvicorn
-
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="tunelab-serve-http", daemon=True)
     thread.start()
