@@ -31,8 +31,8 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.methods import heads
 from tunelab.methods.kit import (  # noqa: F401  (AdapterState, check_loaded, peft_key: re-exported for callers)
-    REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, guard_mixed_batches, load_live,
-    peft_key,
+    REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, container_weights,
+    guard_mixed_batches, load_live, peft_key, peft_task_type,
 )
 from tunelab.modules import linear_like, name_matches
 
@@ -106,11 +106,11 @@ class Method:
 
     def weights(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         """Adapter `name`'s own trainable parameters, keyed by qualified name in `model`."""
-        return {qname: p for qname, _, p in self._container_weights(model, name)}
+        return {qname: p for qname, _, p in container_weights(self.adapted(model, name), self.containers, name)}
 
     def tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s own live tensors under PEFT's saved keys (what `load_state_dict` copies into)."""
-        return {key: p for _, key, p in self._container_weights(model, name)}
+        return {key: p for _, key, p in container_weights(self.adapted(model, name), self.containers, name)}
 
     def saved(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s own weights as saved (detached copies of `tensors` unless the method converts)."""
@@ -150,7 +150,8 @@ class Method:
 
     def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights in PEFT's saved key layout (`base_model.model.<path>...`, no adapter name)."""
-        return {**self.saved(model, name), **{k: t.detach().clone() for k, t in self._head_tensors(model, name).items()}}
+        head = {k: t.detach().clone() for k, t in self._head_tensors(model, name).items()}
+        return {**self.saved(model, name), **head}
 
     def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
         """Load weights saved by `state_dict` (or by PEFT) into the already injected adapter `name`.
@@ -158,7 +159,8 @@ class Method:
         Raises `ArtifactError` listing missing or unexpected keys, or the parameter and both shapes on a mismatch,
         before any weight changes.
         """
-        load_live({**self.tensors(model, name), **self._head_tensors(model, name)}, sd, f"{self.name} adapter {name!r}")
+        live = {**self.tensors(model, name), **self._head_tensors(model, name)}
+        load_live(live, sd, f"{self.name} adapter {name!r}")
 
     def merge(self, model: nn.Module, name: str) -> None:
         """Fold adapter `name` into the base weights in place; afterwards the adapter is inactive."""
@@ -233,23 +235,6 @@ class Method:
             module = model.get_submodule(path)
             if any(name in getattr(module, attr, {}) for attr in self.containers):
                 out.append((path, module))
-        return out
-
-    def _container_weights(self, model: nn.Module, name: str) -> list[tuple[str, str, nn.Parameter]]:
-        """(qualified name, saved key, parameter) of adapter `name` in `containers`: a Parameter per name is
-        `<path>.<attr>.<name>`, saved as `<path>.<attr>`; a Module per name holds `<path>.<attr>.<name>.<param>`,
-        saved as `<path>.<attr>.<param>`."""
-        out = []
-        for path, module in self.adapted(model, name):
-            for attr in self.containers:
-                box = getattr(module, attr, None)
-                if box is None or name not in box:
-                    continue
-                item = box[name]
-                named = [("", item)] if isinstance(item, nn.Parameter) else list(item.named_parameters())
-                for pname, param in named:
-                    tail = f".{pname}" if pname else ""
-                    out.append((f"{path}.{attr}.{name}{tail}", peft_key(path, f"{attr}{tail}"), param))
         return out
 
     def _head_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -366,7 +351,8 @@ def add_adapter(model: nn.Module, method: Method, name: str, options: MethodOpti
     if not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
         raise ConfigError(f"adapter name {name!r}: expected letters, digits, '_' or '-' and not a reserved word")
     if name in state.methods:
-        raise ConfigError(f"adapter {name!r} already exists (method '{state.methods[name]}'); remove it or pick another name")
+        raise ConfigError(f"adapter {name!r} already exists (method '{state.methods[name]}'); "
+                          "remove it or pick another name")
     whole = [n for n, m in state.methods.items() if REGISTRY[m].artifact == "model"]
     if state.methods and (method.artifact == "model" or whole):
         loaded = ", ".join(f"{n} ({m})" for n, m in state.methods.items())
@@ -387,17 +373,6 @@ def forget_adapter(model: nn.Module, name: str) -> None:
     state.merged.discard(name)
     state.active = tuple(n for n in state.active if n != name)
     state.routing = None
-
-
-def peft_task_type(model: nn.Module) -> str:
-    """PEFT's `task_type` for the model's class (it decides which PeftModel class loads the artifact)."""
-    cls = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if cls.endswith(suffix):
-            return task
-    get_out = getattr(model, "get_output_embeddings", None)
-    return "CAUSAL_LM" if callable(get_out) and get_out() is not None else "FEATURE_EXTRACTION"
 
 
 def peft_common(model: nn.Module) -> dict[str, Any]:

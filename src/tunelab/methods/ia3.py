@@ -18,7 +18,9 @@ from pydantic import model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Method, MethodOptions, adapter_state, find_targets, peft_common, register, target_matches
+from tunelab.methods.base import (
+    Method, MethodOptions, adapter_state, find_targets, peft_common, register, target_matches,
+)
 from tunelab.methods.kit import applying, container, drop, has_hook, hook_once, unhook
 from tunelab.modules import in_out_features, is_conv1d
 
@@ -143,7 +145,8 @@ class IA3(Method):
             in_f, out_f = in_out_features(module)
             shape = (1, in_f) if feedforward else (out_f, 1)  # PEFT's shapes
             # fp32 vectors whatever the base dtype, on the base weight's device
-            container(module, ATTR, nn.ParameterDict)[name] = nn.Parameter(torch.ones(shape, device=module.weight.device))
+            vector = nn.Parameter(torch.ones(shape, device=module.weight.device))
+            container(module, ATTR, nn.ParameterDict)[name] = vector
             hook = partial(_scale_input if feedforward else _scale_output, state)
             hook_once(module, HOOK_IN if feedforward else HOOK_OUT, hook, pre=feedforward)
         return paths

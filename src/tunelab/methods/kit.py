@@ -119,6 +119,27 @@ def unhook(module: nn.Module, key: str) -> None:
         module.__dict__.pop(HOOKS_ATTR, None)
 
 
+def container_weights(adapted: list[tuple[str, nn.Module]], containers: tuple[str, ...],
+                      name: str) -> list[tuple[str, str, nn.Parameter]]:
+    """(qualified name, saved key, parameter) of adapter `name` in the `containers` of the `adapted` (path, module).
+
+    A Parameter per name is `<path>.<attr>.<name>`, saved as `<path>.<attr>`; a Module per name holds
+    `<path>.<attr>.<name>.<param>`, saved as `<path>.<attr>.<param>`: PEFT's layout, the adapter name dropped.
+    """
+    out = []
+    for path, module in adapted:
+        for attr in containers:
+            box = getattr(module, attr, None)
+            if box is None or name not in box:
+                continue
+            item = box[name]
+            named = [("", item)] if isinstance(item, nn.Parameter) else list(item.named_parameters())
+            for pname, param in named:
+                tail = f".{pname}" if pname else ""
+                out.append((f"{path}.{attr}.{name}{tail}", peft_key(path, f"{attr}{tail}"), param))
+    return out
+
+
 # --- saved weights ----------------------------------------------------------------------------------------
 
 def peft_key(module_path: str, rest: str) -> str:
@@ -138,6 +159,17 @@ def check_loaded(expected: dict[str, torch.Tensor], given: dict[str, torch.Tenso
                 f"{source}: parameter {key} has shape {tuple(given[key].shape)}, "
                 f"the base model needs {tuple(tensor.shape)}"
             )
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's `task_type` for the model's class (it decides which PeftModel class loads the artifact)."""
+    cls = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    get_out = getattr(model, "get_output_embeddings", None)
+    return "CAUSAL_LM" if callable(get_out) and get_out() is not None else "FEATURE_EXTRACTION"
 
 
 @torch.no_grad()
@@ -170,12 +202,12 @@ class Routing:
 
     def index(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The rows of adapter `name` as a LongTensor (k,) on `device`; None when no row uses it."""
-        return self._tensor(("index", name, device), self.groups.get(name), device)
+        return self._tensor(("index", name, device), lambda: self.groups.get(name, []), device)
 
     def others(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The rows not of adapter `name` (the base's and other adapters'), (k,) on `device`; None when none."""
-        rows = [i for i, r in enumerate(self.rows) if r != name]
-        return self._tensor(("others", name, device), rows, device)
+        return self._tensor(("others", name, device), lambda: [i for i, r in enumerate(self.rows) if r != name],
+                            device)
 
     def mask(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """(batch, 1, ..., 1) in `like`'s dtype, device and rank: 1.0 on adapter `name`'s rows, 0.0 elsewhere."""
@@ -187,11 +219,10 @@ class Routing:
             self._cache[key] = torch.tensor(hit, dtype=like.dtype, device=like.device)
         return self._cache[key].view(-1, *([1] * (like.dim() - 1)))
 
-    def _tensor(self, key: tuple, rows: list[int] | None, device: torch.device) -> torch.Tensor | None:
-        if not rows:
-            return None
+    def _tensor(self, key: tuple, rows: Callable[[], list[int]], device: torch.device) -> torch.Tensor | None:
         if key not in self._cache:
-            self._cache[key] = torch.tensor(rows, device=device, dtype=torch.long)
+            found = rows()
+            self._cache[key] = torch.tensor(found, device=device, dtype=torch.long) if found else None
         return self._cache[key]
 
 
