@@ -2,7 +2,7 @@
 
 Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
 Language-models". The biases of the linear layers (nn.Linear, GPT-2's Conv1D) and of the LayerNorms train; the
-output head is left to the classification-head helper. To keep the frozen base bit-identical and let several
+output layer is left out (a classifier trains whole, through `Method`). To keep the frozen base bit-identical and let several
 named adapters share it, each adapter holds *delta* biases, initialised to zero, that a forward hook adds to
 the module's output. With `include_norms`, LayerNorm/RMSNorm weights train too, also as deltas: the norm's
 output w * n(x) + b becomes (w + dw) * n(x) + b + db, where the hook recomputes n(x), the normalised input.

@@ -1,4 +1,4 @@
-"""Full fine-tuning: every weight of the model trains, embeddings and heads included.
+"""Full fine-tuning: every weight of the model trains, embeddings and output layers included.
 
 The baseline the parameter-efficient methods are measured against (Howard & Ruder 2018, ULMFiT; Devlin et al.
 2019, BERT). Nothing is attached to the model; the "adapter" is the model itself, so the artifact is a whole
