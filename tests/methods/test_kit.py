@@ -10,7 +10,7 @@ from conftest import build_tiny
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
-from tunelab.methods.kit import route
+from tunelab.methods.kit import MIXED_GUARD, has_hook, route
 
 
 def test_route_groups_rows_once_per_batch(tokenizer):
@@ -44,3 +44,18 @@ def test_route_refuses_merged_adapters(tokenizer):
         route(state, 2)
     lora.unmerge(model, "b")
     assert route(state, 2).groups == {"a": [0], None: [1]}
+
+
+def test_guard_stays_while_a_method_without_mixed_batches_is_loaded(tokenizer):
+    prompt, lora = get_method("prompt"), get_method("lora")
+    model = build_tiny("llama", tokenizer)
+    prompt.inject(model, prompt.Options(num_virtual_tokens=2), "soft")
+    lora.inject(model, lora.Options(r=2), "a")  # a method with mixed batches joins: the guard stays
+    batch = labelled_batch(tokenizer, "llama")
+    adapter_state(model).row_adapters = ["soft", None]
+    with pytest.raises(ConfigError, match="method 'prompt' \\(adapter 'soft'\\) cannot serve mixed-adapter batches"):
+        logits(model, batch)
+    prompt.remove(model, "soft")
+    adapter_state(model).row_adapters = ["a", None]
+    logits(model, batch)
+    assert not has_hook(model, MIXED_GUARD), "the guard goes with the last adapter that needs it"

@@ -1,6 +1,6 @@
 """The method registry. Each method module registers itself with one `@register` line.
 
-Every module in this package (except `base`) is imported on first lookup, so a new method joins the CLI,
+Every module in this package (except `base` and `kit`) is imported on first lookup, so a new method joins the CLI,
 `tunelab methods`, compare and the test matrix by existing as a file here.
 """
 

@@ -125,7 +125,8 @@ class Method:
         """Attach adapter `name` to `model`, make it the only active adapter and exactly its parameters trainable;
         return the qualified names of the modules it touched (the classification heads included)."""
         add_adapter(model, self, name, options)
-        guard_mixed_batches(model, not self.supports_mixed_batch)
+        if not self.supports_mixed_batch:
+            guard_mixed_batches(model, True)  # removed with the last adapter that needs it (`_forget`)
         try:
             touched = list(self.attach(model, options, name))
         except Exception:
