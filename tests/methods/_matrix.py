@@ -1,30 +1,125 @@
-"""Matrix checks for methods that attach through hooks (ia3, bitfit, adapter), run by their test files with
-per-method options (BitFit's include_norms on Llama, each adapter variant), beside the contract matrix of
-test_matrix.py (default options, through the artifacts API), whose helpers they reuse.
+"""The shared helpers of the method tests (the one module they import besides conftest; no test file imports
+another).
 
-Each check takes a registered method, its options and a tiny model kind (tests/conftest.py) and drives it
-through the `Method` interface only: untrained == base, disabled == base, save/load, merge/unmerge, two named
-adapters and their removal, the analytic count, and mixed-adapter batches.
+- batches, logits, snapshots, seeded noise and a few AdamW steps, used by every test file here;
+- `inject_or_skip` / `prepared`: the contract matrix's set-up (test_matrix.py);
+- matrix checks for methods run with per-method options (ia3, bitfit, adapter, prompt, prefix: BitFit's
+  include_norms on Llama, each adapter variant): untrained == base, disabled == base, save/load, merge/unmerge,
+  two named adapters and their removal, the analytic count, and mixed-adapter batches. Each takes a registered
+  method, its options and a tiny model kind (tests/conftest.py) and drives it through the `Method` interface only;
+- the input-side checks (`prompt`, `prefix`): padded rows and generation with the KV cache;
+- `run_cli`: `tunelab train` for 3 steps through the CLI.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_matrix import KINDS, adam_steps, labelled_batch, perturb, snapshot
+from conftest import build_tiny, sample_batch
 from torch import nn
 
-from tunelab.errors import ArtifactError
+from tunelab.cli import main
+from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method
-from tunelab.methods.base import Method, adapter_state, disabled, set_active
+from tunelab.methods.base import (
+    Method, adapter_state, disabled, mark_trainable, set_active,
+)
 
-__all__ = ["KINDS", "labelled_batch", "perturb", "outputs", "ALL_CHECKS", "check_merge", "check_load_errors",
-           "check_bf16_base"]
+KINDS = ("llama", "gpt2", "bert")
+LABELS = ["sports", "tech", "politics"]
 
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+def labelled_batch(tokenizer, kind: str) -> dict[str, torch.Tensor]:
+    """Two padded rows with labels: next-token ids (pad -> -100) for causal LMs, class ids for BERT."""
+    batch = dict(sample_batch(tokenizer))
+    if kind == "bert":
+        batch["labels"] = torch.tensor([0, 2])
+    else:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def frozen_copy(t: torch.Tensor):
+    """A copy to compare bit for bit: the tensor, or for a wrapper tensor subclass (qlora's NF4 weights) the
+    inner tensors it stores (copying the wrapper itself would re-quantise)."""
+    t = t.detach()
+    if hasattr(type(t), "__tensor_flatten__"):
+        return tuple(getattr(t, n).clone() for n in t.__tensor_flatten__()[0])
+    return t.clone()
+
+
+def same_bits(t: torch.Tensor, saved) -> bool:
+    """Whether `t` still holds exactly what `frozen_copy` saved."""
+    now = frozen_copy(t)
+    if isinstance(saved, tuple):
+        return isinstance(now, tuple) and all(torch.equal(a, b) for a, b in zip(now, saved, strict=True))
+    return not isinstance(now, tuple) and torch.equal(now, saved)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: frozen_copy(p) for n, p in model.named_parameters()}
+
+
+def adam_steps(model: nn.Module, method, name: str, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps on adapter `name` alone; returns the loss before each step and after the last."""
+    set_active(model, [name])
+    mark_trainable(model, method.parameters(model, name))
+    opt = torch.optim.AdamW(method.param_groups(model, name, lr=lr, weight_decay=0.0))
+    losses = []
+    for step in range(steps + 1):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        if step < steps:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return losses
+
+
+def perturb(method, model: nn.Module, name: str, seed: int, scale: float = 0.2) -> None:
+    """Add seeded noise to every weight of adapter `name` (non-trivial values for parity checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters(model, name).values():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def inject_or_skip(method, model: nn.Module, kind: str, name: str = "default") -> list[str]:
+    """Inject with default options; a method that refuses the architecture must say so in one clear line."""
+    try:
+        return method.inject(model, method.Options(), name)
+    except ConfigError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg, f"{method.name} on {kind}: the refusal must be one line: {msg!r}"
+        pytest.skip(f"{method.name} declares {kind} unsupported: {msg}")
+
+
+def prepared(method_name: str, kind: str, tokenizer):
+    """(model, method, base snapshot, base logits, batch) with adapter "default" injected, active and given
+    seeded noise: a clearly visible adapter at no training cost."""
+    model = build_tiny(kind, tokenizer)
+    batch = labelled_batch(tokenizer, kind)
+    snap, base = snapshot(model), logits(model, batch)
+    method = get_method(method_name)
+    inject_or_skip(method, model, kind)
+    set_active(model, ["default"])
+    perturb(method, model, "default", seed=0)
+    return model, method, snap, base, batch
+
+
+
+# --- the per-method matrix checks --------------------------------------------------------------------
 
 def outputs(model: nn.Module, batch: dict) -> torch.Tensor:
     """The logits and the last hidden state, flattened into one vector.
@@ -212,3 +307,59 @@ def check_load_errors(method: Method, model: nn.Module, key: str, wrong_shape: t
 
 ALL_CHECKS = (check_train_keeps_base, check_untrained_and_disabled, check_save_load, check_two_adapters,
               check_count, check_row_adapters)
+
+
+# --- input-side checks --------------------------------------------------------------------------------
+
+TEXTS = ("the quick brown fox", "hello, how are you today? i am fine")
+
+
+def left_padded(tokenizer, texts=TEXTS) -> dict:
+    """The texts as one left-padded batch (as `generate` wants for decoder models)."""
+    tokenizer.padding_side = "left"
+    try:
+        return sample_batch(tokenizer, texts)
+    finally:
+        tokenizer.padding_side = "right"
+
+
+def row_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over the real tokens (what `generate` passes): (B, L)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_padded_rows(model, tokenizer, side: str) -> None:
+    """Each row of a padded batch gets, on its real tokens, the logits it gets alone (the mask covers the
+    virtual tokens, positions count from them)."""
+    batch = left_padded(tokenizer) if side == "left" else sample_batch(tokenizer, TEXTS)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=row_positions(mask)).logits
+        for row, text in enumerate(TEXTS):
+            alone = model(**sample_batch(tokenizer, (text,))).logits[0]
+            assert torch.allclose(padded[row][mask[row].bool()], alone, atol=1e-5)
+
+
+def check_generate_cache(model, tokenizer, max_new_tokens: int = 8) -> None:
+    """Greedy decoding with the KV cache gives the tokens of decoding without it, and its first token is the
+    forward pass's argmax (the virtual tokens enter once, at prefill)."""
+    batch = left_padded(tokenizer)
+    args = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = model.generate(**batch, use_cache=True, **args)
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **args))
+    with torch.no_grad():
+        last = model(**batch, position_ids=row_positions(batch["attention_mask"])).logits[:, -1]
+    assert torch.equal(cached[:, batch["input_ids"].shape[1]], last.argmax(-1))
+
+
+def run_cli(tiny_dirs, data, out, method: str, *sets: str, kind: str = "llama") -> dict:
+    """`tunelab train` for 3 steps through `tunelab.cli.main`; returns run.json (the exit code must be 0)."""
+    argv = ["train", "--model", str(tiny_dirs[kind]), "--data", str(data), "--method", method,
+            "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--output", str(out), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3 and summary["method"] == method
+    assert (out / "artifact" / "adapter_config.json").is_file()
+    return summary

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _matrix import ALL_CHECKS, KINDS, check_bf16_base, check_load_errors, labelled_batch, perturb
+from _matrix import (
+    ALL_CHECKS,
+    KINDS,
+    check_bf16_base,
+    check_load_errors,
+    labelled_batch,
+    perturb,
+)
 from conftest import build_tiny
 from torch import nn
 

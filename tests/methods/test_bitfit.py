@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _matrix import ALL_CHECKS, KINDS, check_bf16_base, check_load_errors, check_merge, labelled_batch, outputs, perturb
+from _matrix import (
+    ALL_CHECKS,
+    KINDS,
+    check_bf16_base,
+    check_load_errors,
+    check_merge,
+    labelled_batch,
+    outputs,
+    perturb,
+)
 from conftest import build_tiny
 
 from tunelab.config import build_config, parse_set

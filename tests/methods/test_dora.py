@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
+from _matrix import labelled_batch, logits, perturb, run_cli, snapshot
 from conftest import build_tiny
-from test_lora_options import run_cli
-from test_matrix import labelled_batch, logits, perturb, snapshot
 from torch import nn
 
 from tunelab.artifacts import load_adapter, save_artifact

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _matrix import adam_steps, labelled_batch, logits, snapshot
 from conftest import build_tiny
-from test_matrix import adam_steps, labelled_batch, logits, snapshot
 
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method

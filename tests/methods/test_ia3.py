@@ -6,7 +6,16 @@ import json
 
 import pytest
 import torch
-from _matrix import ALL_CHECKS, KINDS, check_bf16_base, check_load_errors, check_merge, labelled_batch, outputs, perturb
+from _matrix import (
+    ALL_CHECKS,
+    KINDS,
+    check_bf16_base,
+    check_load_errors,
+    check_merge,
+    labelled_batch,
+    outputs,
+    perturb,
+)
 from conftest import build_tiny
 from safetensors.torch import load_file, save_file
 

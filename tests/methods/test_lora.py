@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from _matrix import adam_steps, labelled_batch, logits, perturb, snapshot
 from conftest import build_tiny
-from test_matrix import adam_steps, labelled_batch, logits, perturb, snapshot
 
-from tunelab.config import parse_model
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, disabled, set_active
+from tunelab.validation import parse_model
 
 LORA = get_method("lora")
 Options = LORA.Options

@@ -1,7 +1,7 @@
 """lora options: LoRA+ (`loraplus_lr_ratio`: B matrices in their own optimizer group) and the base-derived inits
 PiSSA (`init=pissa`, `pissa_niter_K`) and OLoRA (`init=olora`): parity of the init with PEFT, the frozen residual,
 the original base while the adapter is off, and artifacts converted to a rank-2r plain LoRA that loads on the
-original base in tunelab and in PEFT. The `run_cli` helper here is shared with test_dora.py and test_qlora.py."""
+original base in tunelab and in PEFT."""
 
 from __future__ import annotations
 
@@ -10,32 +10,20 @@ import re
 
 import pytest
 import torch
+from _matrix import (
+    adam_steps, labelled_batch, logits, perturb, run_cli, same_bits, snapshot,
+)
 from conftest import build_tiny
-from test_matrix import adam_steps, labelled_batch, logits, perturb, same_bits, snapshot
 
 from tunelab.artifacts import load_adapter, save_artifact
-from tunelab.config import RunConfig, parse_model
+from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, disabled, set_active
+from tunelab.validation import parse_model
 
 LORA = get_method("lora")
 Options = LORA.Options
-
-
-def run_cli(tiny_dirs, data, out, method: str, *sets: str, kind: str = "llama") -> dict:
-    """`tunelab train` for 3 steps through `tunelab.cli.main`; returns run.json (the exit code must be 0)."""
-    from tunelab.cli import main
-
-    argv = ["train", "--model", str(tiny_dirs[kind]), "--data", str(data), "--method", method,
-            "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--output", str(out), "--quiet"]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 3 and summary["method"] == method
-    assert (out / "artifact" / "adapter_config.json").is_file()
-    return summary
 
 
 def pissa_model(kind, tokenizer, init="pissa", **options):

@@ -4,109 +4,43 @@ through the `Method` interface and the artifacts API only. A new method joins by
 A method may declare an architecture unsupported by raising a one-line `ConfigError` at inject; the case is then
 skipped. Checks that do not apply to a method (merge for non-mergeable ones, disabling for whole-model ones,
 the analytic count for methods without `expected_trainable`) say so with a visible skip or a clear error.
-The helpers at the top are shared with the other method tests in this folder.
+Every method declares `supports_mixed_batch`; the matrix holds it to its word (a mixed batch gives each row its
+own adapter, or is refused in one line). The helpers live in _matrix.py, shared with the other method tests here.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, sample_batch
-from torch import nn
+from _matrix import (
+    KINDS,
+    LABELS,
+    adam_steps,
+    inject_or_skip,
+    labelled_batch,
+    logits,
+    prepared,
+    same_bits,
+    snapshot,
+)
+from conftest import build_tiny
 
-from tunelab.artifacts import artifact_bytes, load_adapter, merge_and_unload, read_label_names, save_artifact
+from tunelab.artifacts import (
+    artifact_bytes,
+    load_adapter,
+    merge_and_unload,
+    read_label_names,
+    save_artifact,
+)
 from tunelab.errors import ConfigError
 from tunelab.methods import all_methods, get_method
-from tunelab.methods.base import disabled, mark_trainable, set_active
-
-KINDS = ("llama", "gpt2", "bert")
-LABELS = ["sports", "tech", "politics"]
-
-
-# --- helpers ------------------------------------------------------------------------------------------------
-
-def labelled_batch(tokenizer, kind: str) -> dict[str, torch.Tensor]:
-    """Two padded rows with labels: next-token ids (pad -> -100) for causal LMs, class ids for BERT."""
-    batch = dict(sample_batch(tokenizer))
-    if kind == "bert":
-        batch["labels"] = torch.tensor([0, 2])
-    else:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
-
-
-def logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def frozen_copy(t: torch.Tensor):
-    """A copy to compare bit for bit: the tensor, or for a wrapper tensor subclass (qlora's NF4 weights) the
-    inner tensors it stores (copying the wrapper itself would re-quantise)."""
-    t = t.detach()
-    if hasattr(type(t), "__tensor_flatten__"):
-        return tuple(getattr(t, n).clone() for n in t.__tensor_flatten__()[0])
-    return t.clone()
-
-
-def same_bits(t: torch.Tensor, saved) -> bool:
-    """Whether `t` still holds exactly what `frozen_copy` saved."""
-    now = frozen_copy(t)
-    if isinstance(saved, tuple):
-        return isinstance(now, tuple) and all(torch.equal(a, b) for a, b in zip(now, saved, strict=True))
-    return not isinstance(now, tuple) and torch.equal(now, saved)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: frozen_copy(p) for n, p in model.named_parameters()}
-
-
-def adam_steps(model: nn.Module, method, name: str, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """`steps` AdamW steps on adapter `name` alone; returns the loss before each step and after the last."""
-    set_active(model, [name])
-    mark_trainable(model, method.parameters(model, name))
-    opt = torch.optim.AdamW(method.param_groups(model, name, lr=lr, weight_decay=0.0))
-    losses = []
-    for step in range(steps + 1):
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        if step < steps:
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return losses
-
-
-def perturb(method, model: nn.Module, name: str, seed: int, scale: float = 0.2) -> None:
-    """Add seeded noise to every weight of adapter `name` (non-trivial values for parity checks)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.parameters(model, name).values():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def inject_or_skip(method, model: nn.Module, kind: str, name: str = "default") -> list[str]:
-    """Inject with default options; a method that refuses the architecture must say so in one clear line."""
-    try:
-        return method.inject(model, method.Options(), name)
-    except ConfigError as e:
-        msg = str(e)
-        assert msg and "\n" not in msg, f"{method.name} on {kind}: the refusal must be one line: {msg!r}"
-        pytest.skip(f"{method.name} declares {kind} unsupported: {msg}")
-
-
-def prepared(method_name: str, kind: str, tokenizer):
-    """(model, method, base snapshot, base logits, batch) with adapter "default" injected, active and given
-    seeded noise: a clearly visible adapter at no training cost."""
-    model = build_tiny(kind, tokenizer)
-    batch = labelled_batch(tokenizer, kind)
-    snap, base = snapshot(model), logits(model, batch)
-    method = get_method(method_name)
-    inject_or_skip(method, model, kind)
-    set_active(model, ["default"])
-    perturb(method, model, "default", seed=0)
-    return model, method, snap, base, batch
-
+from tunelab.methods.base import (
+    Method,
+    adapter_state,
+    disabled,
+    mark_trainable,
+    set_active,
+)
 
 CASES = [pytest.param(m, k, id=f"{m}-{k}") for m in all_methods() for k in KINDS]
 
@@ -190,3 +124,27 @@ def test_trainable_count_is_analytic(method_name, kind, tokenizer):
     assert sum(p.numel() for p in params.values()) == expected > 0
     mark_trainable(model, method.parameters(model, "default"))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("method_name, kind", CASES)
+def test_mixed_batch_as_declared(method_name, kind, tokenizer):
+    """`supports_mixed_batch` is declared by the method itself; True: with `row_adapters = ["default", None]` row 0
+    gets the adapter's logits and row 1 the base's; False: the forward is refused in one line."""
+    method = get_method(method_name)
+    declared = [c for c in type(method).__mro__ if c is not Method and "supports_mixed_batch" in vars(c)]
+    assert declared, f"{method_name} does not declare supports_mixed_batch"
+    model, method, _, _, batch = prepared(method_name, kind, tokenizer)
+    alone = logits(model, batch)
+    with disabled(model):
+        base = logits(model, batch)
+    state = adapter_state(model)
+    state.row_adapters = ["default", None]
+    if not method.supports_mixed_batch:
+        with pytest.raises(ConfigError, match="mixed-adapter batches") as err:
+            logits(model, batch)
+        assert "\n" not in str(err.value), f"{method_name}: the refusal must be one line"
+        return
+    mixed = logits(model, batch)
+    assert not torch.allclose(alone[0], base[0], atol=1e-4), "the adapter must change row 0 for the check to bite"
+    assert torch.allclose(mixed[0], alone[0], atol=1e-5)
+    assert torch.allclose(mixed[1], base[1], atol=1e-5)

@@ -8,15 +8,18 @@ import json
 
 import pytest
 import torch
-from _matrix import check_count, check_train_keeps_base, check_two_adapters, labelled_batch, outputs
+from _matrix import (
+    check_count, check_generate_cache, check_padded_rows, check_train_keeps_base, check_two_adapters,
+    labelled_batch, outputs,
+)
 from conftest import build_tiny, sample_batch
 from safetensors.torch import load_file, save_file
-from test_prompt import check_generate_cache, check_padded_rows  # the checks both input-side methods share
 
-from tunelab.config import build_config, parse_model, parse_set
+from tunelab.config import build_config, parse_set
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, disabled, set_active
+from tunelab.validation import parse_model
 
 peft = pytest.importorskip("peft")  # the reference implementation (a test dependency)
 METHOD = get_method("prefix")

@@ -7,14 +7,18 @@ import json
 
 import pytest
 import torch
-from _matrix import KINDS, check_count, check_train_keeps_base, check_two_adapters, labelled_batch, outputs
+from _matrix import (
+    KINDS, check_count, check_generate_cache, check_padded_rows, check_train_keeps_base, check_two_adapters,
+    labelled_batch, outputs,
+)
 from conftest import build_tiny, sample_batch
 from safetensors.torch import load_file, save_file
 
-from tunelab.config import build_config, parse_model, parse_set
+from tunelab.config import build_config, parse_set
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, disabled, set_active
+from tunelab.validation import parse_model
 
 peft = pytest.importorskip("peft")  # the reference implementation (a test dependency)
 METHOD = get_method("prompt")
@@ -85,47 +89,6 @@ def test_two_active_prompts_compose(tokenizer):
     with torch.no_grad():
         joined.prompt_embeddings["ab"].copy_(torch.cat([model.prompt_embeddings["a"], model.prompt_embeddings["b"]]))
     assert torch.allclose(both, outputs(joined, batch), atol=1e-6)
-
-
-TEXTS = ("the quick brown fox", "hello, how are you today? i am fine")
-
-
-def left_padded(tokenizer, texts=TEXTS) -> dict:
-    """The texts as one left-padded batch (as `generate` wants for decoder models)."""
-    tokenizer.padding_side = "left"
-    try:
-        return sample_batch(tokenizer, texts)
-    finally:
-        tokenizer.padding_side = "right"
-
-
-def row_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counted over the real tokens (what `generate` passes): (B, L)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def check_padded_rows(model, tokenizer, side: str) -> None:
-    """Each row of a padded batch gets, on its real tokens, the logits it gets alone (the mask covers the
-    virtual tokens, positions count from them)."""
-    batch = left_padded(tokenizer) if side == "left" else sample_batch(tokenizer, TEXTS)
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        padded = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=row_positions(mask)).logits
-        for row, text in enumerate(TEXTS):
-            alone = model(**sample_batch(tokenizer, (text,))).logits[0]
-            assert torch.allclose(padded[row][mask[row].bool()], alone, atol=1e-5)
-
-
-def check_generate_cache(model, tokenizer, max_new_tokens: int = 8) -> None:
-    """Greedy decoding with the KV cache gives the tokens of decoding without it, and its first token is the
-    forward pass's argmax (the virtual tokens enter once, at prefill)."""
-    batch = left_padded(tokenizer)
-    args = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    cached = model.generate(**batch, use_cache=True, **args)
-    assert torch.equal(cached, model.generate(**batch, use_cache=False, **args))
-    with torch.no_grad():
-        last = model(**batch, position_ids=row_positions(batch["attention_mask"])).logits[:, -1]
-    assert torch.equal(cached[:, batch["input_ids"].shape[1]], last.argmax(-1))
 
 
 @pytest.mark.parametrize("side", ("left", "right"))

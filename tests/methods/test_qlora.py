@@ -8,9 +8,16 @@ import json
 
 import pytest
 import torch
+from _matrix import (
+    adam_steps,
+    labelled_batch,
+    logits,
+    perturb,
+    run_cli,
+    same_bits,
+    snapshot,
+)
 from conftest import build_tiny
-from test_lora_options import run_cli
-from test_matrix import adam_steps, labelled_batch, logits, perturb, same_bits, snapshot
 from torch import nn
 
 from tunelab.artifacts import load_adapter, save_artifact

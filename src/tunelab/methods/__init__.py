@@ -1,6 +1,6 @@
 """The method registry. Each method module registers itself with one `@register` line.
 
-Every module in this package (except `base`) is imported on first lookup, so a new method joins the CLI,
+Every module in this package (except `base` and `kit`) is imported on first lookup, so a new method joins the CLI,
 `tunelab methods`, compare and the test matrix by existing as a file here.
 """
 
@@ -10,23 +10,18 @@ import importlib
 import pkgutil
 
 from tunelab.errors import ConfigError, closest
-from tunelab.methods.base import Method
+from tunelab.methods.base import Method, register
+from tunelab.methods.kit import REGISTRY
 
-REGISTRY: dict[str, Method] = {}
+__all__ = ["REGISTRY", "all_methods", "get_method", "register"]
 _loaded = False
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add one instance of `cls` to the registry under `cls.name`."""
-    REGISTRY[cls.name] = cls()
-    return cls
 
 
 def _load_all() -> None:
     global _loaded
     if not _loaded:
         for info in pkgutil.iter_modules(__path__):
-            if info.name != "base":
+            if info.name not in ("base", "kit"):
                 importlib.import_module(f"{__name__}.{info.name}")
         _loaded = True
 

@@ -29,12 +29,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads, register
-from tunelab.methods._hooks import (
-    adapted, applying, begin_inject, container, drop, end_inject, finish_remove, hook_once, hooked_load_state_dict,
-    hooked_parameters, hooked_state_dict, merged_names, peft_common, unhook,
-)
-from tunelab.methods.base import Method, MethodOptions, adapter_state
+from tunelab.methods.base import Method, MethodOptions, adapter_state, register
+from tunelab.methods.kit import applying, container, drop, hook_once, unhook
 
 ATTR, HOOK = "bottleneck", "bottleneck"
 SOURCE_HOOK = "bottleneck_ffn_input"
@@ -136,14 +132,14 @@ def _stash_input(site: nn.Module, module: nn.Module, args: tuple) -> None:
     site.__dict__[STASH] = args[0]
 
 
-def _adapt(state, merged, module: nn.Module, args: tuple, out):
+def _adapt(state, module: nn.Module, args: tuple, out):
     """Forward hook on a site: out + sum of the applying adapters, each on the site output h (serial) or on
     the FFN input x (parallel); h and x are (batch, seq, hidden)."""
     x = module.__dict__.pop(STASH, None)  # always taken, so no activation outlives its forward
     h = out[0] if isinstance(out, tuple) else out
     x = args[0] if x is None else x
     box, total = getattr(module, ATTR), None
-    for name, mask in applying(state, merged, box.keys(), h):
+    for name, mask in applying(state, box.keys(), h):
         adapter = box[name]
         delta = adapter(x if adapter.parallel else h)
         delta = delta if mask is None else mask * delta
@@ -168,57 +164,45 @@ class BottleneckAdapter(Method):
              "AdapterFusion; He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning")
     Options = AdapterOptions
     mergeable = False
+    supports_mixed_batch = True
     # Not a PEFT type (HF PEFT cannot load it: peft_loadable is False); tunelab's loader reads it by this name.
     peft_type = "BOTTLENECK"
     peft_loadable = False
 
-    def inject(self, model: nn.Module, options: AdapterOptions, name: str) -> list[str]:
-        """Add adapter `name` at every site of its variant (the only active adapter now, trainable); returns
-        the site modules and the classification head."""
+    def attach(self, model: nn.Module, options: AdapterOptions, name: str) -> list[str]:
+        """Add adapter `name` at every site of its variant; return the site modules."""
         found, hidden = sites(model, options.variant), _hidden_size(model)
-        begin_inject(model, self, name, options, [site for site, _ in found])
-        state, merged = adapter_state(model), merged_names(model)
+        state = adapter_state(model)
         for site_path, source_path in found:
             site = model.get_submodule(site_path)
             device = next(site.parameters()).device  # fp32 adapter weights whatever the base dtype
             adapter = Bottleneck(hidden, options.size(hidden), options.non_linearity,
                                  options.variant == "parallel", options.scaling).to(device, torch.float32)
             container(site, ATTR, nn.ModuleDict)[name] = adapter
-            hook_once(site, HOOK, partial(_adapt, state, merged))
+            hook_once(site, HOOK, partial(_adapt, state))
             if source_path is not None:
                 site.__dict__[SOURCE] = source = model.get_submodule(source_path)
                 hook_once(source, SOURCE_HOOK, partial(_stash_input, site), pre=True)
-        end_inject(model, self, name)
-        return adapter_state(model).targets[name]
+        return [site for site, _ in found]
 
-    def expected_trainable(self, model: nn.Module, options: AdapterOptions) -> int:
-        """Analytic count: per site, down (hidden x size + size) and up (size x hidden + hidden); one head."""
+    def own_trainable(self, model: nn.Module, options: AdapterOptions) -> int:
+        """Analytic count: per site, down (hidden x size + size) and up (size x hidden + hidden)."""
         hidden = _hidden_size(model)
         size = options.size(hidden)
-        return len(sites(model, options.variant)) * (2 * hidden * size + size + hidden) + heads.head_numel(model)
+        return len(sites(model, options.variant)) * (2 * hidden * size + size + hidden)
 
-    containers = (ATTR,)  # the per-adapter dicts the shared operations below read
-    parameters = hooked_parameters
-    state_dict = hooked_state_dict
-    load_state_dict = hooked_load_state_dict
+    containers = (ATTR,)  # the per-adapter dicts the shared operations read
 
-    def adapter_config(self, model: nn.Module, options: AdapterOptions, name: str) -> dict:
-        """Our own type: HF PEFT has no bottleneck adapter, so it cannot load this artifact."""
-        return {"peft_type": self.peft_type, **peft_common(model), **options.model_dump()}
-
-    def merge(self, model: nn.Module, name: str) -> None:
+    def fold(self, model: nn.Module, name: str, merged: bool) -> None:
         raise ConfigError("method 'adapter' cannot be merged into the base weights: up(act(down(h))) is "
                           "nonlinear; save the adapter and load it on the base instead")
 
-    unmerge = merge
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        """Delete adapter `name` and its head copy, and the hooks no remaining (parallel) adapter needs."""
-        for _, site in adapted(model, name, self):
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Delete adapter `name`, and the hooks no remaining (parallel) adapter needs."""
+        for _, site in self.adapted(model, name):
             if drop(site, ATTR, name):
                 unhook(site, HOOK)
             source = site.__dict__.get(SOURCE)
             if source is not None and not any(a.parallel for a in getattr(site, ATTR, {}).values()):
                 unhook(source, SOURCE_HOOK)
                 del site.__dict__[SOURCE]
-        finish_remove(model, name)

@@ -6,11 +6,15 @@ pre-hooks, keeping its weights in `nn.ModuleDict`s keyed by adapter name as chil
 The base module tree and its parameter names stay exactly as they were, so frozen weights, `model.state_dict()`
 of the base, and HF saving keep working.
 
-Which adapters are active is shared state on the model (`AdapterState`), not per method, so adapters of
+Which adapters are active is shared state on the model (`AdapterState`, `kit.py`), not per method, so adapters of
 different methods coexist on one model and `set_active` / `disabled` work for all of them at once. Hooks read
-`adapter_state(model).active` (through the reference every wrapped module keeps) on each forward.
+`adapter_state(model).active` and, in mixed batches, `kit.route` (through the reference every hooked module keeps)
+on each forward.
 
-The training loop, artifacts, compare and serve use only this interface and the helpers below.
+`Method` implements the interface the training loop, artifacts, compare and serve call (`inject`, `parameters`,
+`state_dict`, `load_state_dict`, `merge`, `unmerge`, `remove`, `expected_trainable`) once, around a few operations
+each method defines (`attach`, `detach`, `fold`, and its weights). The classification heads (`heads.py`) are
+attached, collected, saved, loaded, merged and removed here, so no method file wires them.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from tunelab.errors import ArtifactError, ConfigError
-
-STATE_ATTR = "tunelab_adapters"
+from tunelab.errors import ConfigError
+from tunelab.methods import heads
+from tunelab.methods.kit import (  # noqa: F401  (AdapterState, check_loaded, peft_key: re-exported for callers)
+    REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, container_weights,
+    guard_mixed_batches, load_live, peft_key, peft_task_type,
+)
+from tunelab.modules import linear_like, name_matches
 
 
 class MethodOptions(BaseModel):
@@ -36,44 +43,34 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclass
-class AdapterState:
-    """Adapters attached to one model: which method owns each name, its options, and which are active.
-
-    `active` is a tuple of adapter names; an empty tuple means the base model alone. `row_adapters`, when set,
-    gives one adapter name (or None for the base) per batch row, for mixed-adapter batches in serving;
-    methods that support it apply each row's own adapter, others raise.
-    """
-
-    methods: dict[str, str] = field(default_factory=dict)
-    options: dict[str, MethodOptions] = field(default_factory=dict)
-    targets: dict[str, list[str]] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    row_adapters: list[str | None] | None = None
-
-
-def adapter_state(model: nn.Module) -> AdapterState:
-    """Return the model's `AdapterState`, creating an empty one on first use."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        state = AdapterState()
-        object.__setattr__(model, STATE_ATTR, state)  # plain attribute, not a submodule or buffer
-    return state
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add one instance of `cls` to the registry under `cls.name`."""
+    REGISTRY[cls.name] = cls()
+    return cls
 
 
 class Method:
     """One fine-tuning strategy. Subclass once per method (no deeper), set the class attributes, register it.
 
-    Class attributes describe the method for `tunelab methods`, compare and the artifact writer:
+    Class attributes describe the method for `tunelab methods`, compare, serve and the artifact writer:
     - `name`: the CLI name (`--method NAME`); `family`: reparameterisation, additive, input-side, selective, full;
     - `trains`: a few words on what trains; `paper`: the citation;
     - `Options`: the pydantic model of its `--set` options;
     - `mergeable`: whether `merge` folds it into the base weights;
+    - `supports_mixed_batch`: whether one forward can give each batch row its own adapter (`row_adapters`);
+      a method that declares False refuses such a batch in one line (the contract matrix checks both);
     - `peft_type`: PEFT's `peft_type` string written to `adapter_config.json`;
     - `peft_loadable`: whether HF PEFT loads the artifact as it is;
     - `artifact`: "adapter" (adapter_config.json + adapter_model.safetensors) or "model" (an HF model dir);
     - `changes_base`: `inject` stores the frozen base differently (qlora: NF4), so the base alone (disabled)
-      gives outputs close to, not equal to, those before inject.
+      gives outputs close to, not equal to, those before inject;
+    - `containers`: the per-adapter dicts (`kit.container`) the method keeps on the modules it adapts; the default
+      `weights` / `tensors` read them (PEFT's layout: `<path>.<attr>[.<param>]`, the adapter name dropped);
+    - `saved_prefix`: the saved-key prefix of weights outside the method's own (the classification heads):
+      PEFT's prompt-learning models wrap the base one level less deep (`base_model.`).
+
+    An adapter method defines `attach`, `detach`, its weights (`containers`, or `weights` / `tensors`), and for a
+    mergeable one `fold`; the operations below wrap them with the adapter record and the classification heads.
     """
 
     name: ClassVar[str]
@@ -82,39 +79,119 @@ class Method:
     paper: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     mergeable: ClassVar[bool] = False
+    supports_mixed_batch: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
     peft_loadable: ClassVar[bool] = False
     artifact: ClassVar[str] = "adapter"
     changes_base: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4  # peak learning rate when the run sets none (the loop reads it)
+    containers: ClassVar[tuple[str, ...]] = ()
+    saved_prefix: ClassVar[str] = "base_model.model."
 
-    # --- required -------------------------------------------------------------------------------------
-    def inject(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:
-        """Attach adapter `name` to `model` and return the qualified names of the modules it touched.
+    # --- what each method defines ---------------------------------------------------------------------
+    def attach(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:
+        """Add adapter `name`'s weights and hooks (already recorded in the state); return the modules touched.
 
-        Raises `ConfigError` listing the patterns and a few real module names if nothing matches.
+        Refuses (`ConfigError` listing the patterns and a few real module names) before changing anything.
         """
         raise NotImplementedError
 
-    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """The trainable parameters of adapter `name`, keyed by qualified name in `model`."""
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Drop adapter `name`'s weights and the hooks no other adapter of the method needs."""
         raise NotImplementedError
+
+    def fold(self, model: nn.Module, name: str, merged: bool) -> None:
+        """Fold adapter `name` into the base weights (`merged`) or take it out; all checks before any change."""
+        raise ConfigError(f"method '{self.name}' cannot be merged into the base weights")
+
+    def weights(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s own trainable parameters, keyed by qualified name in `model`."""
+        return {qname: p for qname, _, p in container_weights(self.adapted(model, name), self.containers, name)}
+
+    def tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s own live tensors under PEFT's saved keys (what `load_state_dict` copies into)."""
+        return {key: p for _, key, p in container_weights(self.adapted(model, name), self.containers, name)}
+
+    def saved(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s own weights as saved (detached copies of `tensors` unless the method converts)."""
+        return {k: t.detach().clone() for k, t in self.tensors(model, name).items()}
+
+    def own_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
+        """The analytic count of the method's own parameters `inject` would add to the bare `model` (None: unknown)."""
+        return None
+
+    # --- the interface callers use ----------------------------------------------------------------------
+    def inject(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:
+        """Attach adapter `name` to `model`, make it the only active adapter and exactly its parameters trainable;
+        return the qualified names of the modules it touched (the classification heads included)."""
+        add_adapter(model, self, name, options)
+        if not self.supports_mixed_batch:
+            guard_mixed_batches(model, True)  # removed with the last adapter that needs it (`_forget`)
+        try:
+            touched = list(self.attach(model, options, name))
+        except Exception:
+            self._forget(model, name)
+            raise
+        adapter_state(model).targets[name] = touched
+        if self.artifact == "adapter":
+            try:
+                heads.attach_heads(model, name)
+            except Exception:
+                self.remove(model, name)
+                raise
+            touched += heads.head_names(model)
+            adapter_state(model).targets[name] = touched
+        mark_trainable(model, self.parameters(model, name))
+        return touched
+
+    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters of adapter `name` (its head copy included), keyed by qualified name."""
+        own = self.weights(model, name)
+        return {**own, **heads.head_parameters(model, name)} if self.artifact == "adapter" else own
 
     def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights in PEFT's saved key layout (`base_model.model.<path>...`, no adapter name)."""
-        raise NotImplementedError
+        head = {k: t.detach().clone() for k, t in self._head_tensors(model, name).items()}
+        return {**self.saved(model, name), **head}
 
     def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
         """Load weights saved by `state_dict` (or by PEFT) into the already injected adapter `name`.
 
-        Raises `ArtifactError` listing missing keys, or the parameter and both shapes on a mismatch.
+        Raises `ArtifactError` listing missing or unexpected keys, or the parameter and both shapes on a mismatch,
+        before any weight changes.
         """
-        raise NotImplementedError
+        live = {**self.tensors(model, name), **self._head_tensors(model, name)}
+        load_live(live, sd, f"{self.name} adapter {name!r}")
+
+    def merge(self, model: nn.Module, name: str) -> None:
+        """Fold adapter `name` into the base weights in place; afterwards the adapter is inactive."""
+        self._set_merged(model, name, True)
+
+    def unmerge(self, model: nn.Module, name: str) -> None:
+        """Undo `merge`; the adapter is active again."""
+        self._set_merged(model, name, False)
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Detach adapter `name` entirely: its weights and hooks go, the base module tree is as before inject
+        (merged weights stay merged). Used after `merge` to write a plain HF model, and to unload in serving."""
+        self.owned(model, name)
+        self.detach(model, name)
+        heads.remove_heads(model, name)
+        self._forget(model, name)
+
+    def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
+        """The analytic number of trainable parameters `inject` would add to the base `model`, or None.
+
+        Computed from the architecture and options alone (not by counting after inject); the test matrix checks
+        it against the count after inject.
+        """
+        own = self.own_trainable(model, options)
+        return own if own is None or self.artifact != "adapter" else own + heads.head_numel(model)
 
     # --- optional, with defaults ----------------------------------------------------------------------
     def adapter_config(self, model: nn.Module, options: MethodOptions, name: str) -> dict[str, Any]:
         """The `adapter_config.json` content for this adapter (PEFT's field names where PEFT has the type)."""
-        return {"peft_type": self.peft_type or self.name.upper(), **options.model_dump()}
+        return {"peft_type": self.peft_type or self.name.upper(), **peft_common(model), **options.model_dump()}
 
     def options_from_config(self, config: dict[str, Any]) -> MethodOptions:
         """Rebuild options from an `adapter_config.json` (ours or PEFT's); unknown PEFT fields are ignored."""
@@ -135,21 +212,6 @@ class Method:
         params = [p for p in self.parameters(model, name).values() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def merge(self, model: nn.Module, name: str) -> None:
-        """Fold adapter `name` into the base weights in place; afterwards the adapter is inactive."""
-        raise ConfigError(f"method '{self.name}' cannot be merged into the base weights")
-
-    def unmerge(self, model: nn.Module, name: str) -> None:
-        """Undo `merge`."""
-        raise ConfigError(f"method '{self.name}' cannot be merged into the base weights")
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        """Detach adapter `name` entirely: its weights and hooks go, the base module tree is as before inject.
-
-        Used after `merge` to write a plain HF model, and to unload adapters in serving.
-        """
-        raise NotImplementedError
-
     def memory_report(self, model: nn.Module, name: str) -> dict[str, Any] | None:
         """Memory facts of adapter `name` that the training loop adds to run.json (`memory_report`), or None.
 
@@ -157,13 +219,50 @@ class Method:
         """
         return None
 
-    def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
-        """The analytic number of trainable parameters `inject` would add to the base `model`, or None.
+    # --- shared steps ---------------------------------------------------------------------------------
+    def owned(self, model: nn.Module, name: str) -> None:
+        """Raise `ConfigError` unless `name` is an adapter of this method on `model`."""
+        state = adapter_state(model)
+        if state.methods.get(name) != self.name:
+            mine = sorted(n for n, m in state.methods.items() if m == self.name)
+            raise ConfigError(f"no {self.name} adapter named {name!r} on this model; "
+                              f"{self.name} adapters: {', '.join(mine) or 'none'}")
 
-        Computed from the architecture and options alone (not by counting after inject); the test matrix checks
-        it against the count after inject. Methods that do not implement it return None.
-        """
-        return None
+    def adapted(self, model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+        """(path, module) of the modules holding adapter `name` in one of `containers`, in model order."""
+        self.owned(model, name)
+        out = []
+        for path in adapter_state(model).targets.get(name, ()):
+            module = model.get_submodule(path)
+            if any(name in getattr(module, attr, {}) for attr in self.containers):
+                out.append((path, module))
+        return out
+
+    def _head_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        return heads.head_tensors(model, name, self.saved_prefix) if self.artifact == "adapter" else {}
+
+    def _set_merged(self, model: nn.Module, name: str, merged: bool) -> None:
+        """Merge or unmerge: the method's `fold`, the head copies, then the record (`state.merged`, `active`)."""
+        if not self.mergeable:
+            self.fold(model, name, merged)  # the method's own one-line refusal
+        self.owned(model, name)
+        state = adapter_state(model)
+        if (name in state.merged) == merged:
+            raise ConfigError(f"adapter {name!r} is {'already' if merged else 'not'} merged into the base weights")
+        self.fold(model, name, merged)
+        (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
+        state.routing = None
+        if merged:
+            state.merged.add(name)
+            state.active = tuple(n for n in state.active if n != name)
+        else:
+            state.merged.discard(name)
+            state.active = state.active if name in state.active else (*state.active, name)
+
+    def _forget(self, model: nn.Module, name: str) -> None:
+        forget_adapter(model, name)
+        state = adapter_state(model)
+        guard_mixed_batches(model, any(not REGISTRY[m].supports_mixed_batch for m in state.methods.values()))
 
 
 # --- generic helpers built on the interface -----------------------------------------------------------
@@ -188,12 +287,6 @@ def disabled(model: nn.Module) -> Iterator[None]:
         state.active = saved
 
 
-def is_active(model_or_state: nn.Module | AdapterState, name: str) -> bool:
-    """Whether adapter `name` is active (hooks call this on every forward)."""
-    state = model_or_state if isinstance(model_or_state, AdapterState) else adapter_state(model_or_state)
-    return name in state.active
-
-
 def mark_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
     """Freeze every parameter of `model`, then unfreeze exactly `params`."""
     for p in model.parameters():
@@ -214,9 +307,11 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def linear_like(module: nn.Module) -> bool:
-    """nn.Linear or GPT-2's Conv1D (a transposed linear)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+def target_matches(qname: str, patterns: str | list[str]) -> bool:
+    """Whether `qname` matches `target_modules`-style `patterns`: a regex (full match, as PEFT) or a list of names."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, qname) is not None
+    return name_matches(qname, patterns)
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str], predicate=linear_like) -> list[str]:
@@ -231,12 +326,10 @@ def find_targets(model: nn.Module, target_modules: str | list[str], predicate=li
     candidates = [(n, m) for n, m in model.named_modules()
                   if n and predicate(m) and not n.startswith(owned)]  # never adapt another adapter's layers
     if target_modules == "all-linear":
-        heads = output_head_names(model)
-        found = [n for n, _ in candidates if n not in heads and not any(n.startswith(h + ".") for h in heads)]
-    elif isinstance(target_modules, str):
-        found = [n for n, _ in candidates if re.fullmatch(target_modules, n)]
+        outputs = output_head_names(model)
+        found = [n for n, _ in candidates if n not in outputs and not any(n.startswith(h + ".") for h in outputs)]
     else:
-        found = [n for n, _ in candidates if any(n == t or n.endswith("." + t) for t in target_modules)]
+        found = [n for n, _ in candidates if target_matches(n, target_modules)]
     if not found:
         examples = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})[:8]
         raise ConfigError(
@@ -246,19 +339,10 @@ def find_targets(model: nn.Module, target_modules: str | list[str], predicate=li
     return found
 
 
-def adapter_module_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """`"<path>."` for every ModuleDict keyed by a loaded adapter name: the modules below them belong to adapters."""
-    names = set(adapter_state(model).methods)
-    if not names:
-        return ()
-    return tuple(f"{n}." for n, m in model.named_modules()
-                 if n and isinstance(m, nn.ModuleDict) and names.intersection(m.keys()))
-
-
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
-def add_adapter(model: nn.Module, method: Method, name: str, options: MethodOptions, targets: list[str]) -> None:
+def add_adapter(model: nn.Module, method: Method, name: str, options: MethodOptions) -> None:
     """Record adapter `name` of `method` in the model's `AdapterState` and make it the only active adapter.
 
     Refuses a name that is taken or cannot key a ModuleDict, and refuses to combine a whole-model method
@@ -268,42 +352,41 @@ def add_adapter(model: nn.Module, method: Method, name: str, options: MethodOpti
     if not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
         raise ConfigError(f"adapter name {name!r}: expected letters, digits, '_' or '-' and not a reserved word")
     if name in state.methods:
-        raise ConfigError(f"adapter {name!r} already exists (method '{state.methods[name]}'); remove it or pick another name")
-    from tunelab.methods import get_method  # late import: the registry imports this module
-
-    whole = [n for n, m in state.methods.items() if get_method(m).artifact == "model"]
+        raise ConfigError(f"adapter {name!r} already exists (method '{state.methods[name]}'); "
+                          "remove it or pick another name")
+    whole = [n for n, m in state.methods.items() if REGISTRY[m].artifact == "model"]
     if state.methods and (method.artifact == "model" or whole):
         loaded = ", ".join(f"{n} ({m})" for n, m in state.methods.items())
         raise ConfigError(f"adapter {name!r} (method '{method.name}'): a whole-model method cannot be combined "
                           f"with other adapters; already loaded: {loaded}")
     state.methods[name] = method.name
     state.options[name] = options
-    state.targets[name] = list(targets)
+    state.targets[name] = []
     state.active = (name,)
+    state.routing = None
 
 
 def forget_adapter(model: nn.Module, name: str) -> None:
-    """Drop adapter `name` from the model's `AdapterState` (its method's `remove` calls this last)."""
+    """Drop adapter `name` from the model's `AdapterState` (the last step of `Method.remove`)."""
     state = adapter_state(model)
     for table in (state.methods, state.options, state.targets):
         table.pop(name, None)
+    state.merged.discard(name)
     state.active = tuple(n for n in state.active if n != name)
+    state.routing = None
 
 
-def peft_key(module_path: str, rest: str) -> str:
-    """PEFT's saved key for a weight of an adapted module: `base_model.model.<module_path>.<rest>`."""
-    return f"base_model.model.{module_path}.{rest}"
+def peft_common(model: nn.Module) -> dict[str, Any]:
+    """The `adapter_config.json` fields every tunelab adapter writes the way PEFT does."""
+    return {"task_type": peft_task_type(model),
+            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+            "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in heads.head_names(model)}) or None,
+            "inference_mode": True}
 
 
-def check_loaded(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str) -> None:
-    """Raise `ArtifactError` for missing keys or shape mismatches between an adapter file and the model."""
-    missing = sorted(set(expected) - set(given))
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ArtifactError(f"{source}: missing keys {', '.join(missing[:5])}{more}")
-    for key, tensor in expected.items():
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            raise ArtifactError(
-                f"{source}: parameter {key} has shape {tuple(given[key].shape)}, "
-                f"the base model needs {tuple(tensor.shape)}"
-            )
+def check_saved_modules(config: dict[str, Any], method: str) -> None:
+    """Refuse an `adapter_config.json` whose `modules_to_save` names more than the classification heads."""
+    extra = set(config.get("modules_to_save") or ()) - set(heads.HEAD_NAMES)
+    if extra:
+        raise ConfigError(f"field 'modules_to_save': {sorted(extra)} not supported by tunelab's {method} "
+                          f"(only the classification heads {list(heads.HEAD_NAMES)})")

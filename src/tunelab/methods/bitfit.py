@@ -2,7 +2,7 @@
 
 Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
 Language-models". The biases of the linear layers (nn.Linear, GPT-2's Conv1D) and of the LayerNorms train; the
-output head is left to the classification-head helper. To keep the frozen base bit-identical and let several
+output layer is left out (a classifier trains whole, through `Method`). To keep the frozen base bit-identical and let several
 named adapters share it, each adapter holds *delta* biases, initialised to zero, that a forward hook adds to
 the module's output. With `include_norms`, LayerNorm/RMSNorm weights train too, also as deltas: the norm's
 output w * n(x) + b becomes (w + dw) * n(x) + b + db, where the hook recomputes n(x), the normalised input.
@@ -24,15 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads, register
-from tunelab.methods._hooks import (
-    adapted, applying, begin_inject, container, drop, end_inject, finish_remove, hook_once, hooked_load_state_dict,
-    hooked_merge, hooked_parameters, hooked_state_dict, hooked_unmerge, matches, merged_names, peft_common,
-    set_merged, unhook,
-)
 from tunelab.methods.base import (
-    Method, MethodOptions, adapter_module_prefixes, adapter_state, linear_like, output_head_names,
+    Method, MethodOptions, adapter_module_prefixes, adapter_state, output_head_names, register, target_matches,
 )
+from tunelab.methods.kit import applying, container, drop, hook_once, unhook
+from tunelab.modules import linear_like
 
 BIAS, WEIGHT = "bitfit_bias", "bitfit_weight"  # containers of delta biases / delta norm weights
 HOOK = "bitfit"
@@ -77,7 +73,7 @@ def _targets(model: nn.Module, options: BitFitOptions) -> list[tuple[str, nn.Mod
     for path, module in model.named_modules():
         if not path or f"{path}.".startswith(skip):  # the output head, and layers inside other adapters
             continue
-        if options.target_modules is not None and not matches(path, options.target_modules):
+        if options.target_modules is not None and not target_matches(path, options.target_modules):
             continue
         bias, weight = _parts(module, options)
         if bias or weight:
@@ -101,13 +97,13 @@ def _nothing_found(model: nn.Module, options: BitFitOptions) -> str:
     return f"bitfit: the model ({model_type}) has no biases and no LayerNorm/RMSNorm weights to train"
 
 
-def _add_deltas(state, merged, module, args, out):
+def _add_deltas(state, module, args, out):
     """Forward hook: out + db (+ dw * n(x) on norms) for each applying adapter; out is (batch, seq, features)."""
     biases, weights = getattr(module, BIAS, None), getattr(module, WEIGHT, None)
     names = list(dict.fromkeys([*(biases.keys() if biases is not None else ()),
                                 *(weights.keys() if weights is not None else ())]))
     total, normed = None, None
-    for name, mask in applying(state, merged, names, out):
+    for name, mask in applying(state, names, out):
         delta = biases[name] if biases is not None and name in biases else 0
         if weights is not None and name in weights:
             normed = _normalized(module, args[0]) if normed is None else normed
@@ -137,55 +133,39 @@ class BitFit(Method):
              "Masked Language-models")
     Options = BitFitOptions
     mergeable = True
-    peft_type = None  # written as "BITFIT"; HF PEFT cannot load it
+    supports_mixed_batch = True
+    peft_type = None  # written as "BITFIT" (our own type); HF PEFT cannot load it
     peft_loadable = False
 
-    def inject(self, model: nn.Module, options: BitFitOptions, name: str) -> list[str]:
-        """Add zero delta biases (and norm weights) named `name` (the only active adapter now, trainable);
-        returns the modules touched, the classification head included."""
+    def attach(self, model: nn.Module, options: BitFitOptions, name: str) -> list[str]:
+        """Add zero delta biases (and norm weights) named `name`; return the modules they belong to."""
         found = _targets(model, options)
-        begin_inject(model, self, name, options, [path for path, *_ in found])
-        state, merged = adapter_state(model), merged_names(model)
+        state = adapter_state(model)
         for _, module, bias, weight in found:
             for wanted, attr, base in ((bias, BIAS, getattr(module, "bias", None)),
                                        (weight, WEIGHT, getattr(module, "weight", None))):
                 if wanted:  # fp32 deltas whatever the base dtype, on the base's device
-                    container(module, attr)[name] = nn.Parameter(torch.zeros(base.shape, device=base.device))
-            hook_once(module, HOOK, partial(_add_deltas, state, merged))
-        end_inject(model, self, name)
-        return adapter_state(model).targets[name]
+                    box = container(module, attr, nn.ParameterDict)
+                    box[name] = nn.Parameter(torch.zeros(base.shape, device=base.device))
+            hook_once(module, HOOK, partial(_add_deltas, state))
+        return [path for path, *_ in found]
 
-    def expected_trainable(self, model: nn.Module, options: BitFitOptions) -> int:
-        """Analytic count: every trained bias, every norm weight with include_norms, and one head."""
-        deltas = sum((m.bias.numel() if bias else 0) + (m.weight.numel() if weight else 0)
-                     for _, m, bias, weight in _targets(model, options))
-        return deltas + heads.head_numel(model)
+    def own_trainable(self, model: nn.Module, options: BitFitOptions) -> int:
+        """Analytic count: every trained bias, and every norm weight with include_norms."""
+        return sum((m.bias.numel() if bias else 0) + (m.weight.numel() if weight else 0)
+                   for _, m, bias, weight in _targets(model, options))
 
-    containers = (BIAS, WEIGHT)  # the per-adapter dicts the shared operations below read
-    parameters = hooked_parameters
-    state_dict = hooked_state_dict
-    load_state_dict = hooked_load_state_dict
-
-    def adapter_config(self, model: nn.Module, options: BitFitOptions, name: str) -> dict:
-        """Our own type ("BITFIT"): HF PEFT has no BitFit, so it cannot load this artifact."""
-        return {"peft_type": "BITFIT", **peft_common(model), **options.model_dump()}
-
-    merge = hooked_merge
-    unmerge = hooked_unmerge
+    containers = (BIAS, WEIGHT)  # the per-adapter dicts the shared operations read
 
     def fold(self, model: nn.Module, name: str, merged: bool) -> None:
         """Merge (`merged`) or unmerge adapter `name`: add its deltas into the base biases and norm weights,
         or subtract them."""
-        pairs = adapted(model, name, self)
-        set_merged(model, name, merged)
         with torch.no_grad():
-            for _, module in pairs:
+            for _, module in self.adapted(model, name):
                 _fold(module, getattr(module, BIAS, None), getattr(module, WEIGHT, None), name, 1 if merged else -1)
-        (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
 
-    def remove(self, model: nn.Module, name: str) -> None:
-        """Delete adapter `name`'s deltas and head copy, and the hooks of modules no other bitfit adapter uses."""
-        for _, module in adapted(model, name, self):
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Delete adapter `name`'s deltas, and the hooks of modules no other bitfit adapter uses."""
+        for _, module in self.adapted(model, name):
             if drop(module, BIAS, name) & drop(module, WEIGHT, name):  # `&`: drop from both containers
                 unhook(module, HOOK)
-        finish_remove(model, name)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.methods import register
-from tunelab.methods.base import Method
+from tunelab.methods.base import Method, register
 from tunelab.methods.lora import LoRAFamily, RandomInitOptions, resolve_targets
-from tunelab.methods.lora_layer import Variant, delta_weight, in_out_features, set_weight, weight_oi
+from tunelab.methods.lora_layer import Variant, delta_weight, set_weight, weight_oi
+from tunelab.modules import in_out_features
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -73,12 +73,6 @@ class DoRAVariant(Variant):
         factor = module.lora_magnitude_vector[name] / module.lora_dora_norm.pop(name)
         set_weight(module, weight_oi(module) / factor[:, None] - delta_weight(module, name))
 
-    def parameters(self, module: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        return {f"{MAGNITUDE}.{name}": module.lora_magnitude_vector[name]}
-
-    def tensors(self, module: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return {MAGNITUDE: module.lora_magnitude_vector[name]}
-
     def detach(self, module: nn.Module, name: str) -> None:
         del module.lora_magnitude_vector[name]
         module.lora_dora_norm.pop(name, None)
@@ -99,11 +93,13 @@ class DoRA(LoRAFamily, Method):
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     Options = DoRAOptions
     mergeable = True
+    supports_mixed_batch = True
     peft_type = "LORA"
     peft_loadable = True
     variant = DORA
     use_dora = True
     peft_fields = frozenset({"use_dora"})
+    containers = ("lora_A", "lora_B", MAGNITUDE)
 
     def setup_layer(self, module: nn.Module, name: str, options: DoRAOptions) -> None:
         """Add the magnitude m = ||W + s·B·A||_c (out,), fp32 and trainable, to the layer."""
@@ -112,7 +108,7 @@ class DoRA(LoRAFamily, Method):
             module.lora_dora_norm = {}  # name -> n at merge time
         module.lora_magnitude_vector[name] = nn.Parameter(weight_norm(module, name, weight_oi(module)))
 
-    def expected_trainable(self, model: nn.Module, options: DoRAOptions) -> int:
+    def own_trainable(self, model: nn.Module, options: DoRAOptions) -> int:
         """LoRA's count plus one magnitude per output feature of each target."""
         extra = sum(in_out_features(model.get_submodule(t))[1] for t in resolve_targets(model, options))
-        return super().expected_trainable(model, options) + extra
+        return super().own_trainable(model, options) + extra

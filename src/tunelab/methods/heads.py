@@ -7,9 +7,8 @@ PEFT's memory layout). The head module itself stays where it is, with its parame
 hook swaps in the copy of the active adapter. Saved keys are PEFT's: `base_model.model.<head path>.<param>`
 (the copy's prefix and the adapter name dropped), which `PeftModel.from_pretrained` loads for `SEQ_CLS`.
 
-A method calls `attach_heads` in `inject`, adds `head_parameters` / `head_tensors` to its parameters and state
-dict, and calls `merge_heads` / `unmerge_heads` / `remove_heads` from its own merge, unmerge and remove.
-For a causal LM there is no such head and every helper here does nothing.
+The `Method` interface (`base.py`) calls these helpers around each adapter method's own operations: no method
+file wires heads itself. For a causal LM there is no such head and every helper here does nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import adapter_module_prefixes, adapter_state, peft_key
+from tunelab.methods.kit import adapter_module_prefixes, adapter_state, route
 
 HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
 COPIES = "modules_to_save"
@@ -90,9 +89,12 @@ def head_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
             for k, p in getattr(head, COPIES)[name].named_parameters()}
 
 
-def head_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s head tensors (parameters and buffers, live) under PEFT's saved keys."""
-    return {peft_key(path, k): t
+def head_tensors(model: nn.Module, name: str, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s head tensors (parameters and buffers, live) under PEFT's saved keys, `<prefix><head>.<param>`.
+
+    PEFT's prompt-learning models wrap the base one level less deep: their prefix is `base_model.`.
+    """
+    return {f"{prefix}{path}.{k}": t
             for path, head in _heads_of(model, name)
             for k, t in getattr(head, COPIES)[name].state_dict(keep_vars=True).items()}
 
@@ -100,8 +102,9 @@ def head_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def _head_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
     """Replace the base head's output with the active adapter's copy (row by row in mixed batches)."""
     state, copies = module._tunelab_state, getattr(module, COPIES)
-    if state.row_adapters is not None:
-        return _head_rows(copies, args, kwargs, output, state.row_adapters)
+    routing = route(state, args[0].shape[0])
+    if routing is not None:
+        return _head_rows(copies, args, kwargs, output, routing)
     for n in state.active:
         if n in copies:
             return _run_copy(copies[n], args, kwargs, output.dtype)
@@ -113,14 +116,12 @@ def _run_copy(head: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) ->
     return head(x, *args[1:], **kwargs).to(dtype)
 
 
-def _head_rows(copies: nn.ModuleDict, args: tuple, kwargs: dict, output: torch.Tensor,
-               rows: list[str | None]) -> torch.Tensor:
-    """Mixed batch: row i goes through adapter rows[i]'s copy; rows of other adapters keep the base head."""
+def _head_rows(copies: nn.ModuleDict, args: tuple, kwargs: dict, output: torch.Tensor, routing) -> torch.Tensor:
+    """Mixed batch: row i goes through its adapter's copy; rows of other adapters keep the base head."""
     x = args[0]  # (batch, ...) features
     for n, head in copies.items():
-        idx = [i for i, r in enumerate(rows) if r == n]
-        if idx:
-            index = torch.tensor(idx, device=x.device)
+        index = routing.index(n, x.device)
+        if index is not None:
             y = _run_copy(head, (x.index_select(0, index), *args[1:]), kwargs, output.dtype)
             output = output.index_copy(0, index, y)
     return output

@@ -18,13 +18,11 @@ from pydantic import model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads, register
-from tunelab.methods._hooks import (
-    adapted, applying, begin_inject, container, drop, end_inject, finish_remove, has_hook, hook_once,
-    hooked_load_state_dict, hooked_merge, hooked_parameters, hooked_state_dict, hooked_unmerge, matches,
-    merged_names, peft_common, set_merged, unhook,
+from tunelab.methods.base import (
+    Method, MethodOptions, adapter_state, find_targets, peft_common, register, target_matches,
 )
-from tunelab.methods.base import Method, MethodOptions, adapter_state, find_targets
+from tunelab.methods.kit import applying, container, drop, has_hook, hook_once, unhook
+from tunelab.modules import in_out_features, is_conv1d
 
 ATTR = "ia3_l"  # PEFT's attribute name, so saved keys read `<module>.ia3_l`
 HOOK_IN, HOOK_OUT = "ia3_in", "ia3_out"
@@ -63,18 +61,11 @@ class IA3Options(MethodOptions):
         return self
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or of GPT-2's Conv1D (whose weight is stored as (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)
-
-
-def _scale(module: nn.Module, state, merged, like: torch.Tensor) -> torch.Tensor | None:
+def _scale(module: nn.Module, state, like: torch.Tensor) -> torch.Tensor | None:
     """Product of the applying adapters' vectors: (features,), or (batch, 1, features) in a mixed batch."""
     box = getattr(module, ATTR)
     scale = None
-    for name, mask in applying(state, merged, box.keys(), like):
+    for name, mask in applying(state, box.keys(), like):
         vec = box[name].flatten()  # (features,)
         if mask is not None:
             vec = 1 + mask * (vec - 1)  # rows of other adapters scale by 1
@@ -82,21 +73,21 @@ def _scale(module: nn.Module, state, merged, like: torch.Tensor) -> torch.Tensor
     return scale
 
 
-def _scale_output(state, merged, module, args, out):
-    scale = _scale(module, state, merged, out)
+def _scale_output(state, module, args, out):
+    scale = _scale(module, state, out)
     return None if scale is None else (out * scale).to(out.dtype)
 
 
-def _scale_input(state, merged, module, args):
+def _scale_input(state, module, args):
     x = args[0]  # (batch, seq, in_features)
-    scale = _scale(module, state, merged, x)
+    scale = _scale(module, state, x)
     return None if scale is None else ((x * scale).to(x.dtype), *args[1:])
 
 
 def _fold(module: nn.Module, vec: torch.Tensor, feedforward: bool, invert: bool) -> None:
     """Multiply (or divide, when `invert`) `module`'s weight rows/columns, and for output scaling its bias."""
     weight = module.weight
-    v = vec if isinstance(module, nn.Linear) else vec.T  # Conv1D's weight is (in, out): transpose the vector
+    v = vec.T if is_conv1d(module) else vec  # Conv1D's weight is (in, out): transpose the vector
     new = weight.float() / v if invert else weight.float() * v
     weight.copy_(new.to(weight.dtype))
     if not feedforward and module.bias is not None:
@@ -117,6 +108,7 @@ class IA3(Method):
              "In-Context Learning")
     Options = IA3Options
     mergeable = True
+    supports_mixed_batch = True
     peft_type = "IA3"
     peft_loadable = True
 
@@ -137,50 +129,43 @@ class IA3(Method):
             ff = [f for f in default[1] if isinstance(targets, str) or f in targets]
         return targets, ff
 
-    def inject(self, model: nn.Module, options: IA3Options, name: str) -> list[str]:
-        """Add ones-initialised vectors named `name` to the target modules (the only active adapter now,
-        trainable); returns the modules touched, the classification head included."""
+    def attach(self, model: nn.Module, options: IA3Options, name: str) -> list[str]:
+        """Add ones-initialised vectors named `name` to the target modules; return them."""
         targets, ff = self.resolve(model, options)
         paths = find_targets(model, targets)
-        roles = {path: matches(path, ff) for path in paths}  # True: feed-forward (input) scaling
+        roles = {path: target_matches(path, ff) for path in paths}  # True: feed-forward (input) scaling
         for path, feedforward in roles.items():
             if has_hook(model.get_submodule(path), HOOK_OUT if feedforward else HOOK_IN):
                 side = "output" if feedforward else "input"
                 raise ConfigError(f"ia3: module {path} is already scaled on its {side} by another ia3 adapter; "
                                   "feedforward_modules must agree between adapters")
-        begin_inject(model, self, name, options, paths)
-        state, merged = adapter_state(model), merged_names(model)
+        state = adapter_state(model)
         for path, feedforward in roles.items():
             module = model.get_submodule(path)
-            in_f, out_f = _features(module)
+            in_f, out_f = in_out_features(module)
             shape = (1, in_f) if feedforward else (out_f, 1)  # PEFT's shapes
             # fp32 vectors whatever the base dtype, on the base weight's device
-            container(module, ATTR)[name] = nn.Parameter(torch.ones(shape, device=module.weight.device))
-            hook = partial(_scale_input if feedforward else _scale_output, state, merged)
+            vector = nn.Parameter(torch.ones(shape, device=module.weight.device))
+            container(module, ATTR, nn.ParameterDict)[name] = vector
+            hook = partial(_scale_input if feedforward else _scale_output, state)
             hook_once(module, HOOK_IN if feedforward else HOOK_OUT, hook, pre=feedforward)
-        end_inject(model, self, name)
-        return adapter_state(model).targets[name]
+        return paths
 
-    def expected_trainable(self, model: nn.Module, options: IA3Options) -> int:
-        """Analytic count: out_features per attention target, in_features per feed-forward target, one head."""
+    def own_trainable(self, model: nn.Module, options: IA3Options) -> int:
+        """Analytic count: out_features per attention target, in_features per feed-forward target."""
         targets, ff = self.resolve(model, options)
         paths = find_targets(model, targets)
-        vectors = sum(_features(model.get_submodule(p))[0 if matches(p, ff) else 1] for p in paths)
-        return vectors + heads.head_numel(model)
+        return sum(in_out_features(model.get_submodule(p))[0 if target_matches(p, ff) else 1] for p in paths)
 
-    containers = (ATTR,)  # the per-adapter dicts the shared operations below read
-    parameters = hooked_parameters
-    state_dict = hooked_state_dict
-    load_state_dict = hooked_load_state_dict
+    containers = (ATTR,)  # the per-adapter dicts the shared operations read
 
     def adapter_config(self, model: nn.Module, options: IA3Options, name: str) -> dict:
         """PEFT's IA3Config fields, with the per-architecture defaults resolved."""
         targets, ff = self.resolve(model, options)
-        modules = [m for _, m in adapted(model, name, self)]
+        modules = [m for _, m in self.adapted(model, name)]
         return {"peft_type": self.peft_type, **peft_common(model),
                 "target_modules": targets, "feedforward_modules": ff,
-                "fan_in_fan_out": any(not isinstance(m, nn.Linear) for m in modules),  # GPT-2's Conv1D
-                "init_ia3_weights": True}
+                "fan_in_fan_out": any(is_conv1d(m) for m in modules), "init_ia3_weights": True}
 
     def options_from_config(self, config: dict) -> IA3Options:
         """Options from an `adapter_config.json` (ours or PEFT's); PEFT's `exclude_modules` is refused."""
@@ -189,25 +174,19 @@ class IA3(Method):
                               "tunelab's ia3 (expected null)")
         return super().options_from_config(config)
 
-    merge = hooked_merge
-    unmerge = hooked_unmerge
-
     def fold(self, model: nn.Module, name: str, merged: bool) -> None:
         """Merge (`merged`) or unmerge adapter `name`: multiply the vectors into the weights, or divide them out."""
-        pairs = adapted(model, name, self)
+        pairs = self.adapted(model, name)
         for path, module in [] if merged else pairs:  # dividing by a zero entry would lose the weights
             if bool((getattr(module, ATTR)[name] == 0).any()):
                 raise ConfigError(f"ia3 adapter {name!r} scales module {path} by zero; its merge cannot be undone")
-        set_merged(model, name, merged)
         with torch.no_grad():
             for _, module in pairs:
                 _fold(module, getattr(module, ATTR)[name], has_hook(module, HOOK_IN), invert=not merged)
-        (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
 
-    def remove(self, model: nn.Module, name: str) -> None:
-        """Delete adapter `name`'s vectors and head copy, and the hooks of modules no other ia3 adapter uses."""
-        for _, module in adapted(model, name, self):
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Delete adapter `name`'s vectors, and the hooks of modules no other ia3 adapter uses."""
+        for _, module in self.adapted(model, name):
             if drop(module, ATTR, name):
                 unhook(module, HOOK_IN)
                 unhook(module, HOOK_OUT)
-        finish_remove(model, name)

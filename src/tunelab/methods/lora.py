@@ -24,17 +24,16 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.validation import parse_model
-from tunelab.errors import ArtifactError, ConfigError
-from tunelab.methods import heads, lora_init, lora_layer, nf4, register
+from tunelab.errors import ConfigError
+from tunelab.methods import lora_init, lora_layer, nf4
 from tunelab.methods.base import (
-    Method, MethodOptions, adapter_module_prefixes, adapter_state, add_adapter, check_loaded, find_targets,
-    forget_adapter, linear_like, mark_trainable, peft_key,
+    Method, MethodOptions, adapter_module_prefixes, adapter_state, check_saved_modules, find_targets, peft_common,
+    register, target_matches,
 )
-from tunelab.methods.lora_layer import in_out_features, is_conv1d
+from tunelab.modules import in_out_features, is_conv1d, linear_like
+from tunelab.validation import parse_model
 
-__all__ = ["LoRA", "LoRAFamily", "LoRAOptions", "RandomInitOptions", "in_out_features", "is_conv1d",
-           "resolve_targets"]
+__all__ = ["LoRA", "LoRAFamily", "LoRAOptions", "RandomInitOptions", "default_target_modules", "resolve_targets"]
 
 # Default targets: the attention query/value projections, under the names the common architectures use
 # (Llama/Mistral/Qwen, BERT, GPT-2, GPT-NeoX/Falcon, MPT, Phi-3, T5); the first pair the model has wins.
@@ -123,9 +122,7 @@ def portable_target_modules(model: nn.Module, options: LoRAOptions, targets: lis
     want = set(targets)
 
     def selects(spec) -> bool:
-        if isinstance(spec, str):
-            return {n for n in names if re.fullmatch(spec, n)} == want
-        return {n for n in names if any(n == t or n.endswith(f".{t}") for t in spec)} == want
+        return {n for n in names if target_matches(n, spec)} == want
 
     user = options.target_modules
     if user is not None and user != "all-linear" and selects(user):
@@ -156,23 +153,19 @@ class LoRAFamily:
     use_dora: ClassVar[bool] = False
     on_nf4_base: ClassVar[bool] = False
     peft_fields: ClassVar[frozenset[str]] = frozenset()
+    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
-    def inject(self, model: nn.Module, options: LoRAOptions, name: str) -> list[str]:
-        """Add adapter `name` to the target modules, make it active and trainable; return touched modules."""
+    def attach(self, model: nn.Module, options: LoRAOptions, name: str) -> list[str]:
+        """Add adapter `name`'s A, B (and the variant's weights) to the target modules; return the targets."""
         targets = resolve_targets(model, options)
         self._check_targets(model, targets, options)
         state = adapter_state(model)
-        add_adapter(model, self, name, options, targets)
         for path in targets:
             module = model.get_submodule(path)
             lora_layer.attach(module, name, options.r, options.alpha, options.rslora, options.init,
                               options.dropout, state, self.variant)
             self.setup_layer(module, name, options)
-        heads.attach_heads(model, name)
-        touched = targets + heads.head_names(model)
-        state.targets[name] = touched
-        mark_trainable(model, self.parameters(model, name))
-        return touched
+        return targets
 
     def _check_targets(self, model: nn.Module, targets: list[str], options: LoRAOptions) -> None:
         """Refuse, before anything changes, targets this adapter cannot take."""
@@ -192,52 +185,15 @@ class LoRAFamily:
         if lora_init.from_base(options.init):
             lora_init.init_from_base(module, name, options.init)
 
-    def _adapted(self, model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
-        """(path, module) of every module carrying adapter `name` of this method."""
-        state = adapter_state(model)
-        if state.methods.get(name) != self.name:
-            mine = sorted(n for n, m in state.methods.items() if m == self.name)
-            raise ConfigError(f"no {self.name} adapter named {name!r} in this model; "
-                              f"{self.name} adapters: {mine or 'none'}")
-        return [(p, m) for p, m in model.named_modules()
-                if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and name in m.lora_A]
-
-    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """A and B (and the variant's own, e.g. DoRA's magnitude) of every adapted module, and the head copy."""
-        params = {}
-        for path, m in self._adapted(model, name):
-            params[f"{path}.lora_A.{name}.weight"] = m.lora_A[name].weight
-            params[f"{path}.lora_B.{name}.weight"] = m.lora_B[name].weight
-            params.update({f"{path}.{k}": p for k, p in m.lora_variant[name].parameters(m, name).items()})
-        return {**params, **heads.head_parameters(model, name)}
-
-    def _tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """Live tensors under PEFT's saved keys: `base_model.model.<path>.lora_A.weight` (no adapter name)."""
-        out = {}
-        for path, m in self._adapted(model, name):
-            out[peft_key(path, "lora_A.weight")] = m.lora_A[name].weight
-            out[peft_key(path, "lora_B.weight")] = m.lora_B[name].weight
-            out.update({peft_key(path, k): t for k, t in m.lora_variant[name].tensors(m, name).items()})
-        return {**out, **heads.head_tensors(model, name)}
-
-    def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    def saved(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """PEFT's saved layout; a PiSSA/OLoRA adapter as the rank-2r plain LoRA of the original base."""
-        sd = {k: t.detach() for k, t in self._tensors(model, name).items()}
-        return lora_init.to_plain_lora(self._adapted(model, name), name, sd)
+        sd = {k: t.detach() for k, t in self.tensors(model, name).items()}
+        return lora_init.to_plain_lora(self.adapted(model, name), name, sd)
 
-    @torch.no_grad()
     def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
-        adapted = self._adapted(model, name)
-        expected = self._tensors(model, name)
-        source = f"{self.name} adapter {name!r}"
-        sd, initial = lora_init.from_plain_lora(adapted, name, sd)
-        check_loaded(expected, sd, source)
-        extra = sorted(set(sd) - set(expected))
-        if extra:
-            raise ArtifactError(f"{source}: unexpected keys {', '.join(extra[:5])} (modules this base lacks "
-                                f"or the adapter does not target)")
-        for key, t in expected.items():
-            t.copy_(sd[key])
+        """Load a saved adapter; a PiSSA/OLoRA adapter also takes the initial factors its file carries."""
+        sd, initial = lora_init.from_plain_lora(self.adapted(model, name), name, sd)
+        super().load_state_dict(model, sd, name)
         lora_init.adopt_initial(name, initial)
 
     def param_groups(self, model: nn.Module, name: str, lr: float, weight_decay: float) -> list[dict]:
@@ -252,18 +208,14 @@ class LoRAFamily:
 
     def adapter_config(self, model: nn.Module, options: LoRAOptions, name: str) -> dict[str, Any]:
         """PEFT's LoraConfig fields; `PeftModel.from_pretrained` loads the artifact as it is."""
-        targets = [p for p, _ in self._adapted(model, name)]
-        head_paths = heads.head_names(model)
+        targets = [p for p, _ in self.adapted(model, name)]
         config = {
-            "peft_type": "LORA", "task_type": "SEQ_CLS" if head_paths else "CAUSAL_LM",
-            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+            "peft_type": "LORA", **peft_common(model),
             "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
             "target_modules": portable_target_modules(model, options, targets),
             "use_rslora": options.rslora, "init_lora_weights": "gaussian" if options.init == "gaussian" else True,
             "bias": "none", "use_dora": self.use_dora, "rank_pattern": {}, "alpha_pattern": {},
             "fan_in_fan_out": any(is_conv1d(model.get_submodule(t)) for t in targets),
-            "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in head_paths}) or None,
-            "inference_mode": True,
         }
         return lora_init.converted_config(config, options.init, options.rslora)
 
@@ -273,10 +225,7 @@ class LoRAFamily:
             if key not in self.peft_fields and config.get(key, unused[0]) not in unused:
                 raise ConfigError(f"field {key!r} = {config[key]!r}: this LoRA feature is not supported by "
                                   f"tunelab's {self.name} (expected {unused[0]!r})")
-        extra = set(config.get("modules_to_save") or ()) - set(heads.HEAD_NAMES)
-        if extra:
-            raise ConfigError(f"field 'modules_to_save': {sorted(extra)} not supported "
-                              f"(only the classification heads {list(heads.HEAD_NAMES)})")
+        check_saved_modules(config, self.name)
         values = {"r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
                   "dropout": config.get("lora_dropout", 0.0), "target_modules": config.get("target_modules"),
                   "rslora": config.get("use_rslora", False),
@@ -288,39 +237,24 @@ class LoRAFamily:
         return bool(config.get("use_dora")) == self.use_dora
 
     @torch.no_grad()
-    def merge(self, model: nn.Module, name: str) -> None:
-        """Fold the adapter into each target's weight (an NF4 weight is dequantised); it then goes inactive."""
-        adapted = self._adapted(model, name)
-        for path, m in adapted:
+    def fold(self, model: nn.Module, name: str, merged: bool) -> None:
+        """Fold the adapter into each target's weight (an NF4 weight is dequantised), or take it out again."""
+        adapted = self.adapted(model, name)
+        for path, m in adapted if merged else ():
             lora_layer.check_mergeable(m, name, path)  # all checks first: a refused merge changes nothing
         for _, m in adapted:
-            lora_layer.merge(m, name)
-        heads.merge_heads(model, name)
-        state = adapter_state(model)
-        state.active = tuple(n for n in state.active if n != name)
+            (lora_layer.merge if merged else lora_layer.unmerge)(m, name)
 
-    @torch.no_grad()
-    def unmerge(self, model: nn.Module, name: str) -> None:
-        """Take the merged adapter out of the weights again and make it active."""
-        for _, m in self._adapted(model, name):
-            lora_layer.unmerge(m, name)
-        heads.unmerge_heads(model, name)
-        state = adapter_state(model)
-        if name not in state.active:
-            state.active = (*state.active, name)
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        """Delete the adapter (merged weights stay merged; a PiSSA/OLoRA residual gets its principal part back)."""
-        for _, m in self._adapted(model, name):
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Delete the adapter's layers (merged weights stay merged; a PiSSA/OLoRA residual gets its principal
+        part back)."""
+        for _, m in self.adapted(model, name):
             lora_init.restore_base(m, name)
             lora_layer.detach(m, name)
-        heads.remove_heads(model, name)
-        forget_adapter(model, name)
 
-    def expected_trainable(self, model: nn.Module, options: LoRAOptions) -> int:
-        """r * (in + out) per target module, plus one copy of the classification head."""
-        targets = resolve_targets(model, options)
-        return sum(options.r * sum(in_out_features(model.get_submodule(t))) for t in targets) + heads.head_numel(model)
+    def own_trainable(self, model: nn.Module, options: LoRAOptions) -> int:
+        """r * (in + out) per target module."""
+        return sum(options.r * sum(in_out_features(model.get_submodule(t))) for t in resolve_targets(model, options))
 
 
 @register
@@ -334,5 +268,6 @@ class LoRA(LoRAFamily, Method):
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     Options = LoRAOptions
     mergeable = True
+    supports_mixed_batch = True
     peft_type = "LORA"
     peft_loadable = True

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import peft_key
-from tunelab.methods.lora_layer import InitialFactors, add_to_weight, in_out_features, layout, weight_oi
+from tunelab.methods.kit import peft_key
+from tunelab.methods.lora_layer import InitialFactors, add_to_weight, layout, weight_oi
+from tunelab.modules import in_out_features
 
 INIT_PATTERN = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora")
 INIT_CHOICES = "default, gaussian, pissa, pissa_niter_<K> or olora"

@@ -21,17 +21,8 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods import nf4
-
-
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a linear-like module; Conv1D stores its weight as (in, out)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear)
+from tunelab.methods.kit import AdapterState, route
+from tunelab.modules import in_out_features, is_conv1d
 
 
 def weight_oi(module: nn.Module) -> torch.Tensor:
@@ -90,14 +81,6 @@ class Variant:
     def unmerge(self, module: nn.Module, name: str) -> None:
         add_to_weight(module, -delta_weight(module, name).detach())
 
-    def parameters(self, module: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """Trainable parameters besides A and B, keyed by their name inside `module`."""
-        return {}
-
-    def tensors(self, module: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """Saved tensors besides A and B, keyed by PEFT's key suffix (after `base_model.model.<path>.`)."""
-        return {}
-
     def detach(self, module: nn.Module, name: str) -> None:
         """Drop what the variant added to `module` for adapter `name`."""
 
@@ -115,7 +98,7 @@ class InitialFactors(nn.Module):
 
 
 def attach(module: nn.Module, name: str, r: int, alpha: float, rslora: bool, init: str, dropout: float,
-           state, variant: Variant = LORA) -> None:
+           state: AdapterState, variant: Variant = LORA) -> None:
     """Add adapter `name`'s A, B and dropout to `module`; register the hook with the first adapter.
 
     A starts kaiming-uniform (`default`) or normal with std 1/r (`gaussian`), B at zero, so the adapted layer
@@ -189,8 +172,9 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
     """Add each active, unmerged adapter's output: x (batch, ..., in) -> output (batch, ..., out)."""
     x = args[0] if args else next(iter(kwargs.values()))
     state = module._tunelab_state
-    if state.row_adapters is not None:
-        return _mixed_rows(module, x, output, state)
+    routing = route(state, x.shape[0])
+    if routing is not None:
+        return _mixed_rows(module, x, output, routing)
     total = output
     for n in state.active:
         if n in module.lora_A and n not in module.lora_merged:
@@ -207,25 +191,16 @@ def _initial_output(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tens
     return (x.to(f.lora_A.dtype) @ f.lora_A.T @ f.lora_B.T) * module.lora_scaling[name]  # (..., out)
 
 
-def _mixed_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, state) -> torch.Tensor:
-    """Mixed-adapter batch: row i gets only adapter rows[i]'s output (None: the base alone)."""
-    rows = state.row_adapters
-    if len(rows) != x.shape[0]:
-        raise ConfigError(f"row_adapters has {len(rows)} entries, the batch has {x.shape[0]} rows")
-    unknown = sorted({r for r in rows if r is not None} - set(state.methods))
-    if unknown:
-        raise ConfigError(f"row_adapters: unknown adapter {unknown[0]!r}; loaded: {sorted(state.methods)}")
-    if module.lora_merged:
-        raise ConfigError(f"adapter {sorted(module.lora_merged)[0]!r} is merged into the base weights; "
-                          f"unmerge it before serving mixed-adapter batches")
+def _mixed_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor:
+    """Mixed-adapter batch (checked by `route`): each row gets only its own adapter's output (None: the base)."""
     total = output
     for n in module.lora_A:
-        index = torch.tensor([i for i, r in enumerate(rows) if r == n], device=x.device, dtype=torch.long)
-        if len(index):
+        index = routing.index(n, x.device)
+        if index is not None:
             out = module.lora_variant[n].output(module, n, x.index_select(0, index), output.index_select(0, index))
             total = total.index_add(0, index, out.to(output.dtype))  # (rows of n, ..., out)
     for n in getattr(module, "lora_initial", ()):
-        index = torch.tensor([i for i, r in enumerate(rows) if r != n], device=x.device, dtype=torch.long)
-        if len(index):
+        index = routing.others(n, x.device)
+        if index is not None:
             total = total.index_add(0, index, _initial_output(module, n, x.index_select(0, index)).to(output.dtype))
     return total

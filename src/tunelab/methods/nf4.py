@@ -45,7 +45,8 @@ class NF4Record:
 
 @functools.cache
 def _torchao():
-    """torchao's `(to_nf4, linear_nf4)`, imported on first use (newer and older module paths).
+    """torchao's `(to_nf4, linear_nf4)`, imported on first use (newer and older module paths): torchao takes
+    seconds to import and only qlora needs it, so the one function-level import in methods/ stays here.
 
     torchao logs about optional GPU kernels it cannot load on import; those lines are silenced.
     """

@@ -26,13 +26,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers
 from pydantic import Field
 from torch import nn
+from transformers import DynamicCache
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads, register
 from tunelab.methods import virtual_tokens as vt
-from tunelab.methods.base import Method, MethodOptions, add_adapter, check_loaded, mark_trainable
+from tunelab.methods.base import Method, MethodOptions, register
+from tunelab.methods.kit import check_loaded, container
+from tunelab.validation import parse_model
 
 CONTAINER = "prefix_encoder"
 SAVED_KEY = "prompt_embeddings"  # PEFT's key: the folded prefixes, (n, layers * 2 * kv_dim)
@@ -89,47 +92,40 @@ class Prefix(Method):
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
     Options = PrefixOptions
     mergeable = False
+    supports_mixed_batch = False  # the prefixes lengthen every row's key/value cache
     peft_type = "PREFIX_TUNING"
     peft_loadable = True
     default_lr = 1e-2  # prefixes train with large steps (PEFT's examples use 1e-2)
+    saved_prefix = "base_model."  # PEFT's prompt-learning models wrap the base one level less deep
 
-    def inject(self, model: nn.Module, options: PrefixOptions, name: str) -> list[str]:
-        """Add prefixes `name`, make them active and trainable; return the self-attention modules they extend
-        (and, for classification, the head: its copy trains)."""
+    def attach(self, model: nn.Module, options: PrefixOptions, name: str) -> list[str]:
+        """Add prefixes `name`; return the self-attention modules they extend."""
         vt.refuse_unsupported(model, self.name)
         _refuse_no_cache(model)
         _refuse_checkpointing(model)
         layers, kv_dim = _dims(model)
         hidden = (options.encoder_hidden_size or kv_dim) if options.prefix_projection else None
         encoder = PrefixEncoder(options.num_virtual_tokens, layers * 2 * kv_dim, kv_dim, hidden)
-        targets = [*vt.attention_module_names(model), *heads.head_names(model)]
-        add_adapter(model, self, name, options, targets)
-        vt.container(model, CONTAINER, nn.ModuleDict)[name] = encoder.to(model.get_input_embeddings().weight.device)
-        heads.attach_heads(model, name)
+        container(model, CONTAINER, nn.ModuleDict)[name] = encoder.to(model.get_input_embeddings().weight.device)
         vt.install_hooks(model, self.name, _pre_hook, _post_hook)
-        mark_trainable(model, self.parameters(model, name))
-        return targets
+        return vt.attention_module_names(model)
 
-    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """The encoder's parameters (the prefixes, or the MLP and its input embedding) and the head's copy."""
-        own = {f"{CONTAINER}.{name}.{q}": p for q, p in self._encoder(model, name).named_parameters()}
-        return {**own, **heads.head_parameters(model, name)}
+    def weights(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """The encoder's parameters: the prefixes, or the MLP and its input embedding."""
+        return {f"{CONTAINER}.{name}.{q}": p for q, p in self._encoder(model, name).named_parameters()}
 
-    def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """`{"prompt_embeddings": (n, layers * 2 * kv_dim)}`: the computed prefixes, PEFT's layout (+ the head)."""
+    def saved(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """`{"prompt_embeddings": (n, layers * 2 * kv_dim)}`: the computed prefixes, PEFT's layout."""
         with torch.no_grad():
-            prefixes = self._encoder(model, name)().detach().float().cpu().clone()
-        return {SAVED_KEY: prefixes, **{k: t.detach().cpu().clone() for k, t in vt.head_tensors(model, name).items()}}
+            return {SAVED_KEY: self._encoder(model, name)().detach().float().cpu().clone()}
 
     def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
         """Load saved prefixes (tunelab's or PEFT's); an adapter with the MLP becomes a folded one."""
         encoder = self._encoder(model, name)
         layers, kv_dim = _dims(model)
-        source = f"prefix adapter '{name}'"
-        head = vt.head_tensors(model, name)
         expected = torch.empty(encoder.embedding.shape[0], layers * 2 * kv_dim, device="meta")
-        check_loaded({SAVED_KEY: expected, **head}, sd, source)
-        vt.load_tensors(head, {k: v for k, v in sd.items() if k != SAVED_KEY}, source)
+        check_loaded({SAVED_KEY: expected}, sd, f"prefix adapter '{name}'")
+        super().load_state_dict(model, {k: v for k, v in sd.items() if k != SAVED_KEY}, name)
         encoder.load(sd[SAVED_KEY])
 
     def adapter_config(self, model: nn.Module, options: PrefixOptions, name: str) -> dict[str, Any]:
@@ -147,25 +143,22 @@ class Prefix(Method):
 
     def options_from_config(self, config: dict[str, Any]) -> PrefixOptions:
         """Options from a PREFIX_TUNING `adapter_config.json` (ours or PEFT's)."""
-        from tunelab.validation import parse_model
-
-        vt.check_peft_config(config)
+        vt.check_peft_config(config, self.name)
         values = {k: config[k] for k in PrefixOptions.model_fields if config.get(k) is not None}
         return parse_model(self.Options, values, where="adapter_config.json")
 
-    def remove(self, model: nn.Module, name: str) -> None:
+    def detach(self, model: nn.Module, name: str) -> None:
         """Drop prefixes `name`; with the last one the hooks and the container go too."""
-        vt.remove_adapter(model, CONTAINER, name, self.name)
+        vt.detach_adapter(model, CONTAINER, name, self.name)
 
-    def expected_trainable(self, model: nn.Module, options: PrefixOptions) -> int:
-        """Analytic count: 2 * layers * n * kv_dim, or with `prefix_projection` the MLP and its input embedding;
-        plus one classification head."""
+    def own_trainable(self, model: nn.Module, options: PrefixOptions) -> int:
+        """Analytic count: 2 * layers * n * kv_dim, or with `prefix_projection` the MLP and its input embedding."""
         layers, kv_dim = _dims(model)
         n, flat = options.num_virtual_tokens, layers * 2 * kv_dim
         if not options.prefix_projection:
-            return n * flat + heads.head_numel(model)
+            return n * flat
         hidden = options.encoder_hidden_size or kv_dim
-        return n * kv_dim + (kv_dim * hidden + hidden) + (hidden * flat + flat) + heads.head_numel(model)
+        return n * kv_dim + (kv_dim * hidden + hidden) + (hidden * flat + flat)
 
     def _encoder(self, model: nn.Module, name: str) -> PrefixEncoder:
         return vt.adapter_of(model, CONTAINER, name, self.name)
@@ -179,8 +172,6 @@ def _dims(model: nn.Module) -> tuple[int, int]:
 
 def _refuse_no_cache(model: nn.Module) -> None:
     if vt.cache_kwarg(model) is None:
-        import transformers
-
         raise ConfigError(f"method 'prefix': {type(model).__name__} takes no key/value cache (cache / "
                           f"past_key_values) in transformers {transformers.__version__}, and prefix-tuning needs "
                           "one; use method 'prompt' or 'lora' for this model")
@@ -207,8 +198,8 @@ def _refuse_checkpointing(model: nn.Module) -> None:
 # --- the hook on the top-level model ------------------------------------------------------------------
 
 def _pre_hook(model: nn.Module, args: tuple, kwargs: dict, hooks: vt.CallHooks) -> dict | None:
-    held = vt.container(model, CONTAINER)
-    names = vt.active_names(model, Prefix.name, held)
+    held = container(model, CONTAINER)
+    names = vt.active_names(model, held)
     if not names:
         return None
     kwargs = vt.call_kwargs(args, kwargs, Prefix.name)
@@ -237,8 +228,6 @@ def _post_hook(model: nn.Module, output, hooks: vt.CallHooks):
 
 def fill_cache(model: nn.Module, cache, encoders: list[PrefixEncoder], batch: int):
     """Put the prefixes of `encoders` (in order) into `cache` (a new `DynamicCache` when None); return it."""
-    from transformers import DynamicCache
-
     if cache is None:
         cache = DynamicCache(config=model.config)
     elif not isinstance(cache, DynamicCache):

@@ -25,11 +25,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+from transformers import AutoTokenizer
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads, register
 from tunelab.methods import virtual_tokens as vt
-from tunelab.methods.base import Method, MethodOptions, add_adapter, mark_trainable
+from tunelab.methods.base import Method, MethodOptions, register
+from tunelab.methods.kit import container
+from tunelab.validation import parse_model
 
 CONTAINER = "prompt_embeddings"
 SAVED_KEY = "prompt_embeddings"  # PEFT's key in adapter_model.safetensors, shape (n, hidden)
@@ -64,40 +66,27 @@ class Prompt(Method):
     paper = "Lester, Al-Rfou & Constant 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
     Options = PromptOptions
     mergeable = False
+    supports_mixed_batch = False  # the soft prompt lengthens every row of the batch
     peft_type = "PROMPT_TUNING"
     peft_loadable = True
     default_lr = 3e-2  # soft prompts need a large step (Lester et al. use 0.3 with Adafactor; PEFT 3e-2)
+    saved_prefix = "base_model."  # PEFT's prompt-learning models wrap the base one level less deep
 
-    def inject(self, model: nn.Module, options: PromptOptions, name: str) -> list[str]:
-        """Add soft prompt `name` (see the module docstring), make it active and trainable.
-
-        Returns the touched modules: the input embedding and, for classification, the head (its copy trains).
-        """
+    def attach(self, model: nn.Module, options: PromptOptions, name: str) -> list[str]:
+        """Add soft prompt `name` (see the module docstring); return the input embedding it extends."""
         vt.refuse_unsupported(model, self.name)
         prompt = initial_prompt(model, options)  # (n, hidden), float32
-        targets = [vt.module_name(model, model.get_input_embeddings()), *heads.head_names(model)]
-        add_adapter(model, self, name, options, targets)
-        vt.container(model, CONTAINER, nn.ParameterDict)[name] = nn.Parameter(prompt)
-        heads.attach_heads(model, name)
+        container(model, CONTAINER, nn.ParameterDict)[name] = nn.Parameter(prompt)
         vt.install_hooks(model, self.name, _pre_hook, _post_hook, first=True)
-        mark_trainable(model, self.parameters(model, name))
-        return targets
+        return [vt.module_name(model, model.get_input_embeddings())]
 
-    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """`{"prompt_embeddings.<name>": soft prompt}` and the adapter's classification-head copy."""
-        return {f"{CONTAINER}.{name}": self._prompt(model, name), **heads.head_parameters(model, name)}
+    def weights(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """`{"prompt_embeddings.<name>": soft prompt}`."""
+        return {f"{CONTAINER}.{name}": self._prompt(model, name)}
 
-    def _tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """Live tensors under PEFT's saved keys: `prompt_embeddings` (n, hidden) and the head's."""
-        return {SAVED_KEY: self._prompt(model, name), **vt.head_tensors(model, name)}
-
-    def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """`{"prompt_embeddings": (n, hidden)}` (+ the head under `base_model.<head>`), PEFT's layout."""
-        return {k: t.detach().cpu().clone() for k, t in self._tensors(model, name).items()}
-
-    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
-        """Copy a saved soft prompt (tunelab's or PEFT's) into adapter `name`."""
-        vt.load_tensors(self._tensors(model, name), sd, f"prompt adapter '{name}'")
+    def tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The live soft prompt under PEFT's saved key: `prompt_embeddings` (n, hidden)."""
+        return {SAVED_KEY: self._prompt(model, name)}
 
     def adapter_config(self, model: nn.Module, options: PromptOptions, name: str) -> dict[str, Any]:
         """PEFT's PromptTuningConfig fields."""
@@ -119,19 +108,17 @@ class Prompt(Method):
         The initialisation is not carried over (`init` is "random"): the saved soft prompt replaces it, and
         loading must not need the tokenizer the prompt was once initialised from.
         """
-        from tunelab.validation import parse_model
-
-        vt.check_peft_config(config)
+        vt.check_peft_config(config, self.name)
         values = {"num_virtual_tokens": config.get("num_virtual_tokens", 20)}
         return parse_model(self.Options, values, where="adapter_config.json")
 
-    def remove(self, model: nn.Module, name: str) -> None:
+    def detach(self, model: nn.Module, name: str) -> None:
         """Drop soft prompt `name`; with the last one the hooks and the container go too."""
-        vt.remove_adapter(model, CONTAINER, name, self.name)
+        vt.detach_adapter(model, CONTAINER, name, self.name)
 
-    def expected_trainable(self, model: nn.Module, options: PromptOptions) -> int:
-        """Analytic count of trainable parameters: num_virtual_tokens * hidden, plus one classification head."""
-        return options.num_virtual_tokens * model.get_input_embeddings().weight.shape[1] + heads.head_numel(model)
+    def own_trainable(self, model: nn.Module, options: PromptOptions) -> int:
+        """Analytic count: num_virtual_tokens * hidden."""
+        return options.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
     def _prompt(self, model: nn.Module, name: str) -> nn.Parameter:
         return vt.adapter_of(model, CONTAINER, name, self.name)
@@ -164,8 +151,6 @@ def tokenizer_path(model: nn.Module, options: PromptOptions) -> str:
 
 def text_token_ids(model: nn.Module, options: PromptOptions) -> list[int]:
     """`init_text`'s token ids, repeated or truncated to num_virtual_tokens (PEFT's PromptTuningInit.TEXT)."""
-    from transformers import AutoTokenizer
-
     path = tokenizer_path(model, options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -182,8 +167,8 @@ def text_token_ids(model: nn.Module, options: PromptOptions) -> list[int]:
 # --- hooks on the top-level model ----------------------------------------------------------------------
 
 def _pre_hook(model: nn.Module, args: tuple, kwargs: dict, hooks: vt.CallHooks) -> dict | None:
-    held = vt.container(model, CONTAINER)
-    names = vt.active_names(model, Prompt.name, held)
+    held = container(model, CONTAINER)
+    names = vt.active_names(model, held)
     if not names:
         return None
     kwargs = vt.call_kwargs(args, kwargs, Prompt.name)

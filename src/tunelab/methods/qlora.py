@@ -30,8 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import nf4, register
-from tunelab.methods.base import Method, adapter_state, find_targets
+from tunelab.methods import nf4
+from tunelab.methods.base import Method, adapter_state, find_targets, register
 from tunelab.methods.lora import LoRAFamily, RandomInitOptions
 
 
@@ -58,18 +58,19 @@ class QLoRA(LoRAFamily, Method):
     paper = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)"
     Options = QLoRAOptions
     mergeable = True
+    supports_mixed_batch = True
     peft_type = "LORA"
     peft_loadable = True
     on_nf4_base = True
     changes_base = True
 
-    def inject(self, model: nn.Module, options: QLoRAOptions, name: str) -> list[str]:
+    def attach(self, model: nn.Module, options: QLoRAOptions, name: str) -> list[str]:
         """Attach LoRA adapter `name`, then store the base linears as NF4; return the touched modules."""
         others = sorted(f"{n} ({m})" for n, m in adapter_state(model).methods.items() if m != self.name)
         if others:
             raise ConfigError(f"qlora quantises the base weights to NF4, which would change the adapters already "
                               f"loaded ({', '.join(others)}); load qlora adapters on a base of their own")
-        touched = super().inject(model, options, name)
+        touched = super().attach(model, options, name)
         for path in quantizable(model):
             nf4.quantize(model.get_submodule(path))
         return touched

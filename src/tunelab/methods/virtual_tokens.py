@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import ArtifactError, ConfigError
-from tunelab.methods import heads
-from tunelab.methods.base import adapter_state, check_loaded, forget_adapter
+from tunelab.methods.base import check_saved_modules, peft_common
+from tunelab.methods.kit import adapter_state, container
 
 HOOKS_ATTR = "tunelab_input_hooks"
 CACHE_KEYS = ("cache", "past_key_values")  # recent transformers 5.x name it `cache`, earlier ones `past_key_values`
@@ -83,20 +83,15 @@ def call_kwargs(args: tuple, kwargs: dict, method: str) -> dict:
     return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
 
-def active_names(model: nn.Module, method: str, held: nn.Module | None) -> list[str]:
+def active_names(model: nn.Module, held: nn.Module | None) -> list[str]:
     """The active adapters held in `held` (one method's container, or None), in activation order.
 
-    Virtual tokens change the sequence length of the whole batch, so one adapter per row (mixed batches) is
-    refused for the rows that would use these adapters.
+    Virtual tokens change the sequence length of the whole batch, so these methods declare
+    `supports_mixed_batch = False`: in a mixed batch none applies, and the mixed-batch guard (`kit.route`)
+    refuses rows that name one.
     """
     state = adapter_state(model)
-    if held is None:
-        return []
-    if state.row_adapters is not None:
-        mixed = sorted({a for a in state.row_adapters if a is not None and a in held})
-        if mixed:
-            raise ConfigError(f"method '{method}' (adapter '{mixed[0]}') cannot serve mixed-adapter batches: "
-                              "its virtual tokens change the sequence length; serve it in batches of its own")
+    if held is None or state.row_adapters is not None:
         return []
     return [a for a in state.active if a in held]
 
@@ -188,43 +183,19 @@ def refuse_unsupported(model: nn.Module, method: str) -> None:
                           f"{type(model).__name__} is an encoder-decoder model")
 
 
-def peft_task_type(model: nn.Module) -> str:
-    """PEFT's `task_type` for the model's head (decides which PeftModel class loads the artifact)."""
-    cls = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if cls.endswith(suffix):
-            return task
-    get_out = getattr(model, "get_output_embeddings", None)
-    return "CAUSAL_LM" if callable(get_out) and get_out() is not None else "FEATURE_EXTRACTION"
-
-
 def peft_common_config(model: nn.Module, n: int, token_dim: int, num_heads: int, layers: int) -> dict[str, Any]:
     """The `adapter_config.json` fields PEFT's prompt-learning configs share."""
-    return {
-        "task_type": peft_task_type(model),
-        "num_virtual_tokens": n,
-        "token_dim": token_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": num_heads,
-        "num_layers": layers,
-        "inference_mode": True,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "revision": None,
-        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in heads.head_names(model)}) or None,
-    }
+    return {**peft_common(model), "num_virtual_tokens": n, "token_dim": token_dim, "num_transformer_submodules": 1,
+            "num_attention_heads": num_heads, "num_layers": layers, "revision": None}
 
 
-def check_peft_config(config: dict[str, Any]) -> None:
+def check_peft_config(config: dict[str, Any], method: str) -> None:
     """Refuse prompt-learning configs tunelab cannot serve (encoder-decoder ones, other saved modules)."""
     submodules = config.get("num_transformer_submodules") or 1
     if submodules != 1:
         raise ArtifactError(f"adapter_config.json: num_transformer_submodules {submodules} (encoder-decoder "
                             "virtual tokens) is not supported; expected 1")
-    extra = set(config.get("modules_to_save") or ()) - set(heads.HEAD_NAMES)
-    if extra:
-        raise ArtifactError(f"adapter_config.json: modules_to_save {sorted(extra)} is not supported; expected only "
-                            f"the classification heads {list(heads.HEAD_NAMES)}")
+    check_saved_modules(config, method)
 
 
 def attention_module_names(model: nn.Module) -> list[str]:
@@ -239,18 +210,6 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     return next((q for q, m in model.named_modules() if m is module), "")
 
 
-def container(model: nn.Module, attr: str, kind: type[nn.Module] | None = None):
-    """The per-adapter-name container (`ModuleDict` / `ParameterDict`) a method keeps on the model.
-
-    None when there is none yet, unless `kind` is given: then an empty one is created.
-    """
-    held = model._modules.get(attr)
-    if held is None and kind is not None:
-        held = kind()
-        model.add_module(attr, held)
-    return held
-
-
 def adapter_of(model: nn.Module, attr: str, name: str, method: str):
     """Adapter `name`'s entry in the container `attr`; `ConfigError` listing the method's adapters otherwise."""
     held = container(model, attr)
@@ -260,34 +219,12 @@ def adapter_of(model: nn.Module, attr: str, name: str, method: str):
     return held[name]
 
 
-def remove_adapter(model: nn.Module, attr: str, name: str, method: str) -> None:
-    """Drop adapter `name` (its entry, head copy and state); with the method's last adapter, its container and
-    hooks go too, leaving the base module tree as it was."""
+def detach_adapter(model: nn.Module, attr: str, name: str, method: str) -> None:
+    """Drop adapter `name`'s entry; with the method's last adapter, its container and hooks go too, leaving the
+    base module tree as it was."""
     adapter_of(model, attr, name, method)
     held = container(model, attr)
     del held[name]
-    heads.remove_heads(model, name)
-    forget_adapter(model, name)
     if len(held) == 0:
         delattr(model, attr)
         uninstall_hooks(model, method)
-
-
-def head_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s classification-head copy (live tensors) under PEFT's prompt-learning keys.
-
-    PEFT's prompt-learning models wrap the base model one level less deep than its other methods, so the head
-    is saved as `base_model.<head path>.<param>` rather than `base_model.model.<head path>.<param>`.
-    """
-    return {"base_model." + k.removeprefix("base_model.model."): t for k, t in heads.head_tensors(model, name).items()}
-
-
-def load_tensors(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `sd` into the live tensors `expected` (same keys); `ArtifactError` on missing, extra or misshapen keys."""
-    check_loaded(expected, sd, source)
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise ArtifactError(f"{source}: unexpected keys {', '.join(extra[:5])} (weights this adapter does not have)")
-    with torch.no_grad():
-        for key, t in expected.items():
-            t.copy_(sd[key].to(device=t.device, dtype=t.dtype))
