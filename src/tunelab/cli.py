@@ -6,6 +6,7 @@ Bad input exits 2 with one line on stderr that names the file, row, field or key
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from tunelab.errors import ConfigError, TunelabError, closest
+from tunelab.interrupts import Interrupted, leaves, message, raising_signals
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
@@ -48,6 +50,7 @@ def train(
     output: Annotated[Optional[str], typer.Option(help="Output dir (run.json, metrics.jsonl, artifact/).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Resume even if result-affecting config changed.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --output.")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
     nan_policy: Annotated[Optional[str], typer.Option(help="stop (default) or skip.")] = None,
@@ -68,9 +71,11 @@ def train(
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
                      gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
                      method_options=options or None, resume=resume or None, force=force or None,
+                     overwrite=overwrite or None,
                      trust_remote_code=trust_remote_code or None)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
+    leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
     from tunelab.train import train as run_training
 
     summary = run_training(cfg, progress=not quiet)
@@ -135,6 +140,7 @@ def merge(
     from tunelab.models import load_model
 
     _check_merge_output(output)
+    leaves(f"nothing was written to {output}")
     _refuse_unmergeable(adapter)
     with_config = _adapter_task(adapter)
     loaded = load_model(model, task=with_config["task"], dtype="float32", device="cpu",
@@ -236,6 +242,7 @@ def compare(
                               batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
                               reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
                               priority=priority, device=device, output=output))
+    leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
     run_compare(opts)
 
 
@@ -301,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     if debug:  # accepted anywhere on the line, not only before the subcommand
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
-        app(args=argv, prog_name="tunelab", standalone_mode=False)
-        return 0
+        with raising_signals():
+            code = app(args=argv, prog_name="tunelab", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # the CLI library returns an interrupted command's code
+    except Interrupted as e:
+        print(f"error: {message(e)}", file=sys.stderr)
+        return e.exit_code
     except TunelabError as e:
         if debug:
             raise
@@ -313,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the system refused (permissions, read-only or full disk) that no check named
         if debug or e.filename is None:
             raise
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {e.filename}", file=sys.stderr)
+            return 2
         print(f"error: {e.filename}: {e.strerror or e}; expected a path tunelab can read and write", file=sys.stderr)
         return 2
     except Exception as e:

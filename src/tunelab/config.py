@@ -67,6 +67,7 @@ class RunConfig(BaseModel):
     nan_policy: Literal["stop", "skip"] = "stop"
     resume: bool = False
     force: bool = False
+    overwrite: bool = False  # a fresh run may replace a finished run in its output dir
 
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":

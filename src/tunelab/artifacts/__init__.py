@@ -14,6 +14,7 @@ from tunelab.artifacts import hf_model, peft_format
 from tunelab.artifacts.atomic import artifact_bytes, atomic_dir
 from tunelab.artifacts.files import read_label_names
 from tunelab.artifacts.merge import merge_and_unload, save_merged
+from tunelab.artifacts.recovery import recover
 from tunelab.artifacts.peft_format import method_for_config, read_adapter_config
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import get_method
@@ -70,8 +71,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file."""
+    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file.
+
+    A replacement of it that a killed run left half-done is finished or rolled back first (one line logged).
+    """
     path = Path(adapter_dir)
+    recover(path.parent, path.name)
     if not path.is_dir():
         raise ArtifactError(f"{path}: adapter directory not found" if not path.exists()
                             else f"{path}: is a file, expected an adapter directory")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.interrupts import die_with_parent
 from tunelab.jsonio import write_json_atomic
 
 
@@ -24,6 +25,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     strategy, then measure forgetting and attach time on what it wrote). Errors are written to the result, with
     `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
     """
+    die_with_parent()  # a compare killed with -9 takes its worker with it
     kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
     job = json.loads(Path(job_path).read_text())
     try:
