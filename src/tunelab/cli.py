@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, not only before the subcommand
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    leaves("nothing was written")
     try:
         with raising_signals():
             code = app(args=argv, prog_name="tunelab", standalone_mode=False)

@@ -52,7 +52,6 @@ def raising_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    leaves("nothing was written")
     previous = {s: signal.signal(s, _raise) for s in HANDLED}
     try:
         yield

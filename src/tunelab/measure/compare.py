@@ -227,9 +227,13 @@ def _wait(proc: subprocess.Popen, poll, timeout_s: float | None) -> bool:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the worker and anything it started (its process group)."""
-    if proc.returncode is None and proc.poll() is None:  # never signal a pid already reaped (it may be reused)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+    if proc.returncode is not None or proc.poll() is not None:
+        return  # never signal a pid already reaped (it may be reused)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:  # a group leader (as `_run_worker` starts it)
             os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
 
 
 def _exit_reason(returncode: int, log_path: Path) -> str:
