@@ -64,7 +64,7 @@ def fingerprints(model: str, data: str) -> dict:
 
 def changed_inputs(saved: dict, now: dict, model: str, data: str) -> list[str]:
     """What differs between two `fingerprints`, one phrase per input ([] when both match)."""
-    named = {"model": f"the model {model}", "data": f"the data file {data}"}
+    named = {"model": f"the model at {model}", "data": f"the data file {data}"}
     changes = []
     for key in ("model", "data"):
         before, after = saved.get(key) or {}, now.get(key) or {}

@@ -31,7 +31,10 @@ def write_model(out_dir: Path, model: nn.Module, tokenizer=None, *, label_names:
     if label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {n: i for i, n in enumerate(label_names)}
-    model.save_pretrained(out_dir, max_shard_size="5GB")
+    from tunelab.models import _progress_bars_on_terminal_only
+
+    with _progress_bars_on_terminal_only():  # an error while writing stays one line on a piped stderr
+        model.save_pretrained(out_dir, max_shard_size="5GB")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if method is not None:
