@@ -74,10 +74,11 @@ def changed_inputs(saved: dict, now: dict, model: str, data: str) -> list[str]:
     return changes
 
 
-def check_unchanged(saved: dict | None, model: str, data: str, where: str, force: bool) -> None:
-    """Refuse (unless `force`) when the model or data differ from the `saved` fingerprints; one line naming them."""
+def check_unchanged(saved: dict | None, now: dict, model: str, data: str, where: str, force: bool) -> None:
+    """Refuse (unless `force`) when the model or data fingerprints `now` differ from the `saved` ones; one line
+    naming them. Nothing to check when nothing was saved (a checkpoint from before fingerprints)."""
     if not saved:
         return
-    changes = changed_inputs(saved, fingerprints(model, data), model, data)
+    changes = changed_inputs(saved, now, model, data)
     if changes and not force:
         raise ConfigError(f"{where}: cannot resume, {' and '.join(changes)}; pass --force to resume anyway")

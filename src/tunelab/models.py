@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from tunelab.defaults import MODEL_ALIASES, resolve_alias
+from tunelab.jsonio import read_json_object
+from tunelab.weights_check import check_config_fits_weights
 from tunelab.errors import ArtifactError, ConfigError
 
 TASKS = ("causal-lm", "classification")
@@ -76,13 +78,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ArtifactError(f"{config_file}: not found; expected a HF model dir with config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(config_file, ArtifactError)
 
 
 def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
@@ -208,7 +204,7 @@ def load_model(spec: str | Path, task: str = "causal-lm", *, dtype: str | torch.
     path = resolve_spec(spec)
     config = read_config(path)
     check_remote_code(path, config, trust_remote_code)
-    check_weights(path)
+    check_config_fits_weights(path, config, check_weights(path), trust_remote_code)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     tokenizer = load_tokenizer(path, trust_remote_code)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tunelab.artifacts.recovery import recover
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
-from tunelab.fingerprint import fingerprints
+from tunelab.fingerprint import check_unchanged, fingerprints
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.evaluate import evaluate
 from tunelab.train.loop import CHECKPOINTS, Loop, LoopOutcome
@@ -49,6 +49,8 @@ def _train_locked(cfg: RunConfig, out: Path, progress: bool) -> dict:
     run = build_run(cfg)
     state = TrainState()
     if resume_from is not None:
+        check_unchanged(read_meta(resume_from).get("fingerprints"), prints, cfg.model, cfg.data, str(resume_from),
+                        cfg.force)
         state = load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device)
     state.fingerprints = prints
     reset_peak(run.device)

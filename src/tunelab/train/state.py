@@ -105,10 +105,9 @@ def read_meta(path: Path) -> dict:
 def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse to resume when a result-affecting key changed (unless `cfg.force`); the error lists them.
 
-    The model and data are compared by content when the checkpoint has their fingerprints, not by path spelling.
+    The model and data are not compared by path spelling when the checkpoint has their fingerprints: `train`
+    compares those by content once the data has been read (so bad data gets its own error first).
     """
-    from tunelab.fingerprint import check_unchanged
-
     saved, now = dict(meta.get("result_values", {})), cfg.result_values()
     if meta.get("fingerprints"):
         for key in ("model", "data"):
@@ -118,7 +117,6 @@ def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"{path}: cannot resume, result-affecting config changed ({detail}); "
                           f"pass --force to resume anyway")
-    check_unchanged(meta.get("fingerprints"), cfg.model, cfg.data, str(path), cfg.force)
 
 
 def load_checkpoint(path: Path, t: Trainables, optimizer, scheduler, device: torch.device) -> TrainState:
