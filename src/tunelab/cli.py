@@ -99,9 +99,9 @@ def eval_(
     data: Annotated[str, typer.Option(help="JSONL/CSV/Parquet file, or 'default' (its validation split).")],
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir to apply (PEFT layout).")] = None,
     task: Annotated[str, typer.Option(help="causal-lm or classification.")] = "causal-lm",
-    seq_len: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
-    max_examples: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples.")] = None,
+    seq_len: Annotated[int, typer.Option(min=1, help="Maximum tokens per example.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
+    max_examples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
 ) -> None:
@@ -222,15 +222,15 @@ def compare(
     data: Data = None,
     task: Annotated[Optional[str], typer.Option(help="causal-lm or classification.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all registered).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per strategy.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Micro-batch size.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Maximum tokens per example.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per strategy.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Maximum tokens per example.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     lr_for: Annotated[Optional[list[str]], typer.Option(help="METHOD=LR learning-rate override (repeatable).")] = None,
     set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE method option (repeatable).")] = None,
     reference_data: Annotated[Optional[str], typer.Option(help="General prose for forgetting (default: BBC articles).")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the recommendation, e.g. 24GB.")] = None,
-    tasks: Annotated[Optional[int], typer.Option(help="How many tasks you will serve (K).")] = None,
+    tasks: Annotated[Optional[int], typer.Option(min=1, help="How many tasks you will serve (K).")] = None,
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
@@ -249,8 +249,8 @@ def compare(
 @app.command()
 def plan(
     model: Annotated[str, typer.Option(help="Local HF model dir, alias, or a config.json (no weights needed).")],
-    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Micro-batch size.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cuda or cpu: where training would run.")] = "cuda",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations.")] = False,
@@ -280,15 +280,16 @@ def serve(
     model: Annotated[str, typer.Option(help="Base model dir or alias (loaded once, frozen).")],
     adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR of an adapter to load (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     adapter_root: Annotated[Optional[Path], typer.Option(help="Dir of adapters loaded on demand by name.")] = None,
-    max_adapters: Annotated[int, typer.Option(help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
-    max_rank: Annotated[int, typer.Option(help="Refuse adapters of a higher rank.")] = 64,
-    max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
+    max_rank: Annotated[int, typer.Option(min=1, help="Refuse adapters of a higher rank.")] = 64,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
     merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
 ) -> None:
     """Serve one frozen base with many adapters (mixed-adapter batches) behind an OpenAI-compatible API."""
+    from tunelab.artifacts import check_adapter_dir
     from tunelab.serve.server import serve as run_server
 
     adapters = {}
@@ -296,9 +297,22 @@ def serve(
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {pair!r}: expected NAME=DIR")
-        adapters[name] = Path(path)
+        adapters[name] = check_adapter_dir(path)
+    _check_listen_address(host, port)
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise ConfigError(f"--adapter-root {adapter_root}: not a directory; expected a dir of adapter dirs")
     run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
                max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge)
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """`--host` must name an address of this machine's resolver, checked before the model loads."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r}: not an address to listen on ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

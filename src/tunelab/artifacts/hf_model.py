@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.artifacts.files import read_safetensors, read_sidecar, write_sidecar
+from tunelab.artifacts.files import check_finite, read_safetensors, read_sidecar, write_sidecar
 from tunelab.artifacts.peft_format import inject_and_load
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import all_methods, get_method
@@ -48,7 +48,9 @@ def read_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{model_dir}: no model*.safetensors weights found")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(read_safetensors(f))
+        tensors = read_safetensors(f)
+        check_finite(tensors, f)
+        weights.update(tensors)
     return weights
 
 
