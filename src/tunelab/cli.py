@@ -299,8 +299,6 @@ def serve(
             raise ConfigError(f"--adapter {pair!r}: expected NAME=DIR")
         adapters[name] = check_adapter_dir(path)
     _check_listen_address(host, port)
-    if adapter_root is not None and not adapter_root.is_dir():
-        raise ConfigError(f"--adapter-root {adapter_root}: not a directory; expected a dir of adapter dirs")
     run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
                max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge)
 
