@@ -1,7 +1,8 @@
 """The `tunelab` command line. Each subcommand is a typed function; its docstring is its `--help`.
 
 Bad input exits 2 with one line on stderr that names the file, row, field or key (no traceback unless
-`--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0.
+`--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0; any other interruption exits 130 (SIGINT)
+or 143 (SIGTERM) with one line saying what was left where.
 """
 
 from __future__ import annotations
