@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_contract import cli, leftovers, one_line_error, train_artifact, tree_digest, write_jsonl
+from test_cli_contract import leftovers, one_line_error, train_artifact, write_jsonl
 
 PAIRS = [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(16)]
 ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HERE as HARNESS, base_config, logged_steps, start, subprocess_env, wait_until, write_config
+from harness import base_config, logged_steps, start, subprocess_env, wait_until, write_config
 from test_cli_contract import cli, leftovers, one_line_error, tree_digest, write_jsonl
 
 HERE = Path(__file__).resolve().parent
