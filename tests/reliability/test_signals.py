@@ -112,9 +112,10 @@ def _compare(tiny_dirs, files, out: Path, *extra: str) -> list[str]:
             "--seq-len", "32", "--output", str(out), *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_case30_compare_stopped_takes_its_worker_with_it(tmp_path, tiny_dirs, files, sig):
-    """SIGINT: exit 130, one line, worker gone. SIGKILL (the parent cannot clean up): the worker dies anyway."""
+    """SIGINT/SIGTERM: exit 130/143, one line, worker gone. SIGKILL (the parent cannot clean up): the worker
+    dies anyway."""
     out = tmp_path / "cmp"
     proc = subprocess.Popen(_compare(tiny_dirs, files, out, "--max-steps", "5000"), env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -126,9 +127,10 @@ def test_case30_compare_stopped_takes_its_worker_with_it(tmp_path, tiny_dirs, fi
             time.sleep(0.1)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
-        if sig == signal.SIGINT:
-            assert proc.returncode == 130, stderr[-3000:]
-            assert "interrupted by SIGINT" in one_line(stderr) and str(out) in one_line(stderr)
+        if sig != signal.SIGKILL:
+            assert proc.returncode == 128 + sig, stderr[-3000:]
+            line = one_line(stderr)
+            assert f"interrupted by {signal.Signals(sig).name}" in line and str(out) in line
         deadline = time.monotonic() + 15
         while alive_with(str(out)) and time.monotonic() < deadline:
             time.sleep(0.2)
