@@ -1,7 +1,8 @@
 """The `tunelab` command line. Each subcommand is a typed function; its docstring is its `--help`.
 
 Bad input exits 2 with one line on stderr that names the file, row, field or key (no traceback unless
-`--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0.
+`--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0; any other interruption exits 130 (SIGINT)
+or 143 (SIGTERM) with one line saying what was left where.
 
 Imports of tunelab's layers sit inside the commands, on purpose and only here (and in the one-time model
 conversion of `defaults`): `tunelab --help` and a usage error must answer without loading torch,
@@ -10,6 +11,7 @@ transformers and the training stack that `train` or `serve` need. Every other mo
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from tunelab.errors import ConfigError, TunelabError, closest
+from tunelab.interrupts import Interrupted, leaves, message, raising_signals
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
@@ -52,7 +55,8 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="With --resume: continue even if result-affecting "
                                                             "config changed.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an output dir that holds an "
-                                                                "earlier run, deleting its checkpoints.")] = False,
+                                                                "earlier run (finished, or with checkpoints), "
+                                                                "replacing it.")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
     nan_policy: Annotated[Optional[str], typer.Option(help="stop (default) or skip.")] = None,
@@ -76,6 +80,7 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
+    leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
     from tunelab.train import train as run_training
 
     summary = run_training(cfg, progress=not quiet)
@@ -99,9 +104,9 @@ def eval_(
     data: Annotated[str, typer.Option(help="JSONL/CSV/Parquet file, or 'default' (its validation split).")],
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir to apply (PEFT layout).")] = None,
     task: Annotated[str, typer.Option(help="causal-lm or classification.")] = "causal-lm",
-    seq_len: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
-    max_examples: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples.")] = None,
+    seq_len: Annotated[int, typer.Option(min=1, help="Maximum tokens per example.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
+    max_examples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
 ) -> None:
@@ -140,6 +145,7 @@ def merge(
     from tunelab.models import load_model
 
     _check_merge_output(output)
+    leaves(f"nothing was written to {output}")
     info = inspect(adapter)
     _refuse_unmergeable(info)
     loaded = load_model(model, task=info.task, dtype="float32", device="cpu",
@@ -205,15 +211,15 @@ def compare(
     data: Data = None,
     task: Annotated[Optional[str], typer.Option(help="causal-lm or classification.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all registered).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per strategy.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Micro-batch size.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Maximum tokens per example.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per strategy.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Maximum tokens per example.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     lr_for: Annotated[Optional[list[str]], typer.Option(help="METHOD=LR learning-rate override (repeatable).")] = None,
     set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE method option (repeatable).")] = None,
     reference_data: Annotated[Optional[str], typer.Option(help="General prose for forgetting (default: BBC articles).")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the recommendation, e.g. 24GB.")] = None,
-    tasks: Annotated[Optional[int], typer.Option(help="How many tasks you will serve (K).")] = None,
+    tasks: Annotated[Optional[int], typer.Option(min=1, help="How many tasks you will serve (K).")] = None,
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
@@ -225,14 +231,15 @@ def compare(
                               batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
                               reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
                               priority=priority, device=device, output=output))
+    leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
     run_compare(opts)
 
 
 @app.command()
 def plan(
     model: Annotated[str, typer.Option(help="Local HF model dir, alias, or a config.json (no weights needed).")],
-    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Micro-batch size.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cuda or cpu: where training would run.")] = "cuda",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations.")] = False,
@@ -266,15 +273,16 @@ def serve(
     model: Annotated[str, typer.Option(help="Base model dir or alias (loaded once, frozen).")],
     adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR of an adapter to load (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     adapter_root: Annotated[Optional[Path], typer.Option(help="Dir of adapters loaded on demand by name.")] = None,
-    max_adapters: Annotated[int, typer.Option(help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
-    max_rank: Annotated[int, typer.Option(help="Refuse adapters of a higher rank.")] = 64,
-    max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
+    max_rank: Annotated[int, typer.Option(min=1, help="Refuse adapters of a higher rank.")] = 64,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
     merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
 ) -> None:
     """Serve one frozen base with many adapters (mixed-adapter batches) behind an OpenAI-compatible API."""
+    from tunelab.artifacts import check_adapter_dir
     from tunelab.serve.server import serve as run_server
 
     adapters = {}
@@ -282,9 +290,20 @@ def serve(
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {pair!r}: expected NAME=DIR")
-        adapters[name] = Path(path)
+        adapters[name] = check_adapter_dir(path)
+    _check_listen_address(host, port)
     run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
                max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge)
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """`--host` must name an address of this machine's resolver, checked before the model loads."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r}: not an address to listen on ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,9 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, not only before the subcommand
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    leaves("nothing was written")
     try:
-        app(args=argv, prog_name="tunelab", standalone_mode=False)
-        return 0
+        with raising_signals():
+            code = app(args=argv, prog_name="tunelab", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # the CLI library returns an interrupted command's code
+    except Interrupted as e:
+        print(f"error: {message(e)}", file=sys.stderr)
+        return e.exit_code
     except TunelabError as e:
         if debug:
             raise
@@ -306,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the system refused (permissions, read-only or full disk) that no check named
         if debug or e.filename is None:
             raise
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {e.filename}", file=sys.stderr)
+            return 2
         print(f"error: {e.filename}: {e.strerror or e}; expected a path tunelab can read and write", file=sys.stderr)
         return 2
     except Exception as e:

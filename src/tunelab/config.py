@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.validation import parse_model
+from tunelab.yamlio import load_no_alias
 
 Task = Literal["causal-lm", "classification"]
 
@@ -98,7 +99,7 @@ def parse_set(pairs: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected key=value")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key.strip()] = load_no_alias(raw, f"--set {key.strip()}") if raw.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out
@@ -110,7 +111,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: is a directory, expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_no_alias(p.read_text(), str(p)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -7,12 +7,13 @@ a rename, so a reader sees the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ResourceError, TunelabError
 
 
 def fsync_path(path: Path) -> None:
@@ -51,15 +52,39 @@ def read_json_object(path: str | Path, error: type[TunelabError]) -> dict[str, A
     return loads_object(text, str(p), error)
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, or safetensors' error for it (safetensors reports I/O errors as text, not as OSError)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return type(error).__name__ == "SafetensorError" and ("os error 28" in text or "StorageFull" in text)
+
+
+def disk_full(path: str | Path, kept: str = "the previous state is intact") -> ResourceError:
+    """The one-line error for a full disk while writing `path`."""
+    return ResourceError(f"disk full while writing {path}; {kept}, and no temp file is left")
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write `data` as indented JSON to `path` through a fsynced temp file and a rename."""
+    """Write `data` as indented JSON to `path` through a fsynced temp file and a rename (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a fsynced temp file and a rename, so a reader sees the old file or the new.
+
+    A full disk is a `ResourceError` naming `path`; the old file stays as it was and the temp file is removed.
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
         fsync_path(tmp)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(p) from None
         raise
     fsync_path(p.parent)

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from tunelab.defaults import MODEL_ALIASES, resolve_alias
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.jsonio import read_json_object
+from tunelab.weights_check import check_config_fits_weights
 
 TASKS = ("causal-lm", "classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,7 +150,8 @@ def check_weights(path: Path) -> list[Path]:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError, TypeError):
-            raise ArtifactError(f"{index}: not a valid safetensors index (expected a JSON object with weight_map)") from None
+            raise ArtifactError(f"{index}: not a valid safetensors index "
+                                f"(expected a JSON object with weight_map)") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise ArtifactError(f"{index}: lists shards that are missing: {', '.join(missing)}")
@@ -219,7 +221,7 @@ def load_model(spec: str | Path, task: str = "causal-lm", *, dtype: str | torch.
     path = resolve_spec(spec)
     config = read_config(path)
     check_remote_code(path, config, trust_remote_code)
-    check_weights(path)
+    check_config_fits_weights(path, config, check_weights(path), trust_remote_code)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     tokenizer = load_tokenizer(path, trust_remote_code)

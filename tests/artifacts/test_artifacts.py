@@ -95,7 +95,7 @@ def test_failed_write_keeps_previous_artifact(tokenizer, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(peft_format, "write_json", disk_full)  # after the weights file was written
-    with pytest.raises(ResourceError, match=f"{out}: disk full"):
+    with pytest.raises(ResourceError, match=f"disk full while writing {out}"):
         save_artifact(lora_model("llama", tokenizer, seed=2), tokenizer, "default", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]

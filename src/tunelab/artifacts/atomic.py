@@ -3,46 +3,51 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunelab.errors import ArtifactError, ResourceError
-from tunelab.jsonio import fsync_path
+from tunelab.artifacts.recovery import recover, temp_name
+from tunelab.errors import ArtifactError
+from tunelab.jsonio import disk_full, fsync_path, is_disk_full
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temp dir next to `out_dir`; on success fsync it and move it to `out_dir`.
 
-    An existing `out_dir` is replaced only after the new one is complete. On any failure the temp dir is
-    removed and `out_dir` is left as it was; a full disk becomes a `ResourceError` naming `out_dir`, any other
-    OS error an `ArtifactError` naming it.
+    An existing `out_dir` is replaced only after the new one is complete: the complete temp dir is renamed to
+    `.NAME.new-PID-*` first, so a kill between the two renames of the swap can be finished by the next start
+    (`tunelab.artifacts.recovery`), which this also runs on `out_dir`'s parent. On any failure the temp dir is
+    removed and `out_dir` is left as it was; a full disk (an OSError, or safetensors' error for it) becomes a
+    `ResourceError` "disk full while writing ...", any other OS error an `ArtifactError` naming it.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        recover(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise ArtifactError(f"{out}: cannot create it ({e.strerror or e}); expected a writable directory path") from None
+    ready = temp_name(out, "new")
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary dir
         yield tmp
         _fsync_tree(tmp)
-        replace_dir(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise ResourceError(f"{out}: disk full while writing it; the previous contents are intact") from None
-        raise ArtifactError(f"{out}: could not write it ({e.strerror or e}); the previous contents are intact") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, ready)  # complete: from here on a recovery may finish the swap
+        replace_dir(ready, out)
+    except BaseException as e:
+        for path in (tmp, ready):
+            shutil.rmtree(path, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full(out, "the previous contents are intact") from None
+        if isinstance(e, OSError):
+            raise ArtifactError(f"{out}: could not write it ({e.strerror or e}); the previous contents are "
+                                f"intact") from None
         raise
 
 
@@ -59,7 +64,7 @@ def replace_dir(tmp: Path, out: Path, aside: Path | None = None) -> None:
     """Move the complete `tmp` to `out`; an old `out` is moved to `aside` first and deleted afterwards."""
     old = None
     if out.exists():
-        old = aside or out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = aside or temp_name(out, "old")
         os.rename(out, old)
     os.rename(tmp, out)
     fsync_path(out.parent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ SIDECAR = "tunelab.json"
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; `ArtifactError` naming the file when it is missing, not JSON or not an object."""
+    """A JSON object from `path`; `ArtifactError` naming the file when it is missing, not JSON, nested too
+    deeply or not an object."""
     return read_json_object(path, ArtifactError)
 
 
@@ -41,6 +43,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they would turn every output into NaN."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{source}: tensor {key} holds NaN or inf values; expected finite weights")
+
+
+def check_finite_values(config: dict[str, Any], source: Path) -> None:
+    """Refuse a config whose numbers (lora_alpha, dropout, ...) are NaN or infinite, naming the key."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArtifactError(f"{source}: {key} is {value}; expected a finite number")
 
 
 def write_sidecar(out_dir: Path, model, method: str, options: dict[str, Any], label_names: list[str] | None) -> None:

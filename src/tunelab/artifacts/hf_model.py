@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.artifacts.files import read_safetensors, read_sidecar, write_sidecar
+from tunelab.artifacts.files import check_finite, read_safetensors, read_sidecar, write_sidecar
 from tunelab.artifacts.peft_format import inject_and_load
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import all_methods, get_method
@@ -31,7 +31,10 @@ def write_model(out_dir: Path, model: nn.Module, tokenizer=None, *, label_names:
     if label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {n: i for i, n in enumerate(label_names)}
-    model.save_pretrained(out_dir, max_shard_size="5GB")
+    from tunelab.models import _progress_bars_on_terminal_only
+
+    with _progress_bars_on_terminal_only():  # an error while writing stays one line on a piped stderr
+        model.save_pretrained(out_dir, max_shard_size="5GB")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if method is not None:
@@ -45,7 +48,9 @@ def read_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{model_dir}: no model*.safetensors weights found")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(read_safetensors(f))
+        tensors = read_safetensors(f)
+        check_finite(tensors, f)
+        weights.update(tensors)
     return weights
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from tunelab.artifacts.files import read_json, read_sidecar
 from tunelab.artifacts.hf_model import CONFIG as MODEL_CONFIG, whole_model_method
 from tunelab.artifacts.peft_format import CONFIG as ADAPTER_CONFIG, method_for_config
+from tunelab.artifacts.recovery import recover
 from tunelab.errors import ArtifactError
 
 TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}  # PEFT's task_type -> tunelab's task
@@ -52,8 +53,12 @@ class ArtifactInfo:
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file."""
+    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file.
+
+    A replacement of it that a killed run left half-done is finished or rolled back first (one line logged).
+    """
     path = Path(adapter_dir)
+    recover(path.parent, path.name)
     if not path.is_dir():
         raise ArtifactError(f"{path}: adapter directory not found" if not path.exists()
                             else f"{path}: is a file, expected an adapter directory")

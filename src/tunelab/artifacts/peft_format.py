@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.artifacts.files import read_json, read_safetensors, read_sidecar, write_json, write_sidecar
+from tunelab.artifacts.files import (check_finite, check_finite_values, read_json, read_safetensors, read_sidecar,
+                                     write_json, write_sidecar)
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import all_methods
 from tunelab.methods.base import Method, adapter_state
@@ -96,6 +98,7 @@ def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: 
     """
     config_path = adapter_dir / CONFIG
     config = read_json(config_path)
+    check_finite_values(config, config_path)
     try:
         options = method.options_from_config(config)
     except ConfigError as e:
@@ -104,9 +107,34 @@ def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: 
         err = e.errors()[0]
         raise ConfigError(f"{config_path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     weights_path = adapter_dir / WEIGHTS
-    inject_and_load(model, method, options, read_safetensors(weights_path), name,
-                    config_source=config_path, weights_source=weights_path)
+    weights = read_safetensors(weights_path)
+    check_finite(weights, weights_path)
+    check_rank(config, weights, config_path, weights_path)  # before the injection allocates r-sized matrices
+    inject_and_load(model, method, options, weights, name, config_source=config_path, weights_source=weights_path)
     return name
+
+
+RANK_DIM = ((re.compile(r"(^|\.)lora_(embedding_)?A(\.|$)"), 0), (re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)"), -1))
+
+
+def check_rank(config: dict, weights: dict, config_path: Path, weights_path: Path) -> None:
+    """The config's `r` must be a dimension of every saved low-rank tensor (lora_A: [r, in], lora_B: [out, r]).
+
+    Checked on the tensors already read, before anything of size `r` is allocated: a config claiming r = 2^40,
+    or 3,000,000 over rank-8 tensors, is refused in one line instead of exhausting memory. (Other misfits, such
+    as a transposed tensor, are named by the loader against the model's own shapes.)
+    """
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or config.get("rank_pattern"):
+        return
+    for key, tensor in weights.items():
+        for pattern, dim in RANK_DIM:
+            if tensor.ndim >= 2 and pattern.search(key) and r not in tensor.shape:
+                needed = list(tensor.shape)
+                needed[dim] = r
+                raise ArtifactError(f"{weights_path}: {key} has shape {tuple(tensor.shape)}, the base model "
+                                    f"needs {tuple(needed)} (r = {r} in {config_path}); expected the r the weights "
+                                    f"were saved with")
 
 
 def inject_and_load(model: nn.Module, method: Method, options, weights: dict, name: str, *,

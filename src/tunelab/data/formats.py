@@ -112,7 +112,7 @@ def messages_field(row: dict, where: str) -> list[dict[str, str]]:
     if isinstance(messages, str):  # CSV stores the list as JSON text
         try:
             messages = json.loads(messages)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DataError(f"{where}: field 'messages' expected a JSON list of {{role, content}}, found text") from None
         messages = field({"messages": messages}, "messages", where, (list,))
     for i, message in enumerate(messages):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,12 @@ import pyarrow.parquet as pq
 
 from tunelab import defaults
 from tunelab.errors import DataError
+from tunelab.jsonio import loads_object
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
+# The longest row (a JSONL line, a CSV cell) read, in characters: far above any seq_len's worth of text, and
+# small enough that tokenizing one row cannot exhaust memory.
+MAX_ROW_CHARS = 16 * 1024 * 1024
 DEFAULT_SPECS = ("default", "default:prose")
 
 
@@ -45,6 +48,9 @@ def read_source(spec: str | Path, task: str) -> Table:
                         f"{' or '.join(DEFAULT_SPECS)}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a .jsonl, .csv or .parquet file")
+    if not path.is_file():  # a FIFO would block forever, a device such as /dev/zero never ends
+        raise DataError(f"{path}: not a regular file (a pipe, device or socket); expected a .jsonl, .csv or "
+                        f".parquet file")
     readers = {".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -83,12 +89,10 @@ def read_jsonl(path: Path) -> Table:
     for number, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, found {type(row).__name__}")
+        if len(line) > MAX_ROW_CHARS:
+            raise DataError(f"{path} line {number}: row of {len(line)} characters is over the limit of "
+                            f"{MAX_ROW_CHARS} per row; split or shorten it")
+        row = loads_object(line, f"{path} line {number}", DataError)
         if not table.rows:
             table.columns = list(row)
         table.rows.append((f"{path} line {number}", row))
@@ -97,13 +101,17 @@ def read_jsonl(path: Path) -> Table:
 
 def read_csv(path: Path) -> Table:
     """A CSV file with a header row; every value is a string (a `messages` cell holds JSON text)."""
+    previous_limit = csv.field_size_limit(MAX_ROW_CHARS)  # the default 128 KiB is far below a JSONL row's
+    rows: list = []
     try:
         # newline="": records end at \n, \r\n or \r only (not U+2028), and quoted cells keep their line breaks
         reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
         columns = list(reader.fieldnames or [])
-        rows = [(f"{path} row {i}", _csv_row(row)) for i, row in enumerate(reader, 1)]
+        rows.extend((f"{path} row {i}", _csv_row(row)) for i, row in enumerate(reader, 1))
     except csv.Error as e:
-        raise DataError(f"{path}: not valid CSV ({e})") from None
+        raise DataError(f"{path} row {len(rows) + 1}: not valid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     return Table(str(path), columns, rows)
 
 

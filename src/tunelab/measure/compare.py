@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from tunelab.measure.plan import plan
 from tunelab.measure.portability import portability_record
 from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
+from tunelab.interrupts import PARENT_PID_ENV, raising_signals
+from tunelab.measure.compare_reuse import remove_reports, reusable_result
 from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
                                     detect_versions)
 from tunelab.methods import all_methods, get_method
@@ -88,6 +89,10 @@ def select_methods(opts: CompareOptions) -> list:
     names = opts.methods if opts.methods is not None else list(all_methods())
     if not names:
         raise ConfigError("--methods: expected at least one method name, found none")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--methods: {', '.join(repeated)} listed more than once; expected each method once "
+                          f"(one run dir per method)")
     chosen = [get_method(n) for n in names]
     for flag, per_method in (("--lr-for", opts.lr_for), ("--set-for", opts.options_for)):
         for name in per_method:
@@ -123,13 +128,17 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     methods = select_methods(opts)
     configs = [strategy_config(opts, m, out / "runs" / m.name) for m in methods]
     out.mkdir(parents=True, exist_ok=True)
-    with _sigterm_exits(), CompareProgress(console, len(methods)) as progress:
+    remove_reports(out)  # an earlier compare's report must not sit beside this one's unfinished runs
+    reused: list[str] = []
+    with raising_signals(), CompareProgress(console, len(methods)) as progress:
         progress.status("baseline: scoring the base model on the reference prose")
         reference = out / "runs" / "_baseline" / "reference.json"
         baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent))
         reference = reference if baseline.reference_perplexity is not None else None
-        strategies = [_run_strategy(opts, method, cfg, baseline, reference, progress)
+        strategies = [_run_strategy(opts, method, cfg, baseline, reference, progress, reused)
                       for method, cfg in zip(methods, configs)]
+    if reused:
+        console.print(f"reused finished strategies (same config, model and data): {', '.join(reused)}")
     results = CompareResults(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
         hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=baseline,
@@ -142,36 +151,28 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     return results
 
 
-def _run_strategy(opts: CompareOptions, method, cfg, baseline, reference: Path | None, progress) -> StrategyResult:
-    """Train one strategy in a fresh worker, following its metrics for the display; never raises for its errors."""
+def _run_strategy(opts: CompareOptions, method, cfg, baseline, reference: Path | None, progress,
+                  reused: list[str]) -> StrategyResult:
+    """Train one strategy in a fresh worker, following its metrics for the display; never raises for its errors.
+
+    A strategy that an earlier compare into the same output dir finished on the same job and inputs is reused
+    (its name is appended to `reused`); any other leftover run dir is removed first.
+    """
     run_dir = Path(cfg.output)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
     job = {"run": cfg.model_dump(mode="json"), "artifact": method.artifact,
            "reference_file": str(reference) if reference else None}
+    previous = reusable_result(run_dir, job)
+    if previous is not None:
+        reused.append(method.name)
+        return strategy_record(method, cfg, run_dir, previous, baseline, opts.warmup_steps_excluded)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     with progress.strategy(method.name, opts.max_steps) as bar:
         worker = _run_worker("strategy", job, run_dir, poll=lambda: bar.update(follower.new_records()),
                              timeout_s=opts.timeout_s)
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     return strategy_record(method, cfg, run_dir, worker, baseline, opts.warmup_steps_excluded)
-
-
-@contextlib.contextmanager
-def _sigterm_exits():
-    """Turn SIGTERM into SystemExit while the compare runs, so the running worker is killed on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _baseline_job(opts: CompareOptions, reference_file: Path) -> dict:
@@ -187,9 +188,10 @@ def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float
     job_path.write_text(json.dumps(job, indent=1))
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", WORKER_MODULE, kind, str(job_path), str(result_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", PARENT_PID_ENV: str(os.getpid())}
     with open(job_dir / "worker.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # its own process group: a Ctrl-C at the terminal reaches the parent, which then kills the whole group
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
         timed_out = _wait(proc, poll, timeout_s)
     if poll:
         poll()
@@ -204,7 +206,9 @@ def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float
 def _wait(proc: subprocess.Popen, poll, timeout_s: float | None) -> bool:
     """Wait for `proc`, calling `poll` twice a second; kill it past `timeout_s`. Returns whether it timed out.
 
-    If the parent stops (Ctrl-C, SIGTERM, an error), the worker is killed too: no training outlives the compare.
+    If the parent stops (Ctrl-C, SIGTERM, an error), the worker's process group is killed too: no training
+    outlives the compare. A parent killed with -9 cannot do this; the worker then dies by its parent-death
+    signal (`tunelab.interrupts.die_with_parent`).
     """
     start = time.monotonic()
     try:
@@ -212,14 +216,24 @@ def _wait(proc: subprocess.Popen, poll, timeout_s: float | None) -> bool:
             if poll:
                 poll()
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                proc.kill()
+                _kill_group(proc)
                 return True
             time.sleep(0.5)
         return False
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_group(proc)
         proc.wait()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker and anything it started (its process group)."""
+    if proc.returncode is not None or proc.poll() is not None:
+        return  # never signal a pid already reaped (it may be reused)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:  # a group leader (as `_run_worker` starts it)
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
 
 
 def _exit_reason(returncode: int, log_path: Path) -> str:

@@ -23,6 +23,7 @@ from tunelab.measure.forgetting import (load_examples, reference_examples, save_
 from tunelab.measure.portability import load_trained
 from tunelab.models import load_model
 from tunelab.train import train
+from tunelab.interrupts import die_with_parent
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     strategy, then measure forgetting and attach time on what it wrote). Errors are written to the result, with
     `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
     """
+    die_with_parent()  # a compare killed with -9 takes its worker with it
     kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
     job = read_json_object(job_path, ConfigError)
     try:

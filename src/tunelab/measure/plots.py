@@ -113,12 +113,16 @@ PLOTS = {"loss_curves": loss_curves, "quality_vs_memory": quality_vs_memory,
 
 
 def make_plots(results: CompareResults, out_dir: Path) -> dict[str, Path]:
-    """Draw every plot that has data into `out_dir` as `<name>.png`; returns {name: path} of those drawn."""
+    """Draw every plot that has data into `out_dir` as `<name>.png`; returns {name: path} of those drawn.
+
+    The dir is written whole or not at all (`atomic_dir`): a full disk leaves no half-drawn plot behind.
+    """
+    from tunelab.artifacts.atomic import atomic_dir
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     drawn = {}
-    for name, draw in PLOTS.items():
-        path = draw(results.strategies, out_dir / f"{name}.png")
-        if path is not None:
-            drawn[name] = path
+    with atomic_dir(out_dir) as tmp:
+        for name, draw in PLOTS.items():
+            if draw(results.strategies, tmp / f"{name}.png") is not None:
+                drawn[name] = out_dir / f"{name}.png"
     return drawn

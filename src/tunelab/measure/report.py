@@ -13,6 +13,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from tunelab.jsonio import write_text_atomic
 from tunelab.measure.plots import make_plots
 from tunelab.measure.portability import human_bytes
 from tunelab.measure.schema import TASK_COUNTS, CompareResults, StrategyResult
@@ -183,7 +184,7 @@ def write_markdown(results: CompareResults, path: Path, plots: dict[str, Path]) 
              memory_source_note(results), ""]
     parts += [f"![{name}]({p.relative_to(path.parent).as_posix()})" for name, p in plots.items()]
     parts += ["", "## Run", ""] + [f"- **{label}**: {text}" for label, text in _details(results)]
-    path.write_text("\n".join(parts) + "\n")
+    write_text_atomic(path, "\n".join(parts) + "\n")
     return path
 
 
@@ -206,8 +207,8 @@ def write_html(results: CompareResults, path: Path, plots: dict[str, Path]) -> P
             *(f"<li>{esc(line[2:])}</li>" for line in rec[1:]), "</ul>", table,
             f"<p>{esc(memory_source_note(results))}</p>", images, "<h2>Run</h2><ul>",
             *(f"<li><b>{esc(label)}</b>: {esc(text)}</li>" for label, text in _details(results)), "</ul>"]
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab compare</title>"
-                    f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    write_text_atomic(path, f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab compare</title>"
+                      f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
     return path
 
 

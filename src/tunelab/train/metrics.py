@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from tunelab.jsonio import fsync_path
+from tunelab.jsonio import disk_full, fsync_path, is_disk_full
 
 
 def _clean(value):
@@ -43,12 +43,20 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
-        """Append one record and flush it to the OS."""
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        """Append one record and flush it to the OS; a full disk is a `ResourceError` naming the file."""
+        try:
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path, "the records before this one are intact") from None
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the write that failed already said why; a second flush of it must not hide that
+            pass
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -8,14 +8,17 @@ import time
 from pathlib import Path
 
 from tunelab.artifacts import save_artifact
+from tunelab.artifacts.recovery import recover
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
+from tunelab.fingerprint import check_unchanged, fingerprints
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.evaluate import evaluate
 from tunelab.train.loop import CHECKPOINTS, Loop, LoopOutcome
 from tunelab.train.memory import peak_memory, reset_peak
 from tunelab.train.metrics import MetricsLog, read_metrics
 from tunelab.train.progress import ProgressBar
+from tunelab.train.rundir import refuse_finished, run_lock
 from tunelab.train.setup import Run, build_run
 from tunelab.train.signals import TrainingInterrupted, stop_signals
 from tunelab.train.state import TrainState, check_config, load_checkpoint, read_meta
@@ -35,13 +38,22 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
     Returns:
         The run summary that is also written to `cfg.output/run.json` (`status` "completed").
     """
-    started = time.perf_counter()
     out = Path(cfg.output)
+    with run_lock(out, resume=cfg.resume):  # one writer per run dir, for the life of the run
+        return _train_locked(cfg, out, progress)
+
+
+def _train_locked(cfg: RunConfig, out: Path, progress: bool) -> dict:
+    started = time.perf_counter()
     resume_from = prepare_output(cfg, out, out / CHECKPOINTS)
+    prints = fingerprints(cfg.model, cfg.data)
     run = build_run(cfg)
     state = TrainState()
     if resume_from is not None:
+        check_unchanged(read_meta(resume_from).get("fingerprints"), prints, cfg.model, cfg.data, str(resume_from),
+                        cfg.force)
         state = load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device)
+    state.fingerprints = prints
     reset_peak(run.device)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume_from else None)
     try:
@@ -60,17 +72,19 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
 def prepare_output(cfg: RunConfig, out: Path, root: Path) -> Path | None:
     """Check the output dir before any model loads; return the checkpoint to resume from, if resuming.
 
-    A fresh run refuses an output dir that already holds checkpoints (they would mix with the new run's),
-    unless `cfg.overwrite`, which deletes them. Temp dirs of saves that died midway are removed either way.
+    A fresh run refuses an output dir that already holds checkpoints (they would mix with the new run's) or a
+    finished run, unless `cfg.overwrite`, which replaces them. Temp dirs of saves that died midway are removed
+    either way, and a half-done artifact swap is finished or rolled back.
     """
+    recover(out)
     if cfg.resume:
         return find_resume_checkpoint(cfg, out, root)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(root)
     existing = ckpt.complete_steps(root)
     if existing and not cfg.overwrite:
         raise ConfigError(f"{root}: holds checkpoints of an earlier run (newest {existing[0].name}); pass --resume "
                           f"to continue it, or --overwrite to start over and delete them")
+    refuse_finished(out, cfg.overwrite)
     if existing:
         shutil.rmtree(root)
     (out / "run.json").unlink(missing_ok=True)  # a summary of an earlier run must not describe this one
@@ -147,6 +161,7 @@ def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: flo
         "data": {k: run.dataset.stats.get(k) for k in ("rows", "skipped_empty", "truncated", "dropped")}
         | {"train_examples": len(run.dataset.train), "val_examples": len(run.dataset.val)},
         "versions": versions(),
+        "fingerprints": state.fingerprints,
         "device": str(run.device),
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
     }

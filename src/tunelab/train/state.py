@@ -39,6 +39,7 @@ class TrainState:
     position: DataPosition = field(default_factory=DataPosition)
     nan_skipped: int = 0
     elapsed: float = 0.0  # wall seconds of training before this process (resumed runs)
+    fingerprints: dict = field(default_factory=dict)  # the model and data by content (tunelab.fingerprint)
 
 
 @dataclass
@@ -79,6 +80,7 @@ def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, c
         "adapter_name": t.name,
         "result_hash": cfg.result_hash(),
         "result_values": cfg.result_values(),
+        "fingerprints": state.fingerprints,
         "saved_at": time.time(),
     }
     meta_bytes = json.dumps(meta).encode()
@@ -101,8 +103,15 @@ def read_meta(path: Path) -> dict:
 
 
 def check_config(meta: dict, cfg: RunConfig, path: Path) -> None:
-    """Refuse to resume when a result-affecting key changed (unless `cfg.force`); the error lists them."""
-    saved, now = meta.get("result_values", {}), cfg.result_values()
+    """Refuse to resume when a result-affecting key changed (unless `cfg.force`); the error lists them.
+
+    The model and data are not compared by path spelling when the checkpoint has their fingerprints: `train`
+    compares those by content once the data has been read (so bad data gets its own error first).
+    """
+    saved, now = dict(meta.get("result_values", {})), cfg.result_values()
+    if meta.get("fingerprints"):
+        for key in ("model", "data"):
+            saved.pop(key, None), now.pop(key, None)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed and not cfg.force:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
