@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import safetensors.torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.artifacts.files import (check_finite, check_finite_values, read_json, read_safetensors, read_sidecar,
@@ -28,7 +28,7 @@ def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
         config["base_model_name_or_path"] = str(base_model)
     # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in method.state_dict(model, name).items()}
-    save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
+    safetensors.torch.save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})  # module attribute: tests inject a full disk
     write_json(out_dir / CONFIG, config)
     write_sidecar(out_dir, model, method.name, options.model_dump(), label_names)
 
