@@ -194,3 +194,43 @@ def test_docs_are_served_only_when_asked(make_service):
         assert [http.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
     with running(create_app(service, docs=True)) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert [http.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200] * 3
+
+
+@pytest.mark.parametrize("host, env_key, warned", [("0.0.0.0", None, True), ("0.0.0.0", "k", False),
+                                                   ("127.0.0.1", None, False), ("::1", None, False)])
+def test_open_host_without_a_key_warns_in_one_line(monkeypatch, caplog, host, env_key, warned):
+    from tunelab.serve import server
+
+    keys = []
+
+    def stop_here(*a, **k):  # the key and the warning are settled before the model loads
+        raise SystemExit
+
+    monkeypatch.setattr(server, "build_service", stop_here)
+    monkeypatch.setattr(server, "create_app", lambda service, **kw: keys.append(kw["api_key"]))
+    if env_key:
+        monkeypatch.setenv("TUNELAB_API_KEY", env_key)
+    else:
+        monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    with caplog.at_level("WARNING", logger="tunelab.serve"), pytest.raises(SystemExit):
+        server.serve("m", {}, host=host)
+    lines = [r.getMessage() for r in caplog.records if "no --api-key" in r.getMessage()]
+    assert len(lines) == int(warned) and all("\n" not in line and host in line for line in lines)
+
+
+# --- connections that hold descriptors --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-"])
+def test_stalled_headers_close_the_connection(make_service, monkeypatch, sent):
+    import socket
+
+    from tunelab.serve import server
+
+    monkeypatch.setattr(server.HeaderDeadlineProtocol, "header_timeout_s", 0.5)
+    with running(create_app(make_service())) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(sent)
+            assert sock.recv(4096) == b""  # closed by the server, well before the 5 s socket timeout
+        with httpx.Client(base_url=url, timeout=10) as http:  # a prompt client is served as before
+            assert http.get("/health").status_code == 200
