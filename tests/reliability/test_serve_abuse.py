@@ -234,3 +234,38 @@ def test_stalled_headers_close_the_connection(make_service, monkeypatch, sent):
             assert sock.recv(4096) == b""  # closed by the server, well before the 5 s socket timeout
         with httpx.Client(base_url=url, timeout=10) as http:  # a prompt client is served as before
             assert http.get("/health").status_code == 200
+
+
+# --- adapters whose numbers are not finite ----------------------------------------------------------------------
+
+@pytest.fixture
+def non_finite_root(tmp_path, adapter_root):
+    """Copies of adapter a: one with a NaN in a weight, one with lora_alpha = Infinity in its config."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "root"
+    for name in ("fine", "nanweights", "infalpha"):
+        shutil.copytree(adapter_root / "a", root / name)
+    weights = root / "nanweights" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, weights)
+    cfg = root / "infalpha" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_alpha": float("inf")}))
+    return root, first
+
+
+def test_non_finite_adapters_are_refused_naming_the_tensor_or_key(make_service, non_finite_root):
+    root, tensor = non_finite_root
+    service = make_service(adapter_root=root)
+    with running(create_app(service)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        ask = {"prompt": "hello", "max_tokens": 4, "temperature": 0.8}
+        message = _error(http.post("/v1/completions", json={**ask, "model": "nanweights"}), 400, "model")
+        assert f"tensor {tensor!r}" in message and "NaN or infinite" in message
+        message = _error(http.post("/v1/completions", json={**ask, "model": "infalpha"}), 400, "model")
+        assert "key 'lora_alpha' is not a finite number" in message
+        assert [a.name for a in service.registry.loaded()] == []
+        assert _text(http.post("/v1/completions", json={**ask, "model": "fine"}))

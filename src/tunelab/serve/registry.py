@@ -27,6 +27,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.base import adapter_state
 from tunelab.serve.adapter_files import inspect_adapter, mixed_batch_ok, public_message
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
+from tunelab.serve.finite import check_finite
 
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -130,6 +131,7 @@ class AdapterRegistry:
             if adapter is None or not adapter.given:  # root adapters are located afresh on every load
                 adapter = Adapter(name, self._locate(name))
             method = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
+            check_finite(name, adapter.path)
             self._make_room()
             self._attach(adapter, method)
             with self._meta:
