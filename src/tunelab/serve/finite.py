@@ -47,13 +47,13 @@ def check_finite(name: str, path: Path) -> None:
         return
 
 
-def non_finite_key(value: Any, where: str = "") -> str | None:
-    """The dotted key of the first NaN or infinite number in a JSON value, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where or "(top level)"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        found = non_finite_key(v, f"{where}.{k}" if where else str(k))
-        if found is not None:
-            return found
+def non_finite_key(value: Any) -> str | None:
+    """The dotted key of the first NaN or infinite number in a JSON value, or None (iterative: any depth)."""
+    stack = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where or "(top level)"
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack.extend(reversed([(f"{where}.{k}" if where else str(k), v) for k, v in children]))
     return None
