@@ -31,6 +31,7 @@ from tunelab.serve.finite import check_finite
 
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NAME_CHARS = 256
 
 
 @dataclass
@@ -48,7 +49,9 @@ class Adapter:
 
 
 def check_name(name: str) -> None:
-    """Refuse a public adapter name that is not a relative path of plain parts (letters, digits, `._-`)."""
+    """Refuse a public adapter name that is not a short relative path of plain parts (letters, digits, `._-`)."""
+    if len(name) > MAX_NAME_CHARS:  # the OS would refuse the path (ENAMETOOLONG) after work it need not do
+        raise AdapterRejected(f"adapter name of {len(name)} characters: expected at most {MAX_NAME_CHARS}")
     if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or name[:1] in "/\\":
         raise AdapterRejected(f"adapter name {name!r}: expected a name relative to the adapter root, "
                               "found an absolute path")
