@@ -103,6 +103,29 @@ def test_a_row_whose_sampling_raises_ends_alone(make_service, adapter_root, toke
     assert [futures[i].result(timeout=60).token_ids for i in (0, 2)] == [r.token_ids for r in alone]
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1e-45, 1.0), (5e-4, 0.9), (float("nan"), 1.0), (1.0, 0.0),
+                                                (1.0, float("nan"))])
+def test_degenerate_sampling_numbers_are_greedy(temperature, top_p):
+    import torch
+
+    from tunelab.serve.sampling import next_token, row_generator
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 30
+    assert next_token(logits, temperature, top_p, row_generator(0)) == int(torch.argmax(logits))
+
+
+def test_nan_logits_fail_their_row_with_a_clear_error():
+    import torch
+
+    from tunelab.serve.sampling import SamplingError, next_token, row_generator
+
+    masked = torch.tensor([0.0, float("-inf"), 2.0])  # -inf is only a token that cannot be chosen
+    assert next_token(masked, 1.0, 1.0, row_generator(0)) in (0, 2)
+    for bad in (torch.tensor([0.0, float("nan")]), torch.tensor([0.0, float("inf")])):
+        with pytest.raises(SamplingError, match="NaN or infinite"):
+            next_token(bad, 0.0, 1.0, row_generator(0))
+
+
 # --- inputs that must be 400s naming the field --------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, param, words", [

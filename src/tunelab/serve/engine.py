@@ -154,9 +154,10 @@ class Engine:
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
         """Raise `BadRequest` naming the field when `req` cannot be generated within the server's limits."""
-        for param, value, low in (("temperature", req.temperature, 0.0), ("top_p", req.top_p, 1e-9)):
-            if not (math.isfinite(value) and value >= low):
-                raise BadRequest(f"{param}: expected a finite number of at least {low:g}, found {value}", param=param)
+        if not (math.isfinite(req.temperature) and req.temperature >= 0):
+            raise BadRequest(f"temperature: expected a finite number >= 0, found {req.temperature}", param="temperature")
+        if not 0 < req.top_p <= 1:
+            raise BadRequest(f"top_p: expected a number in (0, 1], found {req.top_p}", param="top_p")
         if not req.prompt_ids:
             raise BadRequest("prompt: expected at least one token, found an empty prompt", param="prompt")
         if not 1 <= req.max_tokens <= self.max_tokens_limit:

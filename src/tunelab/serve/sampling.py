@@ -15,7 +15,7 @@ MIN_TEMPERATURE = 1e-3
 
 
 class SamplingError(ValueError):
-    """One row's numbers cannot be sampled from (non-finite logits or probabilities); that row alone fails."""
+    """One row's logits cannot be sampled from (NaN or +inf); that row alone fails."""
 
 
 def row_generator(seed: int | None) -> torch.Generator:
@@ -34,11 +34,11 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
     A temperature below `MIN_TEMPERATURE` (0 included) is greedy (argmax). Otherwise the logits are divided by
     the temperature and sampled from the smallest set of tokens whose probability reaches `top_p` (nucleus
     sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"); a `top_p` of 0 or less (or
-    NaN) is greedy too, one above 1 is 1. Raises `SamplingError` for non-finite logits.
+    NaN) is greedy too, one above 1 is 1. Raises `SamplingError` for NaN or +inf logits.
     """
     logits = logits.float()
-    if not bool(torch.isfinite(logits).all()):
-        raise SamplingError("the model's next-token scores for this request are not finite numbers")
+    if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):  # -inf is a token of probability 0
+        raise SamplingError("the model's next-token scores for this request are NaN or infinite")
     if not (temperature >= MIN_TEMPERATURE and top_p > 0):  # NaN compares False: greedy too
         return int(torch.argmax(logits))
     top_p = min(top_p, 1.0)
