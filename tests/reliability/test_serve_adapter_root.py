@@ -18,6 +18,7 @@ import pytest
 from serve.helpers import PROMPTS, adapter_root, base_dir, make_service, one_thread  # noqa: F401  (fixtures)
 
 from tunelab.serve.api import create_app
+from tunelab.serve.errors import AdapterRejected
 from tunelab.serve.server import running
 
 ASK = {"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
@@ -152,8 +153,8 @@ def test_link_loops_and_deep_json_are_400s_naming_the_adapter(make_service, odd_
 
 
 def test_adapter_files_are_read_only_through_the_opened_directory(tmp_path, adapter_root):
-    """The copy holds exactly the adapter's regular files, byte for byte; sub-directories are never read."""
-    from tunelab.serve.confine import adapter_copy
+    """The copy holds exactly the adapter's files the loader reads, byte for byte; nothing else is read."""
+    from tunelab.serve.confine import COPIED, adapter_copy
 
     root = tmp_path / "root"
     shutil.copytree(adapter_root / "a", root / "team" / "a")
@@ -162,9 +163,10 @@ def test_adapter_files_are_read_only_through_the_opened_directory(tmp_path, adap
     with adapter_copy(root, "team/a", max_bytes=10**9) as copy:
         files = {p.name: p.read_bytes() for p in copy.iterdir()}
         assert oct(copy.stat().st_mode & 0o777) == "0o700"
-    assert files == {p.name: p.read_bytes() for p in (root / "team" / "a").iterdir() if p.is_file()}
+    assert files == {p.name: p.read_bytes() for p in (root / "team" / "a").iterdir() if p.name in COPIED}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert not copy.exists()
-    with pytest.raises(Exception, match="more than 10 bytes"):
+    with pytest.raises(AdapterRejected, match="file adapter_model.safetensors has more than 10 bytes"):
         with adapter_copy(root, "team/a", max_bytes=10):
             pass
     assert json.loads((root / "team" / "a" / "adapter_config.json").read_text())  # the source is untouched

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tunelab.errors import ArtifactError
+from tunelab.jsonio import read_json_object
 
 # tunelab's own notes on an artifact (which method wrote it, the label names of a classifier). Loaders of the
 # HF ecosystem ignore this file; everything they need is in their own files.
@@ -19,15 +20,7 @@ SIDECAR = "tunelab.json"
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; `ArtifactError` naming the file when it is missing, not JSON or not an object."""
-    if not path.is_file():
-        raise ArtifactError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, ArtifactError)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

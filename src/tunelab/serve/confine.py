@@ -8,10 +8,11 @@ descriptors, never names:
   time with `O_NOFOLLOW` (no link below the root is followed at all);
 - its files are listed and opened through that directory's descriptor with `O_NOFOLLOW`, and `fstat` checks
   that what was opened is a regular file (a link swapped in after the listing fails to open);
-- what was read is copied into a private directory (mode 0700), which is what the loader then reads.
+- the files tunelab's adapter loader reads (`COPIED`) are copied into a private directory (mode 0700), which
+  is what the checks and the loader then read; the directory's other files are listed and checked, never read.
 
 The walk is bounded: an adapter directory holds a handful of files, so one holding more than `MAX_ENTRIES`
-entries is refused after reading that many names, and a file over the byte limit after that many bytes.
+entries is refused after reading that many names, and a file over its byte limit after that many bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from pathlib import Path
 from tunelab.serve.errors import AdapterRejected, ModelNotFound
 
 MAX_ENTRIES = 64
+MAX_JSON_BYTES = 16 * 2**20
+# what the loader reads, with each file's byte limit (None: the weights' limit given to `adapter_copy`)
+COPIED = {"adapter_config.json": MAX_JSON_BYTES, "tunelab.json": MAX_JSON_BYTES, "config.json": MAX_JSON_BYTES,
+          "adapter_model.safetensors": None}
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH = 0x02, 0x08
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -38,15 +43,17 @@ _CHUNK = 1 << 20
 
 @contextlib.contextmanager
 def adapter_copy(root: Path, name: str, max_bytes: int) -> Iterator[Path]:
-    """A private copy of the regular files of adapter `name` under `root`, read as the module docstring says.
+    """A private copy of adapter `name`'s files under `root` (those in `COPIED`), read as the module says.
 
     `name` must already have passed `registry.check_name`. Raises `ModelNotFound` when there is no such
     directory, `AdapterRejected` naming the adapter when it leads out of the root, holds a link or a special
-    file, more than `MAX_ENTRIES` entries or a file over `max_bytes`. The copy is removed on leaving.
+    file, more than `MAX_ENTRIES` entries, a weights file over `max_bytes` or a JSON file over
+    `MAX_JSON_BYTES`. The copy is removed on leaving.
     """
     with _opened_dir(root, name) as dir_fd, tempfile.TemporaryDirectory(prefix="tunelab-adapter-") as tmp:
         for entry in _entries(dir_fd, name):
-            _copy_file(dir_fd, entry, Path(tmp) / entry, name, max_bytes)
+            if entry in COPIED:
+                _copy_file(dir_fd, entry, Path(tmp) / entry, name, COPIED[entry] or max_bytes)
         yield Path(tmp)
 
 
@@ -140,6 +147,6 @@ def _copy_file(dir_fd: int, file: str, dest: Path, name: str, max_bytes: int) ->
             while chunk := src.read(_CHUNK):
                 copied += len(chunk)
                 if copied > max_bytes:
-                    raise AdapterRejected(f"adapter {name!r}: file {file} has more than {max_bytes} bytes, more "
-                                          "than the base model itself; expected a small adapter")
+                    raise AdapterRejected(f"adapter {name!r}: file {file} has more than {max_bytes} bytes; "
+                                          "expected a small adapter (weights smaller than the base model)")
                 out.write(chunk)

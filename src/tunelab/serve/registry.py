@@ -1,9 +1,10 @@
 """The adapters a server holds: where each comes from, which are loaded, and which are in use.
 
 Adapters come from `--adapter NAME=DIR` at start or, by name, from directories under `--adapter-root`.
-A requested name is a path below the root and nothing more: absolute paths, `..` parts and anything that
-resolves (symlinks followed) outside the root are refused before a file is opened, and so is an adapter
-directory holding a link that leads out of the root.
+A requested name is a short path below the root and nothing more: absolute paths and `..` parts are refused
+before anything is opened. A root adapter is then read through descriptors into a private copy
+(`confine.adapter_copy`), so nothing outside the root is read even while the root is being rewritten, and it
+is read and checked outside the one load lock: a slow or refused name delays no load of another name.
 
 At most `max_adapters` are loaded. Each request holds a reference on its adapter from `acquire` to `release`;
 loading one more evicts the least recently used adapter that no request holds, or refuses with `Busy` when
@@ -14,10 +15,12 @@ public names need not be valid module names.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -26,6 +29,7 @@ import torch
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.base import adapter_state
 from tunelab.serve.adapter_files import inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.confine import adapter_copy
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
 from tunelab.serve.finite import check_finite
 
@@ -63,27 +67,6 @@ def check_name(name: str) -> None:
     if bad is not None:
         raise AdapterRejected(f"adapter name {name!r}: part {bad!r} should be letters, digits, '.', '_' or '-' "
                               "(starting with a letter or digit)")
-
-
-def resolve_in_root(root: Path, name: str) -> Path:
-    """The directory of adapter `name` under `root`, after `check_name` and with symlinks resolved.
-
-    Raises `AdapterRejected` when it resolves outside `root`, `ModelNotFound` when it does not exist.
-    Only file-system metadata is read here, never file contents.
-    """
-    check_name(name)
-    real_root = root.resolve()
-    path = (real_root / name).resolve()
-    if not path.is_relative_to(real_root):
-        raise AdapterRejected(f"adapter name {name!r}: resolves outside the adapter root (a symbolic link); "
-                              "expected a directory inside it")
-    if not path.is_dir():
-        raise ModelNotFound(f"model {name!r}: no such adapter directory under the adapter root")
-    for entry in path.rglob("*"):
-        if not entry.resolve().is_relative_to(real_root):
-            raise AdapterRejected(f"adapter {name!r}: file {entry.relative_to(path)} links outside the "
-                                  "adapter root; expected the adapter's files inside it")
-    return path
 
 
 class AdapterRegistry:
@@ -127,20 +110,19 @@ class AdapterRegistry:
             return None
         if (key := self._hold(name)) is not None:
             return key
-        with self._load_lock:
-            if (key := self._hold(name)) is not None:  # loaded by the request we waited for
-                return key
-            adapter = self._known.get(name)
-            if adapter is None or not adapter.given:  # root adapters are located afresh on every load
-                adapter = Adapter(name, self._locate(name))
-            method = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
-            check_finite(name, adapter.path)
-            self._make_room()
-            self._attach(adapter, method)
-            with self._meta:
-                self._known[name] = adapter
-                adapter.refs, adapter.last_used = 1, next(self._clock)
-            return adapter.key
+        # the files are read and checked before the load lock: a slow or refused name delays no other load
+        with self._source(name) as (adapter, files):
+            method = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
+            check_finite(name, files)
+            with self._load_lock:
+                if (key := self._hold(name)) is not None:  # loaded meanwhile by another request
+                    return key
+                self._make_room()
+                self._attach(adapter, method, files)
+                with self._meta:
+                    self._known[name] = adapter
+                    adapter.refs, adapter.last_used = 1, next(self._clock)
+                return adapter.key
 
     def release(self, key: str | None) -> None:
         """Give back a hold taken by `acquire` (None, the base, is a no-op)."""
@@ -196,12 +178,21 @@ class AdapterRegistry:
             adapter.last_used = next(self._clock)
             return adapter.key
 
-    def _locate(self, name: str) -> Path:
+    @contextlib.contextmanager
+    def _source(self, name: str) -> Iterator[tuple[Adapter, Path]]:
+        """Adapter `name` and the directory its files are read from: an operator-given adapter's own directory,
+        or a private copy of a root adapter, read through descriptors (`confine.adapter_copy`) afresh on every
+        load. Raises `ModelNotFound` or `AdapterRejected` naming it."""
+        adapter = self._known.get(name)
+        if adapter is not None and adapter.given:
+            yield adapter, adapter.path
+            return
+        check_name(name)
         if self.adapter_root is None:
-            check_name(name)
             known = ", ".join([self.base_name, *(a.name for a in self.loaded())])
             raise ModelNotFound(f"model {name!r} not found; this server has no adapter root and serves: {known}")
-        return resolve_in_root(self.adapter_root, name)
+        with adapter_copy(self.adapter_root, name, max_bytes=self._base_bytes) as files:
+            yield Adapter(name, self.adapter_root / name), files
 
     def _make_room(self) -> None:
         """Evict the least recently used idle adapter when all slots are taken; `Busy` when none is idle."""
@@ -219,20 +210,20 @@ class AdapterRegistry:
                 del self._known[victim.name]
         self._detach(key)
 
-    def _attach(self, adapter: Adapter, method: str) -> None:
-        """Load the adapter's weights onto the model under a fresh key and probe mixed-batch support."""
+    def _attach(self, adapter: Adapter, method: str, files: Path) -> None:
+        """Load the adapter's weights from `files` onto the model under a fresh key; probe mixed-batch support."""
         from tunelab.artifacts import load_adapter
 
         key = next(self._keys)
         with self.lock:
             try:
-                load_adapter(self.model, adapter.path, key)
+                load_adapter(self.model, files, key)
             except Exception as err:  # a file tunelab's checks missed must not take the server down either
                 try:
                     self._detach(key)
                 except Exception:
                     log.exception("adapter %r: could not remove what a failed load left on the model", adapter.name)
-                reason = public_message(err, adapter.path, adapter.name)
+                reason = public_message(err, files, adapter.name)
                 if not isinstance(err, TunelabError):
                     reason = f"{type(err).__name__}: {reason}"
                 raise AdapterRejected(f"adapter {adapter.name!r}: cannot be loaded ({reason})") from None
