@@ -7,6 +7,7 @@ Live servers on loopback; every loop is bounded in count and time.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -55,7 +56,13 @@ class _Swapper(threading.Thread):
             self.swaps += 1
 
 
-def test_a_swapping_link_never_serves_the_adapter_outside_the_root(make_service, adapter_root, tmp_path):
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "part-walk"])
+def test_a_swapping_link_never_serves_the_adapter_outside_the_root(make_service, adapter_root, tmp_path,
+                                                                  monkeypatch, openat2):
+    if not openat2:  # as on a kernel without openat2: the O_NOFOLLOW walk
+        from tunelab.serve import confine
+
+        monkeypatch.setattr(confine, "_openat2", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")))
     outside, root = tmp_path / "outside", tmp_path / "root"
     shutil.copytree(adapter_root / "b", outside / "evil")
     shutil.copytree(adapter_root / "a", root / "x")
