@@ -92,12 +92,13 @@ def test_health_answers_while_every_request_waits(slow_live):
         try:
             for t in threads:
                 t.start()
-            wait_until(lambda: len(service.engine._pending) >= 39, what="a full queue")
-            time.sleep(0.2)
+            # 39 queued: as many as fill the 40 worker threads (one more waits in the held forward)
+            wait_until(lambda: len(service.engine._pending) >= 39, what="a full thread pool")
             with httpx.Client(base_url=url, timeout=2) as probe:
                 start = time.monotonic()
                 assert probe.get("/health").json() == {"status": "ok"}
                 assert time.monotonic() - start < 1.0
+                wait_until(lambda: len(service.engine._pending) == 55, what="all 55 queued")
                 ready = probe.get("/ready").json()
                 assert ready["queue_depth"] == 55 and ready["status"] == "ready"
                 assert "tunelab_queue_depth 55" in probe.get("/metrics").text
