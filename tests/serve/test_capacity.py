@@ -83,31 +83,33 @@ def test_clients_that_give_up_waiting_free_their_rows(slow_live):
 
 def test_health_answers_while_every_request_waits(slow_live):
     service, url, gate = slow_live
-    gate.close()  # the engine holds in its first forward; 56 completions queue behind it
     ask = {"model": service.base_name, "prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0}
     answers = []
     with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as http:
-        threads = [threading.Thread(target=lambda: answers.append(http.post("/v1/completions", json=ask)))
-                   for _ in range(56)]
+        post = lambda: answers.append(http.post("/v1/completions", json=ask))  # noqa: E731
+        threads = [threading.Thread(target=post) for _ in range(57)]
+        gate.close()
         try:
-            for t in threads:
+            threads[0].start()  # a lead request holds the engine in its first forward; 56 queue behind it
+            wait_until(lambda: gate.waiting == 1, what="the lead request's forward")
+            for t in threads[1:]:
                 t.start()
-            # 39 queued: as many as fill the 40 worker threads (one more waits in the held forward)
+            # 39 queued fill the 40 worker threads with the lead: a synchronous handler would wait for one
             wait_until(lambda: len(service.engine._pending) >= 39, what="a full thread pool")
             with httpx.Client(base_url=url, timeout=2) as probe:
                 start = time.monotonic()
                 assert probe.get("/health").json() == {"status": "ok"}
                 assert time.monotonic() - start < 1.0
-                wait_until(lambda: len(service.engine._pending) == 55, what="all 55 queued")
+                wait_until(lambda: len(service.engine._pending) == 56, what="all 56 queued")
                 ready = probe.get("/ready").json()
-                assert ready["queue_depth"] == 55 and ready["status"] == "ready"
-                assert "tunelab_queue_depth 55" in probe.get("/metrics").text
+                assert ready["queue_depth"] == 56 and ready["status"] == "ready"
+                assert "tunelab_queue_depth 56" in probe.get("/metrics").text
                 assert [m["id"] for m in probe.get("/v1/models").json()["data"]] == [service.base_name]
         finally:
             gate.open()
             for t in threads:
                 t.join(60)
-    assert [r.status_code for r in answers] == [200] * 56
+    assert [r.status_code for r in answers] == [200] * 57
 
 
 def test_ready_is_503_when_the_engine_is_stopped(make_service):
