@@ -145,7 +145,7 @@ def odd_root(tmp_path, adapter_root):
 
 @pytest.mark.parametrize("name, words", [
     ("loop", "file self is a symbolic link"),
-    ("selflink", "adapter"),
+    ("selflink", "symbolic link"),
     ("deepconfig", "adapter_config.json: JSON nested too deeply"),
     ("deepsidecar", "tunelab.json: JSON nested too deeply"),
 ])

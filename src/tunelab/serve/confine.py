@@ -107,9 +107,10 @@ def _openat2(dir_fd: int, path: str) -> int:
 def _dir_error(err: OSError, name: str) -> Exception:
     if err.errno == errno.ENOENT:
         return ModelNotFound(f"model {name!r}: no such adapter directory under the adapter root")
-    if err.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
-        return AdapterRejected(f"adapter name {name!r}: resolves outside the adapter root (a symbolic link) or "
-                               "is not a directory; expected a directory inside it")
+    what = {errno.EXDEV: "resolves outside the adapter root (a symbolic link)",
+            errno.ELOOP: "is a symbolic link that loops", errno.ENOTDIR: "is not a directory"}.get(err.errno)
+    if what is not None:
+        return AdapterRejected(f"adapter name {name!r}: {what}; expected a directory inside the adapter root")
     return AdapterRejected(f"adapter name {name!r}: cannot be opened ({err.strerror})")
 
 
