@@ -155,7 +155,8 @@ class Engine:
     def check(self, req: GenerationRequest) -> None:
         """Raise `BadRequest` naming the field when `req` cannot be generated within the server's limits."""
         if not (math.isfinite(req.temperature) and req.temperature >= 0):
-            raise BadRequest(f"temperature: expected a finite number >= 0, found {req.temperature}", param="temperature")
+            raise BadRequest(f"temperature: expected a finite number >= 0, found {req.temperature}",
+                             param="temperature")
         if not 0 < req.top_p <= 1:
             raise BadRequest(f"top_p: expected a number in (0, 1], found {req.top_p}", param="top_p")
         if not req.prompt_ids:
