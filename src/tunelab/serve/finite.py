@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from tunelab.jsonio import read_json_object
 from tunelab.serve.errors import AdapterRejected
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -23,10 +25,6 @@ def check_finite(name: str, path: Path) -> None:
     Reads `adapter_config.json` (already checked to be a JSON object) and every tensor of the weights file, one
     tensor at a time; a missing or unreadable file is left to the loader's own error.
     """
-    from safetensors import safe_open
-
-    from tunelab.jsonio import read_json_object
-
     config = read_json_object(path / CONFIG, AdapterRejected) if (path / CONFIG).is_file() else {}
     key = non_finite_key(config)
     if key is not None:

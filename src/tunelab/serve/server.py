@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tunelab.serve.api import create_app
@@ -68,8 +69,6 @@ class HeaderDeadlineProtocol(H11Protocol):
 
 def uvicorn_config(app, host: str, port: int, log_level: str):
     """The uvicorn `Config` for `app` with tunelab's connection limits (see the module docstring)."""
-    import uvicorn
-
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                           http=HeaderDeadlineProtocol, timeout_keep_alive=KEEP_ALIVE_S,
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS)
@@ -97,8 +96,6 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
 
     Bad arguments or adapters raise `TunelabError`s naming them before the server listens.
     """
-    import uvicorn
-
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and not is_loopback(host):
         log.warning("--host %s accepts connections from other machines and no --api-key (or %s) is set: "
@@ -115,8 +112,6 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
 @contextlib.contextmanager
 def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 20.0) -> Iterator[str]:
     """Run `app` with uvicorn on a daemon thread; yield its base URL (`port=0`: a free port), then stop it."""
-    import uvicorn
-
     server = uvicorn.Server(uvicorn_config(app, host, port, "warning"))
     thread = threading.Thread(target=server.run, name="tunelab-serve-http", daemon=True)
     thread.start()
