@@ -292,3 +292,15 @@ def test_non_finite_adapters_are_refused_naming_the_tensor_or_key(make_service, 
         assert "key 'lora_alpha' is not a finite number" in message
         assert [a.name for a in service.registry.loaded()] == []
         assert _text(http.post("/v1/completions", json={**ask, "model": "fine"}))
+
+
+def test_cli_takes_the_key_from_the_option_or_the_environment(monkeypatch):
+    from tunelab import cli
+    from tunelab.serve import server
+
+    seen = []
+    monkeypatch.setattr(server, "serve", lambda model, adapters, **kw: seen.append((kw["api_key"], kw["docs"])))
+    monkeypatch.setenv("TUNELAB_API_KEY", "from-env")
+    assert cli.main(["serve", "--model", "m"]) == 0
+    assert cli.main(["serve", "--model", "m", "--api-key", "given", "--docs"]) == 0
+    assert seen == [("from-env", False), ("given", True)]
