@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from conftest import build_tiny
+from builders import build_tiny
 
 from tunelab import models
 from tunelab.errors import ArtifactError, ConfigError

@@ -2,6 +2,10 @@
 
 Bad input exits 2 with one line on stderr that names the file, row, field or key (no traceback unless
 `--debug`). A run stopped by SIGTERM saves a checkpoint and exits 0.
+
+Imports of tunelab's layers sit inside the commands, on purpose and only here (and in the one-time model
+conversion of `defaults`): `tunelab --help` and a usage error must answer without loading torch,
+transformers and the training stack that `train` or `serve` need. Every other module imports at its top.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from tunelab.errors import ConfigError, TunelabError, closest
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
                   "and measure the trade-offs on your own model, data and hardware.")
-_debug = False
 
 Model = Annotated[Optional[str], typer.Option(help="Local HF model dir or alias (smollm2-135m, minilm-l6).")]
 Data = Annotated[Optional[str], typer.Option(help="JSONL/CSV/Parquet file, or 'default'.")]
@@ -26,8 +29,7 @@ Data = Annotated[Optional[str], typer.Option(help="JSONL/CSV/Parquet file, or 'd
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
-    global _debug
-    _debug = debug
+    """`--debug` is read by `main` from the raw arguments (anywhere on the line); declared here for `--help`."""
 
 
 @app.command()
@@ -47,7 +49,10 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir (run.json, metrics.jsonl, artifact/).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Resume even if result-affecting config changed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: continue even if result-affecting "
+                                                            "config changed.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an output dir that holds an "
+                                                                "earlier run, deleting its checkpoints.")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
     nan_policy: Annotated[Optional[str], typer.Option(help="stop (default) or skip.")] = None,
@@ -68,7 +73,7 @@ def train(
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
                      gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
                      method_options=options or None, resume=resume or None, force=force or None,
-                     trust_remote_code=trust_remote_code or None)
+                     overwrite=overwrite or None, trust_remote_code=trust_remote_code or None)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     from tunelab.train import train as run_training
@@ -131,14 +136,14 @@ def merge(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
 ) -> None:
     """Fold an adapter into the base weights and write a plain HF model dir."""
-    from tunelab.artifacts import load_adapter, save_merged
+    from tunelab.artifacts import inspect, load_adapter, save_merged
     from tunelab.models import load_model
 
     _check_merge_output(output)
-    _refuse_unmergeable(adapter)
-    with_config = _adapter_task(adapter)
-    loaded = load_model(model, task=with_config["task"], dtype="float32", device="cpu",
-                        trust_remote_code=trust_remote_code, label_names=with_config["label_names"])
+    info = inspect(adapter)
+    _refuse_unmergeable(info)
+    loaded = load_model(model, task=info.task, dtype="float32", device="cpu",
+                        trust_remote_code=trust_remote_code, label_names=info.label_names)
     name = load_adapter(loaded.model, adapter)
     written = save_merged(loaded.model, loaded.tokenizer, name, output)
     typer.echo(f"merged model written to {output} ({written} bytes)")
@@ -163,34 +168,18 @@ def _check_merge_output(output: Path) -> None:
                           f"directory for the merged model (remove it or choose another)")
 
 
-def _refuse_unmergeable(adapter: Path) -> None:
-    """Refuse, before the base model loads, an adapter whose method cannot be folded into the base weights."""
-    from tunelab.artifacts import check_adapter_dir, method_for_config, read_adapter_config
-    from tunelab.artifacts.files import read_sidecar
-    from tunelab.artifacts.hf_model import whole_model_method
-    from tunelab.methods import all_methods
+def _refuse_unmergeable(info) -> None:
+    """Refuse, before the base model loads, a whole-model dir or an adapter whose method cannot be merged."""
+    from tunelab.methods import all_methods, get_method
 
-    check_adapter_dir(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        if (adapter / "config.json").is_file() and whole_model_method(adapter).artifact == "model":
-            raise ConfigError(f"--adapter {adapter}: a whole model dir, not an adapter; there is nothing to merge, "
-                              f"use it as --model directly")
-        return  # load_adapter names what is missing
-    config = read_adapter_config(adapter)
-    method = method_for_config(config, adapter / "adapter_config.json", read_sidecar(adapter).get("method"))
+    if info.kind == "model":
+        raise ConfigError(f"--adapter {info.path}: a whole model dir, not an adapter; there is nothing to merge, "
+                          f"use it as --model directly")
+    method = get_method(info.method)
     if not method.mergeable:
         mergeable = ", ".join(m.name for m in all_methods().values() if m.mergeable)
-        raise ConfigError(f"--adapter {adapter}: method '{method.name}' trains {method.trains}, not base weights, "
+        raise ConfigError(f"--adapter {info.path}: method '{method.name}' trains {method.trains}, not base weights, "
                           f"so it cannot be merged; mergeable methods: {mergeable} (serve it as an adapter instead)")
-
-
-def _adapter_task(adapter: Path) -> dict:
-    """The task and label names recorded in an adapter dir (causal-lm when absent)."""
-    from tunelab.artifacts import read_adapter_config
-
-    config = read_adapter_config(adapter)
-    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
-    return {"task": task, "label_names": config.get("label_names")}
 
 
 @app.command()
@@ -249,19 +238,23 @@ def plan(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations.")] = False,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 80GB: what fits, largest batch.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated strategies (default: all).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Plan option key=value, e.g. r=16.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value for every planned "
+                                                                    "method that has the key, e.g. r=16.")] = None,
+    set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE option of one method "
+                                                              "(repeatable; wins over --set).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
 
     from tunelab.config import parse_set
+    from tunelab.measure.compare import parse_options_for
     from tunelab.measure.plan import plan as make_plan, render_plan
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
-                       gpu_memory=gpu_memory, methods=chosen)
+                       options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

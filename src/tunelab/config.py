@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.methods import get_method
 from tunelab.validation import parse_model
 
 Task = Literal["causal-lm", "classification"]
@@ -66,19 +67,16 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     resume: bool = False
-    force: bool = False
+    force: bool = False  # resume even though a result-affecting key changed
+    overwrite: bool = False  # replace an earlier run's outputs (its checkpoints, run.json) by this fresh run's
 
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":
-        from tunelab.methods import get_method  # late import: methods import config-free modules only
-
         get_method(self.method)
         return self
 
     def method_opts(self):
         """The method's validated options object (`--set` values)."""
-        from tunelab.methods import get_method
-
         method = get_method(self.method)
         return parse_model(method.Options, self.method_options, where=f"--set for method '{self.method}'")
 

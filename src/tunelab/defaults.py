@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import ArtifactError, ConfigError, closest
+from tunelab.jsonio import read_json_object
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ MARKER = ".tunelab-converted.json"  # written last, inside the dir, before the r
 def _is_complete(target: Path, source: Path) -> bool:
     """Whether `target` is a finished conversion of `source` (marker present and naming the same source size)."""
     try:
-        marker = json.loads((target / MARKER).read_text())
-    except (OSError, ValueError):
+        marker = read_json_object(target / MARKER, ArtifactError)
+    except ArtifactError:  # no marker, or a torn one: the conversion did not finish
         return False
     return (marker.get("source_bytes") == source.stat().st_size
             and (target / "config.json").is_file() and (target / "model.safetensors").is_file())
@@ -176,6 +177,8 @@ def _convert_once(source: Path, target: Path) -> Path:
     The work happens in a temp dir next to `target` and is published with one rename (`atomic_dir`), under an
     exclusive `fcntl` lock, so a reader never sees a half-written dir and two processes never convert at once.
     """
+    # Function-level imports, here and in `_dequantize_gguf` only (besides cli.py): a converted alias resolves
+    # without loading torch, transformers or the artifact layer (tests/test_defaults.py checks the fast path).
     from tunelab.artifacts.atomic import atomic_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.artifacts import inspect, load_adapter
+from tunelab.data import load_data
+from tunelab.models import load_model
+from tunelab.train import evaluate
+
 
 def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: str = "causal-lm",
                   seq_len: int = 256, batch_size: int = 8, max_examples: int | None = None,
@@ -13,12 +18,7 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
     `data="default"` (or `default:<name>`) evaluates the embedded set's validation split; a file is evaluated
     whole. Returns {"loss", "perplexity", "examples"} or {"loss", "accuracy", "examples"}.
     """
-    from tunelab.artifacts import check_adapter_dir, load_adapter, read_adapter_config
-    from tunelab.data import load_data
-    from tunelab.models import load_model
-    from tunelab.train import evaluate
-
-    label_names = read_adapter_config(check_adapter_dir(adapter)).get("label_names") if adapter else None
+    label_names = inspect(adapter).label_names if adapter else None
     loaded = load_model(model, task=task, trust_remote_code=trust_remote_code, label_names=label_names)
     if adapter is not None:
         load_adapter(loaded.model, adapter)
@@ -27,5 +27,5 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
                         label_names=label_names)
     examples = dataset.val if is_default else dataset.train
     examples = examples[:max_examples] if max_examples else examples
-    result = evaluate(loaded.model, examples, task, loaded.tokenizer.pad_token_id, batch_size)
+    result = evaluate(loaded.model, examples, task, loaded.pad_id, batch_size)
     return {**result, "examples": len(examples)}

@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from tunelab.defaults import MODEL_ALIASES, resolve_alias
 from tunelab.errors import ArtifactError, ConfigError
+from tunelab.jsonio import read_json_object
 
 TASKS = ("causal-lm", "classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +39,24 @@ class LoadedModel:
     task: str
     dtype: torch.dtype
     device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token id for collating batches (see `pad_token_id`)."""
+        return pad_token_id(self.tokenizer, self.model)
+
+
+def pad_token_id(tokenizer, model: torch.nn.Module | None = None) -> int:
+    """The one padding-id rule: the tokenizer's pad token, else the model config's, else EOS, else 0.
+
+    `load_tokenizer` gives a tokenizer without a pad token its EOS, so the later choices matter only for
+    tokenizers loaded elsewhere.
+    """
+    config = getattr(model, "config", None)
+    for value in (tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -76,20 +98,13 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ArtifactError(f"{config_file}: not found; expected a HF model dir with config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(config_file, ArtifactError)
 
 
 def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
     """Refuse a model dir whose config or tokenizer needs custom code, unless the user allowed it."""
     if trust_remote_code:
         return
-    from transformers import CONFIG_MAPPING
 
     reason = None
     if "auto_map" in config:
@@ -111,8 +126,6 @@ def check_safetensors_file(file: Path) -> None:
     The header length is checked before anything is read with it, so a corrupt length never becomes a huge
     allocation; safetensors' own loader then validates the header JSON and every tensor's offsets (memory-mapped).
     """
-    from safetensors import SafetensorError, safe_open
-
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -153,8 +166,6 @@ def check_weights(path: Path) -> list[Path]:
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The tokenizer of a model dir, ready for training: a pad token (eos when it has none), right padding."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -221,8 +232,6 @@ def load_model(spec: str | Path, task: str = "causal-lm", *, dtype: str | torch.
 def _from_pretrained(path: Path, task: str, config: dict, dtype: torch.dtype, trust_remote_code: bool,
                      num_labels: int | None, label_names: list[str] | None):
     """transformers' own loader, restricted to local safetensors."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "local_files_only": True,
                               "trust_remote_code": trust_remote_code}
     if task == "classification":
@@ -244,8 +253,6 @@ def _progress_bars_on_terminal_only():
 
     Piped stderr (scripts, CI logs) then carries tunelab's own lines only, so an error stays one line.
     """
-    from transformers.utils import logging as hf_logging
-
     was_on = hf_logging.is_progress_bar_enabled()
     if was_on and not sys.stderr.isatty():
         hf_logging.disable_progress_bar()

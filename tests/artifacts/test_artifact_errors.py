@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny
+from builders import build_tiny
 from safetensors.torch import load_file, save_file
 from test_artifacts import lora_model
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny, sample_batch
+from builders import build_tiny, sample_batch
 
 import tunelab.artifacts.peft_format as peft_format
 from tunelab.artifacts import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
+from builders import build_tiny
 from test_artifacts import LORA, logits, lora_model, randomize
 
 from tunelab.artifacts import load_adapter, save_artifact

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
+from builders import build_tiny
 from test_artifacts import FULL, LABELS, logits, lora_model, randomize
 
 from tunelab.artifacts import merge_and_unload, save_artifact, save_merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import write_jsonl
+from builders import write_jsonl
 
 from tunelab.data import IGNORE_INDEX, load_data
 from tunelab.data.load import split_indices

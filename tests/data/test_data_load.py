@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_jsonl
+from builders import write_jsonl
 
 from tunelab import defaults
 from tunelab.data import IGNORE_INDEX, load_data

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from builders import write_jsonl
 
 from tunelab.data import load_data
 from tunelab.data.sources import read_source

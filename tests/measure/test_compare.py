@@ -14,7 +14,7 @@ import time
 import pytest
 from rich.console import Console
 
-from conftest import write_jsonl
+from builders import write_jsonl
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.measure.compare import (build_options, parse_lr_for, parse_options_for, run_compare,
                                      select_methods, speed_from_metrics)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from builders import build_tiny
 
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.measure.plan import PlanResult, parse_memory, plan, render_plan
@@ -112,7 +113,6 @@ def test_gpt2_shapes_and_lora_count():
 
 
 def test_meta_count_matches_real_tiny_models(tiny_dirs, tokenizer):
-    from conftest import build_tiny
 
     for kind in ("llama", "gpt2", "bert"):
         real = build_tiny(kind, tokenizer)
@@ -124,7 +124,6 @@ def test_meta_count_matches_real_tiny_models(tiny_dirs, tokenizer):
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "adapter", "ia3", "prompt", "prefix", "bitfit"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_trainable_counts_match_tunelab_methods(method, kind, tiny_dirs, tokenizer):
-    from conftest import build_tiny
     from tunelab.methods import all_methods
 
     impl = all_methods().get(method)
@@ -236,7 +235,7 @@ def test_bad_model_inputs_name_the_file_and_key(tmp_path):
         plan(empty)
     broken = tmp_path / "config.json"
     broken.write_text('{"model_type": "llama", "hidden_size": 64,,}')
-    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(line 1"):
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(.* line 1 "):
         plan(broken)
     broken.write_text(json.dumps({k: v for k, v in LLAMA.items() if k != "hidden_size"}))
     with pytest.raises(ConfigError, match="missing key 'hidden_size'"):
@@ -253,7 +252,7 @@ def test_bad_model_inputs_name_the_file_and_key(tmp_path):
 
 
 def test_bad_settings_are_one_line_config_errors():
-    with pytest.raises(ConfigError, match="unknown key 'bottlenek'.*did you mean 'bottleneck'"):
+    with pytest.raises(ConfigError, match="unknown key 'bottlenek'.*did you mean 'bottleneck_size'"):
         plan(LLAMA, method_options={"bottlenek": 4})
     with pytest.raises(ConfigError, match="key 'r'"):
         plan(LLAMA, method_options={"r": 0})
@@ -265,6 +264,51 @@ def test_bad_settings_are_one_line_config_errors():
         plan(LLAMA, dtype="int8")
     with pytest.raises(ConfigError, match="target_modules.*matched no module"):
         plan(LLAMA, methods=["lora"], method_options={"target_modules": ["nope"]})
+
+
+def test_every_registered_method_has_planner_terms():
+    from tunelab.measure.plan_methods import TERMS
+    from tunelab.methods import all_methods
+
+    assert set(all_methods()) <= set(TERMS), "a registered method needs one entry in plan_methods.TERMS"
+    assert set(TERMS) <= set(all_methods()), "a planner entry names no registered method"
+
+
+def test_options_are_each_methods_own_and_set_for_targets_one_method():
+    plain = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="float32", device="cpu"))
+    both = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="float32", device="cpu",
+                          method_options={"dropout": 0.1}))  # as `train --set dropout=0.1`: lora, dora, qlora
+    one = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="float32", device="cpu",
+                         options_for={"lora": {"dropout": 0.1}}))
+    # dropout keeps a mask and the dropped input per target instead of sharing the block input
+    assert one["lora"].activations_bytes > plain["lora"].activations_bytes
+    assert one["lora"] == both["lora"] and one["dora"] == plain["dora"] and both["dora"] != plain["dora"]
+    assert both["full"] == plain["full"]  # full has no dropout: --set skips it
+    adapter = by_method(plan(LLAMA, methods=["adapter"], options_for={"adapter": {"variant": "pfeiffer",
+                                                                                  "bottleneck_size": 8}}))
+    assert adapter["adapter"].params_trainable == L * (2 * H * 8 + 8 + H)
+    bitfit = by_method(plan(LLAMA, methods=["bitfit"], method_options={"include_norms": True}))["bitfit"]
+    assert bitfit.params_trainable == L * 2 * H + H and not bitfit.notes  # asked for: no default note
+    with pytest.raises(ConfigError, match="--set-for names method 'dora', which is not planned"):
+        plan(LLAMA, methods=["lora"], options_for={"dora": {"r": 4}})
+    with pytest.raises(ConfigError, match="method 'lora': key 'dropout'"):
+        plan(LLAMA, options_for={"lora": {"dropout": 2}})
+    unmodelled = by_method(plan(LLAMA, methods=["prefix"], method_options={"prefix_projection": True}))
+    assert "prefix_projection (not modelled)" in unmodelled["prefix"].notes[-1]
+
+
+def test_compare_prediction_honours_set_for_dropout(tiny_dirs):
+    from tunelab.config import build_config
+    from tunelab.measure.compare import _predicted_memory
+
+    def predicted(options):
+        cfg = build_config({}, dict(model=str(tiny_dirs["llama"]), method="lora", method_options=options,
+                                    batch_size=2, seq_len=16, device="cpu", output="unused"))
+        return _predicted_memory(cfg, [])
+
+    with_dropout = plan(tiny_dirs["llama"], batch_size=2, seq_len=16, device="cpu", methods=["lora"],
+                        options_for={"lora": {"dropout": 0.1}}).strategies[0].total_bytes
+    assert predicted({"dropout": 0.1}) == with_dropout > predicted({})
 
 
 # --- against PyTorch itself: saved tensors and the allocator peak of real steps on CPU ------------------

@@ -159,8 +159,10 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(base, tmp_path):
     train(_cfg(base, out, max_steps=2), progress=False)
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run.*--resume"):
         train(_cfg(base, out, max_steps=2), progress=False)
-    train(_cfg(base, out, max_steps=2, save_every=None, force=True), progress=False)
-    assert not (out / "checkpoints").exists()  # --force started over
+    with pytest.raises(ConfigError, match="--overwrite to start over"):  # --force never deletes checkpoints
+        train(_cfg(base, out, max_steps=2, force=True), progress=False)
+    train(_cfg(base, out, max_steps=2, save_every=None, overwrite=True), progress=False)
+    assert not (out / "checkpoints").exists()  # --overwrite started over
 
 
 def test_sigint_saves_a_checkpoint_and_raises(base, reference, tmp_path, monkeypatch):

@@ -36,16 +36,17 @@ def make_adapter(base_dir: Path, tokenizer, out_dir: Path, *, method: str = "lor
     return out_dir
 
 
-def reference_greedy(base_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy tokens from transformers' `generate` on a fresh base with only `adapter_dir` loaded, one prompt
-    (token ids) at a time, ignoring EOS (always `n` tokens)."""
+def reference_greedy(base_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], n: int, *,
+                     as_method: str | None = None) -> list[list[int]]:
+    """Greedy tokens from transformers' `generate` on a fresh base with only `adapter_dir` loaded (as `as_method`
+    when given), one prompt (token ids) at a time, ignoring EOS (always `n` tokens)."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.artifacts import load_adapter
 
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if adapter_dir is not None:
-        load_adapter(model, adapter_dir, "ref")
+        load_adapter(model, adapter_dir, "ref", as_method=as_method)
     out = []
     for prompt_ids in prompts:
         ids = torch.tensor([prompt_ids])

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import build_tiny
 
 from tunelab.train import causal_lm_loss_sum
 from tunelab.train.loop import accumulate_window
@@ -77,7 +78,6 @@ def _grads(model):
 
 
 def test_accumulation_4x2_equals_batch_8(tokenizer):
-    from conftest import build_tiny
     from tunelab.data.collate import collate
 
     examples = _examples(tokenizer)
@@ -103,7 +103,6 @@ def test_accumulation_4x2_equals_batch_8(tokenizer):
 
 def test_per_microbatch_mean_would_differ(tokenizer):
     """Guard that the test above has teeth: averaging per micro-batch gives different gradients here."""
-    from conftest import build_tiny
     from tunelab.data.collate import collate
     from tunelab.train.loss import batch_loss_sum
 
@@ -120,7 +119,6 @@ def test_per_microbatch_mean_would_differ(tokenizer):
 
 
 def test_classification_window_normalises_by_examples(tokenizer):
-    from conftest import build_tiny
     from tunelab.data.collate import collate
 
     rng = random.Random(1)

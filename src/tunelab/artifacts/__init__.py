@@ -1,7 +1,7 @@
 """Artifacts: PEFT-format adapters, HF-format whole models, and merging.
 
-`save_artifact` dispatches on the method's `artifact` kind ("adapter" or "model"), `load_adapter` on which
-files the dir holds; neither knows any method by name.
+`save_artifact` dispatches on the method's `artifact` kind ("adapter" or "model"), `load_adapter` on what
+`inspect(dir)` finds (the same answer merge, eval and serve read); neither knows any method by name.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from torch import nn
 from tunelab.artifacts import hf_model, peft_format
 from tunelab.artifacts.atomic import artifact_bytes, atomic_dir
 from tunelab.artifacts.files import read_label_names
+from tunelab.artifacts.info import ArtifactInfo, check_adapter_dir, inspect
 from tunelab.artifacts.merge import merge_and_unload, save_merged
 from tunelab.artifacts.peft_format import method_for_config, read_adapter_config
-from tunelab.errors import ArtifactError, ConfigError
+from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state, set_active
 
-__all__ = ["save_artifact", "load_adapter", "check_adapter_dir", "merge_and_unload", "save_merged", "artifact_bytes",
-           "read_label_names", "read_adapter_config", "method_for_config", "atomic_dir"]
+__all__ = ["save_artifact", "load_adapter", "inspect", "ArtifactInfo", "check_adapter_dir", "merge_and_unload",
+           "save_merged", "artifact_bytes", "read_label_names", "read_adapter_config", "method_for_config",
+           "atomic_dir"]
 
 
 def _write_adapter(out_dir, model, tokenizer, method, name, base_model, label_names):
@@ -32,8 +34,7 @@ def _write_model(out_dir, model, tokenizer, method, name, base_model, label_name
 
 
 WRITERS = {"adapter": _write_adapter, "model": _write_model}
-# Which loader reads a dir, by the file that marks its kind (checked in this order).
-LOADERS = ((peft_format.CONFIG, peft_format.load_adapter_dir), (hf_model.CONFIG, hf_model.load_model_dir))
+LOADERS = {"adapter": peft_format.load_adapter_dir, "model": hf_model.load_model_dir}  # by `ArtifactInfo.kind`
 
 
 def save_artifact(model: nn.Module, tokenizer, name: str, out_dir: str | Path, *,
@@ -53,26 +54,20 @@ def save_artifact(model: nn.Module, tokenizer, name: str, out_dir: str | Path, *
     return artifact_bytes(out_dir)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default") -> str:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default", *,
+                 as_method: str | None = None) -> str:
     """Inject the method saved in `adapter_dir` into `model` as adapter `name` and load its weights.
 
-    Reads tunelab's and HF PEFT's adapter dirs (by `peft_type`) and whole-model dirs (config.json). Returns
-    `name`; the new adapter is the active one. Bad files raise `ArtifactError` naming the file, and the model
-    is then left as it was.
+    Reads tunelab's and HF PEFT's adapter dirs (by `peft_type`) and whole-model dirs (config.json); the method is
+    `inspect(adapter_dir).method`, or `as_method` when given, which must be one that reads the same files
+    (`.method` or `.files_method`: serve loads a qlora artifact as the plain LoRA it is). Returns `name`; the
+    new adapter is the active one. Bad files raise `ArtifactError` naming the file, and the model is then left
+    as it was.
     """
-    path = check_adapter_dir(adapter_dir)
-    for marker, loader in LOADERS:
-        if (path / marker).exists():
-            loader(model, path, name)
-            set_active(model, [name])
-            return name
-    raise ArtifactError(f"{path}: neither {peft_format.CONFIG} nor {hf_model.CONFIG} found")
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """`adapter_dir` as a Path; `ArtifactError` naming it when it is missing or a file."""
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise ArtifactError(f"{path}: adapter directory not found" if not path.exists()
-                            else f"{path}: is a file, expected an adapter directory")
-    return path
+    info = inspect(adapter_dir)
+    if as_method is not None and as_method not in (info.method, info.files_method):
+        raise ConfigError(f"{info.path}: holds a '{info.method}' artifact, which cannot be loaded as "
+                          f"'{as_method}'; expected {info.method!r} or {info.files_method!r}")
+    LOADERS[info.kind](model, info.path, get_method(as_method or info.method), name)
+    set_active(model, [name])
+    return name

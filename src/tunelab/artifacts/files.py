@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tunelab.errors import ArtifactError
 from tunelab.jsonio import read_json_object
+from tunelab.methods.heads import head_names
 
 # tunelab's own notes on an artifact (which method wrote it, the label names of a classifier). Loaders of the
 # HF ecosystem ignore this file; everything they need is in their own files.
@@ -44,8 +45,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_sidecar(out_dir: Path, model, method: str, options: dict[str, Any], label_names: list[str] | None) -> None:
     """Record the method, its options, the task and the label names next to the artifact's own files."""
-    from tunelab.methods.heads import head_names
-
     task_type = "SEQ_CLS" if head_names(model) else "CAUSAL_LM"
     write_json(out_dir / SIDECAR, {"method": method, "options": options, "task_type": task_type,
                                    "label_names": list(label_names) if label_names else None})

@@ -61,9 +61,8 @@ def whole_model_method(model_dir: Path) -> Method:
     return candidates[0]
 
 
-def load_model_dir(model: nn.Module, model_dir: Path, name: str) -> str:
-    """Load the weights of an HF model dir into `model` as whole-model adapter `name`; return `name`."""
-    method = whole_model_method(model_dir)
+def load_model_dir(model: nn.Module, model_dir: Path, method: Method, name: str) -> str:
+    """Load the weights of an HF model dir into `model` as whole-model adapter `name` of `method`; return `name`."""
     options = method.options_from_config(read_sidecar(model_dir).get("options") or {})
     inject_and_load(model, method, options, read_model_weights(model_dir), name,
                     config_source=model_dir / CONFIG, weights_source=model_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import ValidationError
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.artifacts.files import read_json, read_safetensors, read_sidecar, write_json, write_sidecar
@@ -19,8 +20,6 @@ WEIGHTS = "adapter_model.safetensors"
 def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
                   base_model: str | None = None, label_names: list[str] | None = None) -> None:
     """Write adapter `name` of `model` into `out_dir` (PEFT keys; tensors contiguous in their own dtype)."""
-    from safetensors.torch import save_file
-
     options = adapter_state(model).options[name]
     config = method.adapter_config(model, options, name)
     if base_model is not None:
@@ -88,15 +87,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def load_adapter_dir(model: nn.Module, adapter_dir: Path, name: str) -> str:
-    """Inject the adapter saved in `adapter_dir` as `name` and load its weights; return `name`.
+def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: str) -> str:
+    """Inject `method`'s adapter saved in `adapter_dir` as `name` and load its weights; return `name`.
 
-    Everything is read and checked before the model is touched; if the weights do not fit, the adapter is
-    removed again and the model is as before.
+    `method` is the one `tunelab.artifacts.inspect` found (or one reading the same files). Everything is read
+    and checked before the model is touched; if the weights do not fit, the adapter is removed again and the
+    model is as before.
     """
     config_path = adapter_dir / CONFIG
     config = read_json(config_path)
-    method = method_for_config(config, config_path, read_sidecar(adapter_dir).get("method"))
     try:
         options = method.options_from_config(config)
     except ConfigError as e:

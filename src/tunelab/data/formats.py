@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jinja2 import TemplateError
+
 from tunelab.errors import DataError
 
 IGNORE_INDEX = -100  # label value that carries no loss (torch's cross-entropy default)
@@ -123,8 +125,6 @@ def messages_field(row: dict, where: str) -> list[dict[str, str]]:
 
 
 def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except (TemplateError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tunelab import defaults
 from tunelab.errors import DataError
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -50,8 +54,6 @@ def read_source(spec: str | Path, task: str) -> Table:
 
 def read_default(spec: str, task: str) -> Table:
     """The embedded data sets: instruction pairs (causal-lm) or news topics (classification); prose articles."""
-    from tunelab import defaults
-
     if spec == "default" and task == "classification":
         rows, name = defaults.news_classification(), "default (news topics)"
     elif spec == "default":
@@ -112,9 +114,6 @@ def _csv_row(row: dict) -> dict:
 
 def read_parquet(path: Path) -> Table:
     """A Parquet file, read with pyarrow; null cells count as missing fields."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         arrow = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

@@ -23,9 +23,23 @@ import threading
 import time
 from pathlib import Path
 
-from tunelab.errors import ConfigError, TunelabError, closest
+from rich.console import Console
+
+import tunelab
+from tunelab.artifacts import artifact_bytes
+from tunelab.config import build_config, parse_set
+from tunelab.errors import ArtifactError, ConfigError, TunelabError, closest
+from tunelab.jsonio import read_json_object, write_json_atomic
+from tunelab.measure.forgetting import forgetting_record
+from tunelab.measure.plan import plan
+from tunelab.measure.portability import portability_record
+from tunelab.measure.recommend import recommend
+from tunelab.measure.report import CompareProgress, print_table, write_reports
 from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
                                     detect_versions)
+from tunelab.methods import all_methods, get_method
+from tunelab.models import pick_device
+from tunelab.validation import parse_model
 
 WORKER_MODULE = "tunelab.measure.compare_worker"  # `python -m tunelab.measure.compare_worker KIND JOB RESULT`
 
@@ -46,8 +60,6 @@ def parse_lr_for(pairs: list[str] | None) -> dict[str, float]:
 
 def parse_options_for(pairs: list[str] | None) -> dict[str, dict]:
     """`["lora.r=16", "lora.target_modules=[q_proj,v_proj]"]` -> `{"lora": {"r": 16, "target_modules": [...]}}`."""
-    from tunelab.config import parse_set
-
     out: dict[str, dict] = {}
     for pair in pairs or []:
         dotted, sep, raw = pair.partition("=")
@@ -61,8 +73,6 @@ def parse_options_for(pairs: list[str] | None) -> dict[str, dict]:
 def build_options(values: dict) -> CompareOptions:
     """`CompareOptions` from CLI values: None means the default; `methods` may be "a,b,c"; `lr_for` and
     `options_for` may be the raw repeatable flags. Bad keys or values raise a one-line `ConfigError`."""
-    from tunelab.validation import parse_model
-
     values = {k: v for k, v in values.items() if v is not None}
     if isinstance(values.get("methods"), str):
         values["methods"] = [m.strip() for m in values["methods"].split(",") if m.strip()]
@@ -75,8 +85,6 @@ def build_options(values: dict) -> CompareOptions:
 
 def select_methods(opts: CompareOptions) -> list:
     """The `Method`s to compare (all registered when `opts.methods` is None), checking every name first."""
-    from tunelab.methods import all_methods, get_method
-
     names = opts.methods if opts.methods is not None else list(all_methods())
     if not names:
         raise ConfigError("--methods: expected at least one method name, found none")
@@ -94,8 +102,6 @@ def strategy_config(opts: CompareOptions, method, run_dir: Path):
 
     The learning rate is `--lr-for NAME=LR` when given, else the method's `default_lr` (one place for defaults).
     """
-    from tunelab.config import build_config
-
     values = dict(model=opts.model, data=opts.data, task=opts.task, method=method.name,
                   method_options=opts.options_for.get(method.name, {}), output=str(run_dir), seed=opts.seed,
                   max_steps=opts.max_steps, batch_size=opts.batch_size, seq_len=opts.seq_len,
@@ -110,12 +116,6 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     Every option is checked before anything trains. A strategy that fails is recorded with its error and the
     others still run. Prints the trade-off table and the report's path on `console` (a rich Console).
     """
-    from rich.console import Console
-
-    from tunelab.measure.recommend import recommend
-    from tunelab.measure.report import CompareProgress, print_table, write_reports
-    from tunelab.jsonio import write_json_atomic
-
     console = console or Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
@@ -193,7 +193,7 @@ def _run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float
         timed_out = _wait(proc, poll, timeout_s)
     if poll:
         poll()
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    result = read_json_object(result_path, ArtifactError) if result_path.exists() else {}
     if timed_out:
         return {**result, "status": "failed", "error": f"stopped after the {timeout_s:g} s limit per strategy"}
     if proc.returncode != 0 and result.get("status") != "failed":
@@ -233,8 +233,6 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
 
 
 def _tunelab_version() -> str:
-    import tunelab
-
     return tunelab.__version__
 
 
@@ -297,12 +295,9 @@ def _peak_memory(summary: dict) -> tuple[int | None, str | None]:
 
 def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline, warmup_steps: int) -> StrategyResult:
     """One strategy's `StrategyResult`, from its run.json, metrics.jsonl and the worker's result."""
-    from tunelab.measure.forgetting import forgetting_record
-    from tunelab.measure.portability import portability_record
-
-    summary = _read_json(run_dir / "run.json")
-    records = read_records(run_dir / "metrics.jsonl")
     notes = list(worker.get("notes", []))
+    summary = _read_summary(run_dir / "run.json", notes)
+    records = read_records(run_dir / "metrics.jsonl")
     tps, seconds = speed_from_metrics(records, warmup_steps)
     if tps is None and summary.get("tokens_per_second") is not None:
         tps, seconds = summary["tokens_per_second"], summary.get("train_seconds")
@@ -340,18 +335,14 @@ def baseline_record(result: dict) -> Baseline:
 def _predicted_memory(cfg, notes: list[str]) -> int | None:
     """`tunelab plan`'s estimate of this run's peak memory on the run's device, where it has one.
 
-    The planner reads only the model's config; method options it does not model are left out.
+    The planner reads only the model's config, and the run's method options as `train --set` reads them
+    (every option reaches the planner; the few that change memory but are not modelled are planned at their
+    default, with a note in the plan).
     """
-    from tunelab.models import pick_device
-
     device = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
     try:
-        from tunelab.measure.plan import plan
-        from tunelab.measure.plan_methods import PlanOptions
-
-        options = {k: v for k, v in cfg.method_options.items() if k in PlanOptions.model_fields}
         result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
-                      method_options=options, methods=[cfg.method], task=cfg.task)
+                      options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task)
     except Exception as e:  # a prediction must never cost the measurements
         notes.append(f"no memory prediction from tunelab plan: {str(e).splitlines()[0] if str(e) else e!r}")
         return None
@@ -359,16 +350,19 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
     return estimate.total_bytes if estimate.supported else None
 
 
-def _read_json(path: Path) -> dict:
+def _read_summary(path: Path, notes: list[str]) -> dict:
+    """A strategy's run.json; {} when the run wrote none (it failed first), {} and a note when it is unreadable."""
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path, ArtifactError)
+    except ArtifactError as e:
+        notes.append(f"run summary not read: {e}")
         return {}
 
 
 def _artifact_size(path: Path) -> int | None:
     if not path.is_dir():
         return None
-    from tunelab.artifacts import artifact_bytes
 
     return artifact_bytes(path)

@@ -9,12 +9,20 @@ reference prose). JOB is the JSON the parent wrote; RESULT is where this worker 
 
 from __future__ import annotations
 
-import json
 import sys
+import traceback
 from pathlib import Path
 
-from tunelab.errors import TunelabError
-from tunelab.jsonio import write_json_atomic
+from tunelab.artifacts import artifact_bytes
+from tunelab.config import RunConfig
+from tunelab.data import load_data
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.jsonio import read_json_object, write_json_atomic
+from tunelab.measure.forgetting import (load_examples, reference_examples, save_examples, score_reference,
+                                        target_tokens)
+from tunelab.measure.portability import load_trained
+from tunelab.models import load_model
+from tunelab.train import train
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -25,11 +33,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     `user_error` true for bad input (a `TunelabError`), and the traceback goes to the log.
     """
     kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
-    job = json.loads(Path(job_path).read_text())
+    job = read_json_object(job_path, ConfigError)
     try:
         result = {"baseline": _baseline_worker, "strategy": _strategy_worker}[kind](job)
     except Exception as e:  # recorded, not raised: one failing strategy must not stop the others
-        import traceback
 
         traceback.print_exc()
         result = {"status": "failed", "error": _error_line(e), "user_error": isinstance(e, TunelabError)}
@@ -43,11 +50,6 @@ def _error_line(e: BaseException) -> str:
 
 
 def _baseline_worker(job: dict) -> dict:
-    from tunelab.artifacts import artifact_bytes
-    from tunelab.data import load_data
-    from tunelab.measure.forgetting import reference_examples, save_examples, score_reference, target_tokens
-    from tunelab.models import load_model
-
     loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
     load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
     result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
@@ -61,11 +63,6 @@ def _baseline_worker(job: dict) -> dict:
 
 
 def _strategy_worker(job: dict) -> dict:
-    from tunelab.config import RunConfig
-    from tunelab.measure.forgetting import load_examples, score_reference
-    from tunelab.measure.portability import load_trained
-    from tunelab.train import train
-
     cfg = RunConfig(**job["run"])
     summary = train(cfg, progress=False)
     if summary.get("status") != "completed":

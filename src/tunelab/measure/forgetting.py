@@ -13,7 +13,9 @@ import json
 import math
 from pathlib import Path
 
+from tunelab.data import load_data
 from tunelab.measure.schema import Forgetting
+from tunelab.train import evaluate
 
 
 def reference_examples(spec: str, tokenizer, seq_len: int, n_sequences: int) -> list[dict]:
@@ -22,8 +24,6 @@ def reference_examples(spec: str, tokenizer, seq_len: int, n_sequences: int) -> 
     Loaded through `tunelab.data.load_data` as plain causal-LM text (loss on every token), with no validation
     split, so the subset is the same in every process.
     """
-    from tunelab.data import load_data
-
     ds = load_data(spec, tokenizer, "causal-lm", seq_len, truncation="truncate", val_fraction=0.0)
     examples = list(ds.train) + list(ds.val)
     return examples[:n_sequences]
@@ -36,8 +36,6 @@ def target_tokens(examples: list[dict]) -> int:
 
 def reference_perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
     """Perplexity of `model` on the reference `examples` (exp of the mean next-token loss)."""
-    from tunelab.train import evaluate
-
     model.eval()
     result = evaluate(model, examples, "causal-lm", pad_id, batch_size)
     return float(result.get("perplexity", math.exp(result["loss"])))
@@ -62,6 +60,4 @@ def load_examples(path: Path) -> list[dict]:
 
 def score_reference(loaded, examples: list[dict], batch_size: int) -> float:
     """Perplexity of a `LoadedModel` on the reference `examples` (its tokenizer gives the padding id)."""
-    tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return reference_perplexity(loaded.model, examples, pad_id, batch_size)
+    return reference_perplexity(loaded.model, examples, loaded.pad_id, batch_size)

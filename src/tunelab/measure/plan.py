@@ -18,15 +18,18 @@ import re
 from typing import Any
 
 from pydantic import BaseModel
+from rich.table import Table
 
-from tunelab.validation import parse_model
 from tunelab.errors import ConfigError, closest
 from tunelab.measure.plan_formulas import (
     ADAMW_MOMENTS, Runtime, block_bytes, final_bytes, first_block_unkept, logits_bytes, loss_buffers,
     optimizer_step_temp, runtime,
 )
-from tunelab.measure.plan_methods import FAMILIES, PlanOptions, Strategy, build_strategy
+from tunelab.measure.plan_methods import TERMS, Strategy, build_strategy
 from tunelab.measure.plan_model import ModelInfo, describe_model
+from tunelab.methods import get_method
+from tunelab.methods.base import MethodOptions
+from tunelab.validation import parse_model
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6,
@@ -69,7 +72,7 @@ class PlanResult(BaseModel):
     device: str
     gradient_checkpointing: bool
     gpu_memory_bytes: int | None
-    options: dict[str, Any]
+    options: dict[str, dict[str, Any]]  # each planned method's own options, as validated
     strategies: list[StrategyEstimate]
     notes: list[str] = []
 
@@ -139,7 +142,7 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
     out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes)
     if ckpt:
         out["recompute"] = stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
-    if st.method == "full" and info.task == "causal-lm":
+    if st.whole_model and info.task == "causal-lm":
         out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h
         if info.tied:  # the embedding's gradient is added to the head's out of place: new grad + sum beside it
             out["optimizer step"] = max(out["optimizer step"], grads + 2 * p * info.vocab * h)
@@ -161,8 +164,8 @@ def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, c
     phase = max(by_phase, key=by_phase.get)
     peak = st.weights_bytes + states + by_phase[phase] + rt.workspace_bytes
     refusals = [st.unsupported] if st.unsupported else []
-    if ckpt and st.method == "prefix":
-        refusals.append("tunelab's prefix method refuses gradient checkpointing (it drops the prefix cache)")
+    if ckpt and st.no_checkpointing:
+        refusals.append(st.no_checkpointing)
     return StrategyEstimate(
         method=st.method, family=st.family, params_trainable=st.params_trainable,
         weights_bytes=round(st.weights_bytes), gradients_bytes=round(st.trainable_bytes),
@@ -192,24 +195,45 @@ def largest_batch(st: Strategy, info: ModelInfo, rt: Runtime, seq: int, ckpt: bo
     return lo
 
 
-def _options(method_options: dict[str, Any] | PlanOptions | None) -> PlanOptions:
-    if isinstance(method_options, PlanOptions):
-        return method_options
-    return parse_model(PlanOptions, dict(method_options or {}), where="plan method options")
+def method_options_for(chosen: list[str], common: dict[str, Any] | None = None,
+                   per_method: dict[str, dict[str, Any]] | None = None) -> dict[str, MethodOptions]:
+    """Each chosen method's own `Options`, validated as `train --set` validates them.
+
+    `common` (`plan --set key=value`) applies to every chosen method whose options have the key (r to the LoRA
+    family, num_virtual_tokens to prefix and prompt, ...); a key no chosen method has is an error.
+    `per_method` (`--set-for METHOD.key=value`, as compare) applies to that method only and wins over `common`.
+    """
+    common, per_method = dict(common or {}), dict(per_method or {})
+    for name in per_method:
+        if name not in chosen:
+            raise ConfigError(f"--set-for names method '{name}', which is not planned{closest(name, chosen)}; "
+                              f"planned: {', '.join(chosen)}")
+    fields = {name: get_method(name).Options.model_fields for name in chosen}
+    known = sorted({key for f in fields.values() for key in f})
+    for key in common:
+        if not any(key in f for f in fields.values()):
+            raise ConfigError(f"plan --set: unknown key '{key}'{closest(key, known)}; no planned method has it "
+                              f"(keys: {', '.join(known) or 'none'})")
+    return {name: parse_model(get_method(name).Options,
+                              {**{k: v for k, v in common.items() if k in fields[name]}, **per_method.get(name, {})},
+                              where=f"plan options for method '{name}'")
+            for name in chosen}
 
 
 def _methods(methods: list[str] | None) -> list[str]:
-    chosen = list(methods) if methods else list(FAMILIES)
+    """The methods to plan, each registered (else the closest name) and with planner terms."""
+    chosen = list(methods) if methods else list(TERMS)
     for m in chosen:
-        if m not in FAMILIES:
-            raise ConfigError(f"method {m!r}{closest(m, FAMILIES)}: the planner knows {', '.join(FAMILIES)}")
+        get_method(m)
+        if m not in TERMS:
+            raise ConfigError(f"method '{m}': the planner has no terms for it; it knows {', '.join(TERMS)}")
     return chosen
 
 
 def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
-         task: str | None = None) -> PlanResult:
+         task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None) -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -218,8 +242,11 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         batch_size, seq_len: the micro-batch shape (tokens per sequence, padded length).
         dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16: the model's dtype.
         gradient_checkpointing: whether each block is recomputed in the backward pass.
-        method_options: `PlanOptions` keys (r, target_modules, lora_dropout, num_virtual_tokens, bottleneck,
-            adapter_variant, bitfit_include_norms); unknown keys are a `ConfigError`.
+        method_options: options for every planned method that has the key, named as each method's own
+            `Options` (`train --set`): r, dropout, target_modules, num_virtual_tokens, variant,
+            bottleneck_size, include_norms, ...; a key no planned method has is a `ConfigError`.
+        options_for: {method: {key: value}} for one method only (`--set-for lora.dropout=0.1`); wins over
+            `method_options`.
         gpu_memory: a size (`80GB`, `24GiB`, `16000MB` or bytes): each strategy then says whether it fits and
             the largest batch size that does.
         device: "cuda" (tunelab's GPU scheme: bf16 autocast, fused AdamW, CUDA overhead) or "cpu".
@@ -237,12 +264,13 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
     dtype_name, param_bytes = resolve_dtype(dtype, device)
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
-    opts, chosen = _options(method_options), _methods(methods)
+    chosen = _methods(methods)
+    opts = method_options_for(chosen, method_options, options_for)
     info = describe_model(model_spec, task)
     rt = runtime(device, param_bytes)
     estimates = []
     for method in chosen:
-        st = build_strategy(method, info, opts, rt)
+        st = build_strategy(method, info, opts[method], rt)
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
         if budget is not None:
             est.fits = est.supported and est.total_bytes <= budget
@@ -253,7 +281,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
         batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
         gradient_checkpointing=gradient_checkpointing, gpu_memory_bytes=budget,
-        options=opts.model_dump(), strategies=estimates, notes=_plan_notes(info),
+        options={m: o.model_dump() for m, o in opts.items()}, strategies=estimates, notes=_plan_notes(info),
     )
 
 
@@ -268,8 +296,6 @@ def _plan_notes(info: ModelInfo) -> list[str]:
 
 def render_plan(result: PlanResult):
     """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB), notes as its caption."""
-    from rich.table import Table
-
     title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}")
@@ -296,4 +322,4 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f}"
 
 
-__all__ = ["PlanOptions", "PlanResult", "StrategyEstimate", "parse_memory", "plan", "render_plan"]
+__all__ = ["PlanResult", "StrategyEstimate", "parse_memory", "plan", "render_plan"]

@@ -1,6 +1,12 @@
 """Per-strategy terms of the memory plan: what trains, in which dtype, what the weights cost, and what each
-method's adapters keep for backward. Estimated by family from the model's meta inventory, so a method need not
-be registered for the planner to cover it.
+method's adapters keep for backward.
+
+Each registered method has one entry in `TERMS`, keyed by its registered name: a function that fills a
+`Strategy` from the model's meta inventory and the method's own `Options` (the pydantic model `--set` validates
+for training, so the planner reads the same option names). Nothing else in the planner names a method: traits
+come from the registered class (`family`; `artifact == "model"`: the whole model trains in its dtype) or from
+the strategy its entry filled in. Adding a method is one file, one `@register` and one entry here (a test checks
+that every registered method has one).
 
 tunelab's scheme (see `tunelab.methods`): the base model keeps its dtype; adapter weights, the classification head
 copy that every adapter method trains (PEFT's `modules_to_save`) and BitFit's bias deltas are fp32; under full
@@ -11,42 +17,22 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from tunelab.errors import ConfigError
 from tunelab.measure.plan_formulas import (
     ADAPTER_BYTES, FP32, NF4_BYTES_PER_PARAM, NF4_DEQUANT_COPIES, NF4_DEQUANT_INDEX_BYTES, Keeps, Runtime,
     head_input_bytes,
 )
 from tunelab.measure.plan_model import Linear, ModelInfo
-from tunelab.methods.base import find_targets
+from tunelab.methods import get_method
+from tunelab.methods.base import MethodOptions
+from tunelab.methods.lora import resolve_targets
+from tunelab.modules import name_matches
 
-FAMILIES = {
-    "full": "full fine-tuning", "lora": "reparameterisation", "dora": "reparameterisation",
-    "qlora": "reparameterisation", "adapter": "additive", "prefix": "input-side", "prompt": "input-side",
-    "ia3": "scaling / selective", "bitfit": "scaling / selective",
-}
 ALL_SITES = {"attn_in", "attn_out", "mlp_in", "mlp_mid"}
 ADAPTER_POSITIONS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per block
-
-
-class PlanOptions(BaseModel):
-    """Method options the plan uses (`method_options=`); unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, gt=0, description="LoRA/DoRA/QLoRA rank")
-    target_modules: list[str] | str | None = Field(
-        None, description="LoRA/DoRA/QLoRA targets: names, a regex or 'all-linear'; default: attention q, v "
-                          "(lora, dora) and all-linear (qlora), as tunelab's methods")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    num_virtual_tokens: int = Field(20, gt=0, description="prefix / prompt length")
-    bottleneck: int | None = Field(None, gt=0, description="bottleneck adapter width; default hidden // 16")
-    adapter_variant: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
-    bitfit_include_norms: bool | None = Field(
-        None, description="BitFit also trains norm weights; default: only when the model has no biases")
 
 
 @dataclass
@@ -54,10 +40,13 @@ class Strategy:
     """The method-dependent terms of one strategy's estimate (batch-independent)."""
 
     method: str
+    family: str
     param_bytes: int  # the model dtype's bytes per weight
+    whole_model: bool = False  # every weight trains in the model dtype (the method's artifact is a model)
     adapter_params: int = 0  # fp32 trainable parameters (adapters, head copy, bias deltas)
     base_trainable: int = 0  # trainable parameters in the model dtype (full fine-tuning)
     weights_bytes: float = 0.0
+    nf4_linears: bool = False  # the frozen linears below the head are stored as NF4 (4-bit)
     keeps: Keeps = field(default_factory=Keeps)
     extra_tokens: int = 0  # prompt: virtual tokens every block processes
     prefix_tokens: int = 0  # prefix: extra keys/values per layer
@@ -65,11 +54,8 @@ class Strategy:
     largest_trainable_bytes: float = 0.0
     artifact_bytes: float = 0.0
     unsupported: str | None = None  # why tunelab cannot train this model with the method
+    no_checkpointing: str | None = None  # why the method refuses gradient checkpointing, if it does
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def family(self) -> str:
-        return FAMILIES[self.method]
 
     @property
     def params_trainable(self) -> int:
@@ -81,13 +67,19 @@ class Strategy:
         return self.adapter_params * ADAPTER_BYTES + self.base_trainable * self.param_bytes
 
 
-def build_strategy(method: str, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> Strategy:
-    """The `Strategy` of `method` for `info` under `opts` on runtime `rt`."""
-    builders = {"full": _full, "lora": _lora, "dora": _lora, "qlora": _lora, "adapter": _adapter,
-                "prefix": _prefix, "prompt": _prompt, "ia3": _ia3, "bitfit": _bitfit}
-    st = Strategy(method=method, param_bytes=rt.param_bytes)
-    builders[method](st, info, opts, rt)
-    if method != "full":
+def build_strategy(method: str, info: ModelInfo, opts: MethodOptions, rt: Runtime) -> Strategy:
+    """The `Strategy` of registered method `method` for `info` under its own options `opts` on runtime `rt`."""
+    impl = get_method(method)
+    if method not in TERMS:
+        raise ConfigError(f"method '{method}': the planner has no terms for it (measure/plan_methods.py TERMS)")
+    st = Strategy(method=method, family=impl.family, param_bytes=rt.param_bytes, whole_model=impl.artifact == "model")
+    terms = TERMS[method]
+    terms.build(st, info, opts, rt)
+    changed = [k for k in terms.unmodelled if k in opts.model_fields_set
+               and getattr(opts, k) != type(opts).model_fields[k].default]
+    if changed:
+        st.notes.append(f"planned without the effect of {', '.join(changed)} (not modelled)")
+    if not st.whole_model:
         st.adapter_params += info.head_params  # an fp32 copy of the classification head trains with adapters
         st.keeps.head_input = head_input_bytes(info, rt, full=False)
         st.weights_bytes += _base_weights(st, info, rt) + st.adapter_params * ADAPTER_BYTES
@@ -96,7 +88,7 @@ def build_strategy(method: str, info: ModelInfo, opts: PlanOptions, rt: Runtime)
     return st
 
 
-def _full(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _full(st: Strategy, info: ModelInfo, opts: MethodOptions, rt: Runtime) -> None:
     """Every weight trains in the model dtype; every linear, norm and the LM head keep their inputs."""
     p = rt.param_bytes
     st.base_trainable = info.params_total
@@ -107,81 +99,80 @@ def _full(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None
 
 
 def _base_weights(st: Strategy, info: ModelInfo, rt: Runtime) -> float:
-    """Frozen base weights: the model dtype, or for qlora NF4 linears (embeddings, norms, head in the dtype)."""
-    if st.method != "qlora":
+    """Frozen base weights: the model dtype, or NF4 linears (embeddings, norms, head in the dtype; qlora)."""
+    if not st.nf4_linears:
         return info.params_total * rt.param_bytes
     quantised = sum(lin.in_features * lin.out_features for lin in info.linears)
     return quantised * NF4_BYTES_PER_PARAM + (info.params_total - quantised) * rt.param_bytes
 
 
-def lora_targets(info: ModelInfo, target_modules, method: str = "lora") -> list[Linear]:
-    """The linears a LoRA-family method adapts: `target_modules` resolved like `tunelab.methods.lora`; the default
-    is the attention q and v (lora, dora), or every linear but the output head (qlora, as the QLoRA paper)."""
-    if target_modules is None:
-        target_modules = "all-linear" if method == "qlora" else _default_lora_targets(info)
-    names = set(find_targets(info.meta_model, target_modules))
+def lora_targets(info: ModelInfo, opts) -> list[Linear]:
+    """The linears a LoRA-family method adapts: `opts.target_modules` resolved as the method does (its default
+    when unset: attention q and v for lora and dora, every linear but the output head for qlora)."""
+    names = set(resolve_targets(info.meta_model, opts))
     return [lin for lin in info.linears if lin.name in names]
 
 
-def _default_lora_targets(info: ModelInfo) -> list[str]:
-    try:
-        from tunelab.methods.lora import default_target_modules
-    except ImportError:  # the method may not be written yet: attention query and value, as PEFT defaults
-        leaves = {lin.name.rsplit(".", 1)[-1] for lin in info.linears}
-        probes = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
-        return next((list(p) for p in probes if set(p) <= leaves), ["q_proj", "v_proj"])
-    return default_target_modules(info.meta_model)
+def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
+    """LoRA (Hu et al. 2021): each target adds A (r, in) and B (out, r), fp32.
 
-
-def _lora(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
-    """LoRA (Hu et al. 2021), DoRA (Liu et al. 2024, arXiv:2402.09353) and QLoRA (Dettmers et al. 2023).
-
-    Each target adds A (r, in) and B (out, r); DoRA adds a magnitude vector (out). Kept for backward, per token:
-    the adapter's input (a bf16 copy under autocast, an fp32 copy for a bf16 model without autocast, or the
-    shared block input in fp32 runs), A's output (r), with dropout the mask and the dropped input; DoRA also keeps
-    the base output W x in fp32 and the LoRA output to rescale them, and builds W and W + sBA in fp32 for the
-    column norm (transient). QLoRA's NF4 linears (torchao's `linear_nf4`) keep only the 4-bit weight and
-    dequantise it in forward and backward: two int64 nibble-index tensors and three run-dtype tensors per
-    weight, alive together (measured, `NF4_DEQUANT_BYTES`).
+    Kept for backward, per token: the adapter's input (a bf16 copy under autocast, an fp32 copy for a bf16 model
+    without autocast, or the shared block input in fp32 runs), A's output (r), and with dropout the mask and the
+    dropped input. Returns the targets (DoRA and QLoRA add their own terms).
     """
-    targets = lora_targets(info, opts.target_modules, st.method)
-    r, act, p = opts.r, rt.adapter_act_bytes, rt.param_bytes
+    targets = lora_targets(info, opts)
+    r, act = opts.r, rt.adapter_act_bytes
     st.adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
-    shared_input = not rt.autocast and p == FP32 and opts.lora_dropout == 0
+    shared_input = not rt.autocast and rt.param_bytes == FP32 and opts.dropout == 0
     per_token = 0.0
     for t in targets:
         per_token += act * r + (0 if shared_input else act * t.in_features)
-        if opts.lora_dropout > 0:
+        if opts.dropout > 0:
             per_token += rt.mask_bytes * t.in_features
-        if st.method == "dora":
-            per_token += (FP32 + act) * t.out_features
     st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token)
-    if st.method == "dora":
-        st.adapter_params += sum(t.out_features for t in targets)
-        st.transient_bytes = 2 * FP32 * max(t.in_features * t.out_features for t in targets)
-    if st.method == "qlora":
-        largest = max((lin.in_features * lin.out_features for lin in info.linears), default=0)
-        st.transient_bytes = (NF4_DEQUANT_INDEX_BYTES + NF4_DEQUANT_COPIES * p) * largest
     st.largest_trainable_bytes = FP32 * max(r * max(t.in_features, t.out_features) for t in targets)
+    return targets
 
 
-def _adapter(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _dora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): LoRA plus a magnitude vector (out) per target. It also keeps the
+    base output W x in fp32 and the LoRA output to rescale them, and builds W and W + sBA in fp32 for the column
+    norm (transient)."""
+    targets = _lora(st, info, opts, rt)
+    st.keeps.extra_per_token += sum((FP32 + rt.adapter_act_bytes) * t.out_features for t in targets)
+    st.adapter_params += sum(t.out_features for t in targets)
+    st.transient_bytes = 2 * FP32 * max(t.in_features * t.out_features for t in targets)
+
+
+def _qlora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
+    """QLoRA (Dettmers et al. 2023): LoRA on NF4 linears. torchao's `linear_nf4` keeps only the 4-bit weight and
+    dequantises it in forward and backward: two int64 nibble-index tensors and three run-dtype tensors per
+    weight, alive together (measured, `NF4_DEQUANT_BYTES`)."""
+    _lora(st, info, opts, rt)
+    st.nf4_linears = True
+    largest = max((lin.in_features * lin.out_features for lin in info.linears), default=0)
+    st.transient_bytes = (NF4_DEQUANT_INDEX_BYTES + NF4_DEQUANT_COPIES * rt.param_bytes) * largest
+
+
+def _adapter(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; parallel: He et al. 2022), as tunelab's
-    `adapter`: width m = hidden // 16 by default, ReLU.
+    `adapter`: width m = `opts.size(hidden)` (hidden // 16 by default).
 
     Per adapter: down (hidden -> m) with bias, up (m -> hidden) with bias: 2*h*m + m + h parameters. Kept per
-    token: the down projection's input (h) and the ReLU output (m), which ReLU and the up projection share.
+    token: the down projection's input (h) and the activation's output (m), which the up projection shares; an
+    activation that saves its input (GELU, SiLU) keeps the down projection's output (m) too.
     """
     h, act = info.hidden, rt.adapter_act_bytes
-    m = opts.bottleneck or max(1, h // 16)
-    count = info.layers * ADAPTER_POSITIONS[opts.adapter_variant]
+    m = opts.size(h)
+    count = info.layers * ADAPTER_POSITIONS[opts.variant]
     st.adapter_params = count * (2 * h * m + m + h)
-    first_block = "mlp" if opts.adapter_variant == "houlsby" else "none"  # where the first adapter sits
-    st.keeps = Keeps(extra_per_token=count * act * (h + m), first_block=first_block)
+    kept_m = m if opts.non_linearity in ("relu", "tanh") else 2 * m  # relu/tanh backward reads their output
+    first_block = "mlp" if opts.variant == "houlsby" else "none"  # where the first adapter sits
+    st.keeps = Keeps(extra_per_token=count * act * (h + kept_m), first_block=first_block)
     st.largest_trainable_bytes = FP32 * h * m
 
 
-def _prefix(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _prefix(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """Prefix-tuning (Li & Liang 2021): 2 * layers * n * kv_dim fp32 prefixes (no reparameterisation).
 
     Keys and values are n longer in every layer; the prefixes need an attention mask, under which transformers
@@ -191,12 +182,13 @@ def _prefix(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> No
     takes = inspect.signature(info.meta_model.forward).parameters
     if not {"past_key_values", "cache"} & set(takes):
         st.unsupported = f"{type(info.meta_model).__name__} takes no key/value cache, which the prefixes need"
+    st.no_checkpointing = "tunelab's prefix method refuses gradient checkpointing (it drops the prefix cache)"
     st.adapter_params = 2 * info.layers * n * info.kv_dim
     st.prefix_tokens = n
     st.largest_trainable_bytes = FP32 * st.adapter_params
 
 
-def _prompt(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _prompt(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """Prompt tuning (Lester et al. 2021): n * hidden fp32 embeddings in front of every sequence, so every
     block runs n more tokens, and the logits cover them before the loop's loss drops them."""
     st.adapter_params = opts.num_virtual_tokens * info.hidden
@@ -205,42 +197,59 @@ def _prompt(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> No
     st.largest_trainable_bytes = FP32 * st.adapter_params
 
 
-def _ia3_defaults(info: ModelInfo) -> tuple[list[str], list[str]]:
-    try:
-        from tunelab.methods.ia3 import DEFAULT_TARGETS
-    except ImportError:  # the method may not be written yet: PEFT's Llama default
-        DEFAULT_TARGETS = {}
-    return DEFAULT_TARGETS.get(info.model_type, (["k_proj", "v_proj", "down_proj"], ["down_proj"]))
-
-
 def _matches(name: str, spec: list[str] | str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
+    """The target rule of `find_targets`: a regex (full match) or a list of names."""
+    return re.fullmatch(spec, name) is not None if isinstance(spec, str) else name_matches(name, spec)
 
 
-def _ia3(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _ia3(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """(IA)^3 (Liu et al. 2022): a vector scales each attention target's output (out) and each feed-forward
-    target's input (in); the scaling multiply keeps the unscaled tensor (model dtype) for the vector's grad."""
-    targets, ff = _ia3_defaults(info)
-    names = set(find_targets(info.meta_model, targets))
+    target's input (in); the scaling multiply keeps the unscaled tensor (model dtype) for the vector's grad.
+    Targets as the method resolves them (PEFT's per-architecture defaults when unset)."""
+    try:
+        targets, ff = get_method(st.method).resolve(info.meta_model, opts)
+    except ConfigError as e:  # no default targets for this architecture: the method refuses it too
+        st.unsupported = str(e)
+        return
     dims = [lin.in_features if _matches(lin.name, ff) else lin.out_features
-            for lin in info.linears if lin.name in names]
+            for lin in info.linears if _matches(lin.name, targets)]
+    if not dims:
+        st.unsupported = f"target_modules {targets!r} matched no linear layer of this model"
     st.adapter_params = sum(dims)
     st.keeps = Keeps(extra_per_token=rt.param_bytes * sum(dims))
-    st.largest_trainable_bytes = FP32 * max(dims)
+    st.largest_trainable_bytes = FP32 * max(dims, default=0)
 
 
-def _bitfit(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None:
+def _bitfit(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """BitFit (Ben Zaken et al. 2022): fp32 deltas of every bias; with norm weights (the only choice for models
-    without biases, such as Llama) each norm's hook recomputes the normalised input and keeps it."""
-    include_norms = opts.bitfit_include_norms if opts.bitfit_include_norms is not None else info.bias_params == 0
+    without biases, such as Llama, where it is planned by default) each norm's hook recomputes the normalised
+    input and keeps it."""
+    include_norms = opts.include_norms or ("include_norms" not in opts.model_fields_set and info.bias_params == 0)
     st.adapter_params = info.bias_params + (info.norm_params if include_norms else 0)
     if include_norms:
         p, h = rt.param_bytes, info.hidden
         upcast = FP32 * h if (info.arch not in ("gpt2", "bert") and p != FP32) else 0  # RMSNorm's fp32 copy
         st.keeps = Keeps(extra_per_token=info.norm_count * (p * h + upcast))
-        if opts.bitfit_include_norms is None:
+        if not opts.include_norms:
             st.notes.append("the model has no biases: planned with norm weights (--set include_norms=true)")
+    elif not st.adapter_params:
+        st.unsupported = "the model has no biases and include_norms is false: nothing would train"
     widest_bias = max((lin.out_features for lin in info.linears if lin.bias), default=info.hidden)
     st.largest_trainable_bytes = FP32 * max(widest_bias, info.hidden)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """One method's planner entry: `build(strategy, info, options, runtime)` fills its terms; `unmodelled` are
+    options that change memory but are planned as at their default (a note says so when they are set)."""
+
+    build: Callable[[Strategy, ModelInfo, MethodOptions, Runtime], object]
+    unmodelled: tuple[str, ...] = ()
+
+
+# Registered method name -> its terms. The only per-method table of the planner (tests check its coverage).
+TERMS: dict[str, Terms] = {
+    "full": Terms(_full), "lora": Terms(_lora), "dora": Terms(_dora), "qlora": Terms(_qlora),
+    "adapter": Terms(_adapter), "prefix": Terms(_prefix, ("prefix_projection", "encoder_hidden_size")),
+    "prompt": Terms(_prompt), "ia3": Terms(_ia3), "bitfit": Terms(_bitfit, ("target_modules",)),
+}

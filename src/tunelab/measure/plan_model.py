@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -27,9 +26,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
+from tunelab.defaults import resolve_alias
 from tunelab.errors import ArtifactError, ConfigError
-from tunelab.methods.base import linear_like, output_head_names
+from tunelab.jsonio import read_json_object
+from tunelab.methods.base import output_head_names
+from tunelab.modules import in_out_features, linear_like, name_matches
 
 # model_type -> the block family whose activation formulas apply (see plan_formulas).
 ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "smollm3": "llama",
@@ -106,8 +110,6 @@ class ModelInfo:
 
 def load_config(spec: Any) -> tuple[Any, str]:
     """(PretrainedConfig, source description) for a dir, a config.json, an alias, a dict or a config object."""
-    from transformers import PretrainedConfig
-
     if isinstance(spec, PretrainedConfig):
         return spec, f"{spec.model_type} config"
     if isinstance(spec, dict):
@@ -118,36 +120,18 @@ def load_config(spec: Any) -> tuple[Any, str]:
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ArtifactError(f"{path}: no config.json in this model directory")
-    return _config_from_dict(_read_json(cfg_file), str(cfg_file)), str(spec)
+    return _config_from_dict(read_json_object(cfg_file, ConfigError), str(cfg_file)), str(spec)
 
 
 def _alias_or_missing(spec: str) -> Path:
     """The model dir of a packaged alias; a path-like spec that does not exist is an `ArtifactError`."""
     if "/" in spec or "\\" in spec or spec.endswith(".json"):
         raise ArtifactError(f"{spec}: no such file or directory (expected a model dir, a config.json or an alias)")
-    try:
-        from tunelab.defaults import resolve_alias  # late: the defaults module may convert a packaged model
-    except ImportError:
-        raise ConfigError(f"model '{spec}': not a file or directory, and model aliases are unavailable") from None
     return Path(resolve_alias(spec))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: cannot be read ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config keys, found {type(data).__name__}")
-    return data
 
 
 def _config_from_dict(data: dict[str, Any], where: str):
     """Build the architecture's config class from raw keys, after checking the keys the planner needs."""
-    from transformers import AutoConfig
-
     model_type = data.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{where}: missing key 'model_type' (e.g. \"llama\", \"gpt2\", \"bert\")")
@@ -168,8 +152,6 @@ def _config_from_dict(data: dict[str, Any], where: str):
 @contextlib.contextmanager
 def _quiet():
     """Silence transformers' config and init chatter while the planner builds meta models."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -192,8 +174,6 @@ def infer_task(config) -> str:
 
 def build_meta_model(config, task: str) -> nn.Module:
     """The model of `config` on the meta device: real shapes, no storage, no initialisation cost."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
         with _quiet(), torch.device("meta"):
@@ -208,16 +188,9 @@ def site_of(name: str) -> str:
     best, best_len = "other", 0
     for site, suffixes in SITE_SUFFIXES.items():
         for suffix in suffixes:
-            if (name == suffix or name.endswith("." + suffix)) and len(suffix) > best_len:
+            if name_matches(name, (suffix,)) and len(suffix) > best_len:
                 best, best_len = site, len(suffix)
     return best
-
-
-def in_out(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of nn.Linear or GPT-2's Conv1D (which stores its weight as (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)
 
 
 def inventory(info: ModelInfo, model: nn.Module) -> None:
@@ -238,7 +211,7 @@ def inventory(info: ModelInfo, model: nn.Module) -> None:
                            if n.rsplit(".", 1)[-1] in HEAD_LEAVES for p in m.parameters())
     for name, module in model.named_modules():
         if name and linear_like(module) and not in_head(name):
-            i, o = in_out(module)
+            i, o = in_out_features(module)
             info.linears.append(Linear(name, i, o, site_of(name), getattr(module, "bias", None) is not None))
     info.meta_model = model
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
 from tunelab.measure.portability import serve_bytes
 from tunelab.measure.schema import CompareResults, StrategyResult
 
@@ -14,9 +18,6 @@ MB = 1e6
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -38,7 +39,6 @@ def loss_curves(strategies: list[StrategyResult], path: Path) -> Path | None:
     with_curves = [s for s in strategies if s.loss_curve]
     if not with_curves:
         return None
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = _axes("Loss curves (same batches for every strategy; dots: validation)", "step", "loss")
     for s in with_curves:

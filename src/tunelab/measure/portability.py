@@ -11,7 +11,10 @@ import statistics
 import time
 from pathlib import Path
 
+from tunelab.artifacts import inspect, load_adapter
 from tunelab.measure.schema import TASK_COUNTS, Portability
+from tunelab.methods.base import set_active
+from tunelab.models import load_model
 
 
 def serve_bytes(artifact: str, bytes_per_task: int, base_bytes: int, k: int) -> int:
@@ -39,9 +42,6 @@ def time_adapter_attach(model, adapter_dir: str | Path, repeats: int = 3) -> tup
     files and injects afresh). Switch is `set_active` from one loaded adapter to another (median of 100).
     Leaves the first attached adapter, `task0`, active. Returns (attach_seconds, switch_seconds).
     """
-    from tunelab.artifacts import load_adapter
-    from tunelab.methods.base import set_active
-
     attach = []
     for i in range(max(repeats, 2)):  # at least two adapters, to switch between them
         start = time.perf_counter()
@@ -62,8 +62,6 @@ def time_model_load(path: str | Path, task: str, **load_kwargs):
 
     Returns (seconds, LoadedModel).
     """
-    from tunelab.models import load_model
-
     start = time.perf_counter()
     loaded = load_model(str(path), task, **load_kwargs)
     return time.perf_counter() - start, loaded
@@ -87,12 +85,9 @@ def load_trained(run, artifact: str):
     `load_model`; an adapter is attached to a freshly loaded base, timed by `time_adapter_attach`.
     Returns (LoadedModel, {"attach_seconds": ..., "switch_seconds": ...}).
     """
-    from tunelab.artifacts import read_label_names
-    from tunelab.models import load_model
-
     artifact_dir = Path(run.output) / "artifact"
     kwargs = dict(dtype=run.dtype, device=run.device, trust_remote_code=run.trust_remote_code,
-                  label_names=read_label_names(artifact_dir) if run.task == "classification" else None)
+                  label_names=inspect(artifact_dir).label_names if run.task == "classification" else None)
     if artifact == "model":
         seconds, loaded = time_model_load(artifact_dir, run.task, **kwargs)
         return loaded, {"attach_seconds": seconds, "switch_seconds": None}

@@ -9,6 +9,11 @@ import contextlib
 import html
 from pathlib import Path
 
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from tunelab.measure.plots import make_plots
 from tunelab.measure.portability import human_bytes
 from tunelab.measure.schema import TASK_COUNTS, CompareResults, StrategyResult
 
@@ -19,9 +24,6 @@ class CompareProgress:
     """One rich progress bar per strategy: its step out of the budget, the latest loss, elapsed time and ETA."""
 
     def __init__(self, console, n_strategies: int):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console, speed_estimate_period=600)
@@ -135,8 +137,6 @@ def memory_source_note(results: CompareResults) -> str:
 
 def print_table(results: CompareResults, console) -> None:
     """Print the trade-off table and the recommendation on a rich console."""
-    from rich.table import Table
-
     headers, rows = trade_off_table(results)
     table = Table(title="tunelab compare: trade-offs", show_lines=False)
     for h in headers:
@@ -213,8 +213,6 @@ def write_html(results: CompareResults, path: Path, plots: dict[str, Path]) -> P
 
 def write_reports(results: CompareResults, out_dir: Path) -> tuple[Path, Path]:
     """Draw the plots into `out_dir/plots/` and write `report.md` and `report.html`; returns their paths."""
-    from tunelab.measure.plots import make_plots
-
     out_dir = Path(out_dir)
     plots = make_plots(results, out_dir / "plots")
     return write_markdown(results, out_dir / "report.md", plots), write_html(results, out_dir / "report.html", plots)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunelab.measure.plan import parse_memory
 
 SCHEMA_VERSION = 1
 TASK_COUNTS = (1, 10, 100)  # the K of "bytes needed to serve K tasks"
@@ -55,8 +60,6 @@ class CompareOptions(_Strict):
     @field_validator("gpu_memory", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
-        from tunelab.measure.plan import parse_memory  # one parser for sizes, shared with `tunelab plan`
-
         return None if v is None else parse_memory(v)
 
 
@@ -73,8 +76,6 @@ class Hardware(_Strict):
     @classmethod
     def detect(cls, device: str = "auto") -> "Hardware":
         """This machine: CPU model and cores, RAM, and the GPU that `device` selects (if any)."""
-        import torch
-
         use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
         props = torch.cuda.get_device_properties(torch.cuda.current_device()) if use_cuda else None
         return cls(cpu_model=_cpu_model(), cpu_cores=os.cpu_count() or 1, ram_bytes=_ram_bytes(),
@@ -92,19 +93,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _ram_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        return None
+def _ram_bytes() -> int:
+    return int(psutil.virtual_memory().total)
 
 
 def detect_versions() -> dict[str, str]:
     """Versions of Python and of the libraries that shape the measurements."""
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for dist in ("tunelab", "torch", "transformers", "safetensors", "peft", "accelerate"):
         try:

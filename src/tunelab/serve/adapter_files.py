@@ -1,6 +1,11 @@
-"""Checks on an adapter before it is served: its config (method, task, rank) and mixed-batch support.
+"""Checks on an adapter before it is served: what it holds (method, task, rank) and mixed-batch support.
 
-`inspect_adapter` reads only `adapter_config.json`; the weights are read by `tunelab.artifacts.load_adapter`.
+`inspect_adapter` reads the adapter's configs through `tunelab.artifacts.inspect`, the same answer the loader
+uses; the weights are read by `tunelab.artifacts.load_adapter`. It also decides which method serves it: the one
+that wrote it, except for a method whose loading changes the stored base (`changes_base`, e.g. qlora's NF4
+quantisation), which would change every other adapter's outputs on the shared base. Such an artifact is served as
+the method its files alone select (`ArtifactInfo.files_method`: qlora's artifact is a plain LoRA, which loads on
+the unquantised base, as HF PEFT loads it), and refused when its files select nothing else.
 `mixed_batch_ok` decides whether an adapter's rows may share a batch with other adapters' rows: a method that
 declares `supports_mixed_batch = False` never does; otherwise a probe forward must show each row getting
 exactly its own adapter, so a method that ignores `row_adapters` is batched alone instead of served wrong.
@@ -8,51 +13,63 @@ exactly its own adapter, so a method that ignores `row_adapters` is batched alon
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tunelab.artifacts import inspect
+from tunelab.artifacts.peft_format import WEIGHTS
 from tunelab.errors import TunelabError
+from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
 from tunelab.serve.errors import AdapterRejected
 
 _PROBE_TOKENS = 6
 
 
-def inspect_adapter(name: str, path: Path, *, max_rank: int, max_bytes: int | None = None) -> str:
-    """Validate adapter `name`'s config for serving and return its method name.
+@dataclass(frozen=True)
+class Servable:
+    """An adapter that passed the checks: `method` wrote it, `served_as` is the method it is loaded with."""
 
-    Raises `AdapterRejected` naming the adapter for an unreadable config, a method that cannot be served
-    (a whole model, a classification adapter), a rank above `max_rank`, or a weights file over `max_bytes`.
+    method: str
+    served_as: str
+
+
+def inspect_adapter(name: str, path: Path, *, max_rank: int, max_bytes: int | None = None) -> Servable:
+    """Validate adapter `name` for serving and return which method wrote it and which serves it.
+
+    Raises `AdapterRejected` naming the adapter for unreadable configs, a whole model, a classification
+    adapter, a method that would change the shared base with no plain reading of its files, a rank above
+    `max_rank`, or a weights file over `max_bytes`.
     """
-    from tunelab.artifacts.files import read_json, read_label_names
-    from tunelab.artifacts.peft_format import CONFIG, WEIGHTS, method_for_config
-
     try:
-        config = read_json(path / CONFIG)  # a whole-model dir has none: only adapters are served
-        method = method_for_config(config, path / CONFIG).name
-        labels = read_label_names(path)
+        info = inspect(path)
     except TunelabError as err:
         raise AdapterRejected(f"adapter {name!r}: {public_message(err, path, name)}") from None
-    task = config.get("task_type")
-    if task not in (None, "CAUSAL_LM") or labels:
-        raise AdapterRejected(f"adapter {name!r}: task_type {task!r} is not text generation; "
+    if info.kind != "adapter":  # only adapters share the base; a whole model is served as --model
+        raise AdapterRejected(f"adapter {name!r}: {name}/adapter_config.json: file not found; it is a whole "
+                              f"model dir, serve it as --model")
+    if info.task_type not in (None, "CAUSAL_LM") or info.label_names:
+        raise AdapterRejected(f"adapter {name!r}: task_type {info.task_type!r} is not text generation; "
                               "expected CAUSAL_LM")
-    rank = adapter_rank(config)
-    if rank is not None and rank > max_rank:
-        raise AdapterRejected(f"adapter {name!r}: rank {rank} is above the server limit --max-rank {max_rank}")
+    if info.rank is not None and info.rank > max_rank:
+        raise AdapterRejected(f"adapter {name!r}: rank {info.rank} is above the server limit --max-rank {max_rank}")
     weights = path / WEIGHTS
     if max_bytes is not None and weights.is_file() and weights.stat().st_size > max_bytes:
         raise AdapterRejected(f"adapter {name!r}: {WEIGHTS} has {weights.stat().st_size} bytes, more than the "
                               f"base model itself ({max_bytes}); expected a small adapter")
-    return method
+    return Servable(info.method, _serving_method(name, info.method, info.files_method))
 
 
-def adapter_rank(config: dict) -> int | None:
-    """The largest LoRA-family rank in the config (`r` and any per-module `rank_pattern`); None if it has none."""
-    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
-    ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
-    return max(ranks) if ranks else None
+def _serving_method(name: str, method: str, files_method: str) -> str:
+    """The method that loads the adapter on the shared base without changing the base under other adapters."""
+    if not get_method(method).changes_base:
+        return method
+    if get_method(files_method).changes_base:
+        raise AdapterRejected(f"adapter {name!r}: method '{method}' changes the shared base model's weights "
+                              "when loaded; expected an adapter that leaves the base as it is")
+    return files_method
 
 
 def public_message(err: Exception, path: Path, name: str) -> str:
@@ -68,8 +85,6 @@ def mixed_batch_ok(model, method: str, key: str) -> bool:
     Compares one forward of two identical rows with `row_adapters = [key, None]` against the adapter alone
     and the base alone. Call with the model lock held. The adapter state is left with nothing active.
     """
-    from tunelab.methods import get_method
-
     if getattr(get_method(method), "supports_mixed_batch", True) is False:
         return False
     vocab = model.get_input_embeddings().num_embeddings

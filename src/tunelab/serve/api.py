@@ -55,7 +55,8 @@ def create_app(service: Service, *, api_key: str | None = None, docs: bool = Fal
         base = {"id": service.base_name, "object": "model", "created": service.created, "owned_by": "tunelab",
                 "root": service.base_name, "parent": None}
         adapters = [{"id": a.name, "object": "model", "created": service.created, "owned_by": "tunelab",
-                     "root": service.base_name, "parent": service.base_name, "method": a.method}
+                     "root": service.base_name, "parent": service.base_name, "method": a.method,
+                     "served_as": a.served_as}
                     for a in service.registry.loaded()]
         return {"object": "list", "data": [base, *adapters]}
 

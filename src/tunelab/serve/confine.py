@@ -27,13 +27,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tunelab.artifacts.files import SIDECAR
+from tunelab.artifacts.hf_model import CONFIG as MODEL_CONFIG
+from tunelab.artifacts.peft_format import CONFIG as ADAPTER_CONFIG, WEIGHTS
 from tunelab.serve.errors import AdapterRejected, ModelNotFound
 
 MAX_ENTRIES = 64
 MAX_JSON_BYTES = 16 * 2**20
 # what the loader reads, with each file's byte limit (None: the weights' limit given to `adapter_copy`)
-COPIED = {"adapter_config.json": MAX_JSON_BYTES, "tunelab.json": MAX_JSON_BYTES, "config.json": MAX_JSON_BYTES,
-          "adapter_model.safetensors": None}
+COPIED = {ADAPTER_CONFIG: MAX_JSON_BYTES, SIDECAR: MAX_JSON_BYTES, MODEL_CONFIG: MAX_JSON_BYTES, WEIGHTS: None}
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH = 0x02, 0x08
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.methods.base import adapter_state
+from tunelab.models import pad_token_id
 from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
 from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
 from tunelab.serve.sampling import StopText, next_token, row_generator
@@ -140,7 +141,7 @@ class Engine:
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
         self.context_length = _context_length(model)
-        self.pad_id = _pad_id(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer, model)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._pending: list[_Row] = []
@@ -337,13 +338,6 @@ def _context_length(model) -> int | None:
         if isinstance(getattr(cfg, key, None), int):
             return getattr(cfg, key)
     return None
-
-
-def _pad_id(model, tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

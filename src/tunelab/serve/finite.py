@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tunelab.artifacts.peft_format import CONFIG, WEIGHTS
 from tunelab.jsonio import read_json_object
 from tunelab.serve.errors import AdapterRejected
-
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def check_finite(name: str, path: Path) -> None:

@@ -26,9 +26,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from tunelab.artifacts import load_adapter, merge_and_unload
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
-from tunelab.serve.adapter_files import inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.adapter_files import Servable, inspect_adapter, mixed_batch_ok, public_message
 from tunelab.serve.confine import adapter_copy
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
 from tunelab.serve.finite import check_finite
@@ -40,11 +42,13 @@ MAX_NAME_CHARS = 256
 
 @dataclass
 class Adapter:
-    """One known adapter: public `name`, key on the model (`None` while unloaded), source dir and method."""
+    """One known adapter: public `name`, key on the model (`None` while unloaded), source dir, the method that
+    wrote it and the method it is loaded with (`served_as`; they differ for qlora, served as the LoRA it saved)."""
 
     name: str
     path: Path
     method: str = ""
+    served_as: str = ""
     key: str | None = None
     given: bool = False  # from `--adapter NAME=DIR` (else found under the adapter root)
     mixed: bool = False
@@ -112,13 +116,13 @@ class AdapterRegistry:
             return key
         # the files are read and checked before the load lock: a slow or refused name delays no other load
         with self._source(name) as (adapter, files):
-            method = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
+            servable = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
             check_finite(name, files)
             with self._load_lock:
                 if (key := self._hold(name)) is not None:  # loaded meanwhile by another request
                     return key
                 self._make_room()
-                self._attach(adapter, method, files)
+                self._attach(adapter, servable, files)
                 with self._meta:
                     self._known[name] = adapter
                     adapter.refs, adapter.last_used = 1, next(self._clock)
@@ -155,11 +159,8 @@ class AdapterRegistry:
 
     def merge_into_base(self, name: str) -> None:
         """Fold loaded adapter `name` into the base weights and drop it; the base is then served as `name`."""
-        from tunelab.artifacts import merge_and_unload
-        from tunelab.methods import get_method
-
         adapter = self._known[name]
-        if not get_method(adapter.method).mergeable:
+        if not get_method(adapter.served_as).mergeable:
             raise ConfigError(f"--merge {name}: method '{adapter.method}' cannot be merged into the base "
                               "weights; serve it as an adapter instead")
         with self.lock:
@@ -210,14 +211,12 @@ class AdapterRegistry:
                 del self._known[victim.name]
         self._detach(key)
 
-    def _attach(self, adapter: Adapter, method: str, files: Path) -> None:
+    def _attach(self, adapter: Adapter, servable: Servable, files: Path) -> None:
         """Load the adapter's weights from `files` onto the model under a fresh key; probe mixed-batch support."""
-        from tunelab.artifacts import load_adapter
-
         key = next(self._keys)
         with self.lock:
             try:
-                load_adapter(self.model, files, key)
+                load_adapter(self.model, files, key, as_method=servable.served_as)
             except Exception as err:  # a file tunelab's checks missed must not take the server down either
                 try:
                     self._detach(key)
@@ -231,13 +230,12 @@ class AdapterRegistry:
                 p.requires_grad_(False)
             self.model.eval()
             adapter_state(self.model).active = ()
-            mixed = mixed_batch_ok(self.model, method, key)
-        adapter.method, adapter.key, adapter.mixed = method, key, mixed
+            mixed = mixed_batch_ok(self.model, servable.served_as, key)
+        adapter.method, adapter.served_as = servable.method, servable.served_as
+        adapter.key, adapter.mixed = key, mixed
 
     def _detach(self, key: str) -> None:
         """Remove adapter `key` from the model (whatever part of it a failed load left behind)."""
-        from tunelab.methods import get_method
-
         with self.lock:
             if key in adapter_state(self.model).methods:
                 get_method(adapter_state(self.model).methods[key]).remove(self.model, key)

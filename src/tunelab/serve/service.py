@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
 from tunelab.models import load_model
 from tunelab.serve.engine import Engine, GenerationRequest
@@ -74,8 +75,6 @@ class Service:
 
 def base_name_of(spec: str | Path) -> str:
     """The public name of the base model: the alias, or the model directory's name."""
-    from tunelab.defaults import MODEL_ALIASES
-
     return str(spec) if str(spec) in MODEL_ALIASES else Path(spec).name
 
 

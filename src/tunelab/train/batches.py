@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from tunelab.config import RunConfig
+from tunelab.data import epoch_order
 from tunelab.errors import ArtifactError
 
 
@@ -60,8 +61,6 @@ class WindowSampler:
 
     def order(self, epoch: int) -> list[int]:
         """The sample order of `epoch` (cached for the current epoch)."""
-        from tunelab.data import epoch_order
-
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, list(epoch_order(self.n, self.seed, epoch)))
         return self._order[1]

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from tunelab.data import collate
 from tunelab.train.loss import task_loss_sum
 
 
@@ -36,8 +37,6 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
         causal-lm: {"loss", "perplexity"}, the loss being the mean over every target token of all examples
         (not a mean of batch means); classification: {"loss", "accuracy"}. Empty `examples` give NaNs.
     """
-    from tunelab.data import collate
-
     was_training = model.training
     device = model_device(model)
     loss_sum, n_targets, correct = 0.0, 0, 0

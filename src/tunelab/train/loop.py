@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.data import collate
 from tunelab.errors import ResourceError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batches import WindowSampler
@@ -142,8 +143,6 @@ class Loop:
 
     def next_batches(self) -> list[dict]:
         """The next window's collated micro-batches, on the run's device."""
-        from tunelab.data import collate
-
         train = self.run.dataset.train
         return [to_device(collate([train[i] for i in mb], self.run.pad_id, self.cfg.task), self.run.device)
                 for mb in self.sampler.next_window()]

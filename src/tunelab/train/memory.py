@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 
+import psutil
 import torch
 
 
 def rss_bytes() -> int:
     """The process's current resident set size in bytes."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:  # Linux without psutil: /proc/self/statm gives pages
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.Process().memory_info().rss)
 
 
 def reset_peak(device: torch.device) -> None:

@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tunelab.artifacts import save_artifact
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.train import checkpoint as ckpt
@@ -60,16 +61,16 @@ def prepare_output(cfg: RunConfig, out: Path, root: Path) -> Path | None:
     """Check the output dir before any model loads; return the checkpoint to resume from, if resuming.
 
     A fresh run refuses an output dir that already holds checkpoints (they would mix with the new run's),
-    unless `cfg.force`, which deletes them. Temp dirs of saves that died midway are removed either way.
+    unless `cfg.overwrite`, which deletes them. Temp dirs of saves that died midway are removed either way.
     """
     if cfg.resume:
         return find_resume_checkpoint(cfg, out, root)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(root)
     existing = ckpt.complete_steps(root)
-    if existing and not cfg.force:
+    if existing and not cfg.overwrite:
         raise ConfigError(f"{root}: holds checkpoints of an earlier run (newest {existing[0].name}); pass --resume "
-                          f"to continue it, or --force to start over and delete them")
+                          f"to continue it, or --overwrite to start over and delete them")
     if existing:
         shutil.rmtree(root)
     (out / "run.json").unlink(missing_ok=True)  # a summary of an earlier run must not describe this one
@@ -120,8 +121,6 @@ def last_train_loss(metrics_path: Path) -> float | None:
 
 def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: float, wall: float) -> dict:
     """Save the artifact, then write run.json (its presence marks a finished run); returns the summary."""
-    from tunelab.artifacts import save_artifact
-
     cfg, out = run.cfg, Path(run.cfg.output)
     result = final_eval(run, outcome)
     artifact_bytes = save_artifact(run.model, run.loaded.tokenizer, cfg.adapter_name, out / "artifact",

@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 from tunelab.config import RunConfig
+from tunelab.data import Dataset, load_data
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
-from tunelab.methods.base import (Method, adapter_module_prefixes, adapter_state, linear_like, mark_trainable,
-                                  output_head_names)
+from tunelab.methods.base import Method, adapter_module_prefixes, adapter_state, mark_trainable, output_head_names
+from tunelab.models import LoadedModel, load_model, read_config, resolve_spec
+from tunelab.models import load_tokenizer as read_tokenizer
+from tunelab.modules import linear_like, name_matches
 from tunelab.train import rng
 from tunelab.train.batches import total_steps
 from tunelab.train.memory import rss_bytes
@@ -27,8 +30,8 @@ class Run:
     """Everything the loop works with, built once from the config."""
 
     cfg: RunConfig
-    loaded: object  # tunelab.models.LoadedModel
-    dataset: object  # tunelab.data.Dataset
+    loaded: LoadedModel
+    dataset: Dataset
     trainables: Trainables
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -46,8 +49,7 @@ class Run:
 
     @property
     def pad_id(self) -> int:
-        tok = self.loaded.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return self.loaded.pad_id
 
 
 def build_run(cfg: RunConfig) -> Run:
@@ -90,7 +92,7 @@ def check_every_target_matched(model: nn.Module, options, touched: list[str]) ->
     wanted = getattr(options, "target_modules", None)
     if not isinstance(wanted, list):  # None (the method's default), a regex or "all-linear"
         return
-    unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in touched)]
+    unmatched = [t for t in wanted if not any(name_matches(n, (t,)) for n in touched)]
     if unmatched:
         owned = adapter_module_prefixes(model)  # the new adapter's own layers are not candidates
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -99,11 +101,8 @@ def check_every_target_matched(model: nn.Module, options, touched: list[str]) ->
                           f"some module names in this model: {', '.join(leaves[:8]) or 'none'}")
 
 
-def load_model_and_data(cfg: RunConfig):
+def load_model_and_data(cfg: RunConfig) -> tuple[LoadedModel, Dataset]:
     """Load the model and the data set. Classification reads the labels first, so the head gets their count."""
-    from tunelab.data import load_data
-    from tunelab.models import load_model
-
     def model_with(label_names):
         return load_model(cfg.model, cfg.task, dtype=cfg.dtype, device=cfg.device,
                           trust_remote_code=cfg.trust_remote_code, label_names=label_names)
@@ -123,11 +122,9 @@ def load_model_and_data(cfg: RunConfig):
 
 def load_tokenizer(cfg: RunConfig):
     """The model's tokenizer alone (to read classification labels before the head is sized)."""
-    from tunelab.models import load_tokenizer as load, read_config, resolve_spec
-
     path = resolve_spec(cfg.model)
     read_config(path)  # a missing or invalid model dir is reported as such, not as a tokenizer problem
-    return load(path, trust_remote_code=cfg.trust_remote_code)
+    return read_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
 
 
 def select_trainables(model: nn.Module, method: Method, name: str, task: str) -> Trainables:

@@ -6,7 +6,10 @@ import math
 import platform
 
 import torch
+import transformers
 from torch import nn
+
+import tunelab
 
 
 THROUGHPUT_COUNTS = "non-pad input tokens per second, leaving out the first 2 optimizer steps of each process"
@@ -14,10 +17,6 @@ THROUGHPUT_COUNTS = "non-pad input tokens per second, leaving out the first 2 op
 
 def versions() -> dict[str, str]:
     """Versions of tunelab, torch, transformers and Python."""
-    import transformers
-
-    import tunelab
-
     return {"tunelab": tunelab.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
