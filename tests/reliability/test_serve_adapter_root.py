@@ -179,3 +179,21 @@ def test_adapter_files_are_read_only_through_the_opened_directory(tmp_path, adap
         with adapter_copy(root, "team/a", max_bytes=10):
             pass
     assert json.loads((root / "team" / "a" / "adapter_config.json").read_text())  # the source is untouched
+
+
+def test_a_burst_of_first_requests_reads_the_adapter_once(make_service, adapter_root, monkeypatch):
+    from tunelab.serve import registry
+
+    copies = []
+    real = registry.adapter_copy
+    monkeypatch.setattr(registry, "adapter_copy", lambda *a, **k: (copies.append(a[1]), real(*a, **k))[1])
+    service = make_service(adapter_root=adapter_root)
+    with running(create_app(service)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(
+            http.post("/v1/completions", json={**ASK, "model": "a"}).status_code)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert codes == [200] * 8 and copies == ["a"]

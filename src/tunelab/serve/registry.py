@@ -86,7 +86,8 @@ class AdapterRegistry:
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
         self._meta = threading.Lock()  # guards refs, last_used, key and _known
-        self._load_lock = threading.Lock()  # one load at a time: never two loads racing for the last slot
+        self._load_lock = threading.Lock()  # one attach at a time: never two loads racing for the last slot
+        self._name_locks: dict[str, tuple[threading.Lock, int]] = {}  # per name: its lock and how many wait on it
         self._clock = itertools.count(1)
         self._keys = (f"serve_{i}" for i in itertools.count())
         self._base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -114,19 +115,21 @@ class AdapterRegistry:
             return None
         if (key := self._hold(name)) is not None:
             return key
-        # the files are read and checked before the load lock: a slow or refused name delays no other load
-        with self._source(name) as (adapter, files):
-            servable = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
-            check_finite(name, files)
-            with self._load_lock:
-                if (key := self._hold(name)) is not None:  # loaded meanwhile by another request
-                    return key
-                self._make_room()
-                self._attach(adapter, servable, files)
-                with self._meta:
-                    self._known[name] = adapter
-                    adapter.refs, adapter.last_used = 1, next(self._clock)
-                return adapter.key
+        # the files are read and checked before the load lock, one request per name at a time: a slow or
+        # refused name delays no load of another name, and a burst of first requests reads its files once
+        with self._one_per_name(name):
+            if (key := self._hold(name)) is not None:  # loaded by the request we waited for
+                return key
+            with self._source(name) as (adapter, files):
+                servable = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
+                check_finite(name, files)
+                with self._load_lock:
+                    self._make_room()
+                    self._attach(adapter, servable, files)
+                    with self._meta:
+                        self._known[name] = adapter
+                        adapter.refs, adapter.last_used = 1, next(self._clock)
+                    return adapter.key
 
     def release(self, key: str | None) -> None:
         """Give back a hold taken by `acquire` (None, the base, is a no-op)."""
@@ -178,6 +181,23 @@ class AdapterRegistry:
             adapter.refs += 1
             adapter.last_used = next(self._clock)
             return adapter.key
+
+    @contextlib.contextmanager
+    def _one_per_name(self, name: str) -> Iterator[None]:
+        """Hold the lock of `name` (made on first use, dropped when no request waits on it)."""
+        with self._meta:
+            lock, users = self._name_locks.get(name, (threading.Lock(), 0))
+            self._name_locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._meta:
+                lock, users = self._name_locks[name]
+                if users == 1:
+                    del self._name_locks[name]
+                else:
+                    self._name_locks[name] = (lock, users - 1)
 
     @contextlib.contextmanager
     def _source(self, name: str) -> Iterator[tuple[Adapter, Path]]:
