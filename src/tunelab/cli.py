@@ -280,6 +280,9 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
     merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json.")] = False,
 ) -> None:
     """Serve one frozen base with many adapters (mixed-adapter batches) behind an OpenAI-compatible API."""
     from tunelab.artifacts import check_adapter_dir
@@ -293,7 +296,8 @@ def serve(
         adapters[name] = check_adapter_dir(path)
     _check_listen_address(host, port)
     run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
-               max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge)
+               max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge,
+               api_key=api_key, docs=docs)
 
 
 def _check_listen_address(host: str, port: int) -> None:

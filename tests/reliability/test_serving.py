@@ -84,8 +84,10 @@ def test_case25_names_outside_the_adapter_root_are_rejected_unread(make_service,
     assert not [p for p in opened if Path(p).resolve().is_relative_to(outside.resolve())]
     assert client.post("/v1/completions", json={**ask, "model": "good"}).status_code == 200
     assert [a.name for a in service.registry.loaded()] == ["good"]
-    read = {Path(p).name for p in opened if Path(p).resolve().is_relative_to((root / "good").resolve())}
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= read  # the spy does see adapter reads
+    # the spy does see adapter reads (root adapters are read through a directory descriptor into a private copy,
+    # so their opens name the file alone, or the copy)
+    read = {Path(p).name for p in opened}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= read
 
 
 # --- case 26 ------------------------------------------------------------------------------------------------

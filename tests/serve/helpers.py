@@ -6,6 +6,8 @@ Imported by tests/serve/* and tests/reliability/test_serving.py (`from serve.hel
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,41 @@ def make_service(base_dir):
     yield make
     for service in made:
         service.close()
+
+
+class ForwardGate:
+    """A forward pre-hook on a model: while closed, forwards wait (requests queue up behind them); `delay_s`
+    slows every forward, so a decode step costs a known time. Remove it with `close()`/`remove()`."""
+
+    def __init__(self, model, delay_s: float = 0.0):
+        self.open_, self.delay_s, self.waiting = threading.Event(), delay_s, 0
+        self.open_.set()
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.waiting += 1
+        try:
+            assert self.open_.wait(60), "the test never opened the gate"
+        finally:
+            self.waiting -= 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+
+    def close(self) -> None:
+        self.open_.clear()
+
+    def open(self) -> None:
+        self.open_.set()
+
+    def remove(self) -> None:
+        self.open_.set()
+        self.handle.remove()
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> float:
+    """Poll `condition()` until it is true; the seconds it took. Fails the test after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what}: not reached within {timeout:.0f} s"
+        time.sleep(0.005)
+    return time.monotonic() - start

@@ -24,6 +24,7 @@ def test_plain_relative_names_pass(name):
     ("../a", "'..'"), ("a/../../b", "'..'"), ("/etc/passwd", "absolute"), ("\\\\host\\share", "absolute"),
     ("C:\\x", "absolute"), ("a\\..\\b", "'\\'"), ("", "absolute"), (".hidden", "part '.hidden'"),
     ("a//b", "part ''"), ("a b", "part 'a b'"), ("x\x00", "part"),
+    ("a/" * 5000 + "a", "adapter name of 10001 characters: expected at most 256"),  # no ENAMETOOLONG from the OS
 ])
 def test_unsafe_names_are_rejected(name, words):
     with pytest.raises(AdapterRejected) as err:

@@ -1,90 +1,56 @@
 """The OpenAI-compatible HTTP API over a `Service`: /v1/models, /v1/completions, /v1/chat/completions.
 
-Request bodies are pydantic models (unknown fields are errors); responses and errors have OpenAI's shapes,
-errors as {"error": {"message", "type", "param", "code"}} with status 400, 404, 429 or 503. `stream: true`
-answers with server-sent events (`data: {chunk}` lines, then `data: [DONE]`).
+Request bodies are strict pydantic models (`schema.py`; unknown fields are errors), checked after `guard.Guard`
+(API key, body size and read time); responses and errors have OpenAI's shapes, errors as
+{"error": {"message", "type", "param", "code"}} with status 400, 401, 404, 408, 413, 429 or 503. `stream: true`
+answers with server-sent events (`data: {chunk}` lines, then `data: [DONE]`). Probes: `/health`, `/ready`
+(queue depth; 503 when the engine is down or the queue full) and `/metrics` (Prometheus text).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import queue
 import time
 import uuid
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import TunelabError
 from tunelab.serve.engine import GenerationRequest, GenerationResult
 from tunelab.serve.errors import Busy, http_fields
+from tunelab.serve.guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard
+from tunelab.serve.schema import ChatCompletionRequest, CompletionRequest
 from tunelab.serve.service import Service
 
 log = logging.getLogger("tunelab.serve")
 REQUEST_TIMEOUT_S = 600.0
 
 
-class _Params(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI's names and defaults)."""
+def create_app(service: Service, *, api_key: str | None = None, docs: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `service`.
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI allows up to 4
-    seed: int | None = None
-    stream: bool = False
-    n: Literal[1] = 1
-    user: str | None = None
-
-    def generation(self, prompt_ids: list[int], max_tokens: int) -> GenerationRequest:
-        """The engine request for these parameters, generating at most `max_tokens`."""
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenerationRequest(prompt_ids, max_tokens=max_tokens,
-                                 temperature=self.temperature, top_p=self.top_p, stop=stops, seed=self.seed)
-
-
-class CompletionRequest(_Params):
-    """POST /v1/completions."""
-
-    prompt: str
-
-
-class ChatMessage(BaseModel):
-    """One chat turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatCompletionRequest(_Params):
-    """POST /v1/chat/completions (`max_completion_tokens` is OpenAI's newer name for `max_tokens`)."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app serving `service`."""
-    app = FastAPI(title="tunelab serve")
+    `api_key`: every `/v1` route needs `Authorization: Bearer API_KEY`. `docs`: serve `/docs`, `/redoc` and
+    `/openapi.json`. `max_body_bytes`, `body_timeout_s`: request bodies larger or slower are refused (413, 408).
+    Generation handlers are async: they wait for the engine without holding a worker thread, so `/health`,
+    `/ready` and `/metrics` answer at once under any load.
+    """
+    kw = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="tunelab serve", **kw)
     app.state.service = service
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     _add_error_handlers(app)
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
+    _add_probes(app, service)
 
     @app.get("/v1/models")
-    def models() -> dict:
+    async def models() -> dict:
         """The base model and the adapters loaded now."""
         base = {"id": service.base_name, "object": "model", "created": service.created, "owned_by": "tunelab",
                 "root": service.base_name, "parent": None}
@@ -95,17 +61,49 @@ def create_app(service: Service) -> FastAPI:
         return {"object": "list", "data": [base, *adapters]}
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest):
-        req = body.generation(service.encode_prompt(body.prompt), body.max_tokens or 16)  # OpenAI's default
-        return _respond(service, body.model, req, body.stream, _TextShape())
+    async def completions(body: CompletionRequest, request: Request):
+        def prepare() -> GenerationRequest:
+            return body.generation(service.encode_prompt(body.prompt), body.max_tokens or 16)  # OpenAI's default
+
+        return await _respond(service, body.model, prepare, body.stream, _TextShape(), request)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest):
-        ids = service.encode_chat([m.model_dump() for m in body.messages])
-        req = body.generation(ids, body.max_tokens or body.max_completion_tokens or _room(service, len(ids)))
-        return _respond(service, body.model, req, body.stream, _ChatShape())
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        def prepare() -> GenerationRequest:
+            ids = service.encode_chat([m.model_dump() for m in body.messages])
+            return body.generation(ids, body.max_tokens or body.max_completion_tokens or _room(service, len(ids)))
+
+        return await _respond(service, body.model, prepare, body.stream, _ChatShape(), request)
 
     return app
+
+
+def _add_probes(app: FastAPI, service: Service) -> None:
+    """`/health` (the process answers), `/ready` (the engine runs and the queue has room), `/metrics`."""
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        engine = service.engine
+        depth = engine.queue_depth()
+        ok = engine.alive and depth < engine.max_queue
+        body = {"status": "ready" if ok else "not ready", "queue_depth": depth, "max_queue": engine.max_queue,
+                "running": engine.running}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        engine = service.engine
+        lines = [("tunelab_queue_depth", "gauge", "requests waiting for a batch", engine.queue_depth()),
+                 ("tunelab_running_rows", "gauge", "rows in the batch decoding now", engine.running),
+                 ("tunelab_dropped_rows_total", "counter", "requests dropped because the client hung up",
+                  engine.dropped),
+                 ("tunelab_adapters_loaded", "gauge", "adapters loaded on the base", len(service.registry.loaded()))]
+        text = "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 def _room(service: Service, prompt_tokens: int) -> int:
@@ -159,52 +157,84 @@ def _usage(result: GenerationResult) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def _respond(service: Service, model: str, req: GenerationRequest, stream: bool, shape):
+async def _respond(service: Service, model: str, prepare, stream: bool, shape, request: Request):
+    """Tokenize and queue the request off the event loop (an adapter may load), then await its result."""
     rid = f"{shape.prefix}-{uuid.uuid4().hex[:24]}"
+    req = await run_in_threadpool(prepare)
     if stream:
-        return _stream(service, model, req, shape, rid)
-    future = service.submit(model, req)
-    try:
-        result = future.result(timeout=REQUEST_TIMEOUT_S)
-    except TimeoutError:
-        raise Busy(f"the request did not finish within {REQUEST_TIMEOUT_S:.0f} s; retry later") from None
+        return await _stream(service, model, req, shape, rid, request)
+    future = await run_in_threadpool(service.submit, model, req)
+    async with _watch_disconnect(request, req):
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), REQUEST_TIMEOUT_S)
+        except TimeoutError:
+            req.cancel()
+            raise Busy(f"the request did not finish within {REQUEST_TIMEOUT_S:.0f} s; retry later") from None
     return {**_envelope(rid, model, shape.object), "choices": [shape.choice(result.text, result.finish_reason)],
             "usage": _usage(result)}
 
 
-def _stream(service: Service, model: str, req: GenerationRequest, shape, rid: str) -> StreamingResponse:
-    """Server-sent events: one chunk per piece of final text, a last chunk with finish_reason, `[DONE]`."""
-    events: queue.Queue = queue.Queue()
-    req.on_text = lambda text: events.put(("text", text))
-    future = service.submit(model, req)  # errors before generation starts are ordinary error responses
-    future.add_done_callback(lambda f: events.put(("done", f)))
+async def _stream(service: Service, model: str, req: GenerationRequest, shape, rid: str,
+                  request: Request) -> StreamingResponse:
+    """Server-sent events: one chunk per piece of final text, a last chunk with finish_reason, `[DONE]`.
+
+    A client that hangs up cancels the request: the engine drops its row at the next decode step.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+    future = await run_in_threadpool(service.submit, model, req)  # errors before generation are plain errors
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f)))
 
     def chunk(choice: dict, **extra) -> str:
         body = {**_envelope(rid, model, shape.chunk_object), "choices": [choice], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    def lines():
-        if shape.opening() is not None:  # chat streams open with the assistant role
-            yield chunk(shape.opening())
-        while True:
-            try:
-                kind, value = events.get(timeout=REQUEST_TIMEOUT_S)
-            except queue.Empty:
-                yield _sse_error(Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
+    async def lines():
+        async with _watch_disconnect(request, req):
+            if shape.opening() is not None:  # chat streams open with the assistant role
+                yield chunk(shape.opening())
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
+                except TimeoutError:
+                    yield _sse_error(Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
+                    break
+                if kind == "text":
+                    yield chunk(shape.delta(value, None))
+                    continue
+                err = value.exception()
+                if err is not None:
+                    yield _sse_error(err)
+                    break
+                result = value.result()
+                yield chunk(shape.delta(None, result.finish_reason), usage=_usage(result))
                 break
-            if kind == "text":
-                yield chunk(shape.delta(value, None))
-                continue
-            err = value.exception()
-            if err is not None:
-                yield _sse_error(err)
-                break
-            result = value.result()
-            yield chunk(shape.delta(None, result.finish_reason), usage=_usage(result))
-            break
-        yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Request, req: GenerationRequest):
+    """While inside, a client that hangs up cancels `req`; leaving early (an error, a cancelled stream) does too.
+
+    After the body, the ASGI `receive` answers only when the client disconnects (or the response is done).
+    """
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        req.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        watcher.cancel()
+        if not finished:
+            req.cancel()
 
 
 def _sse_error(err: BaseException) -> str:

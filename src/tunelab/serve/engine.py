@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,7 +27,7 @@ import torch
 from tunelab.methods.base import adapter_state
 from tunelab.models import pad_token_id
 from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
-from tunelab.serve.errors import BadRequest, QueueFull
+from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
 from tunelab.serve.sampling import StopText, next_token, row_generator
 
 _MIXED = object()  # the group key of rows that can share a batch through row_adapters
@@ -37,7 +38,8 @@ class GenerationRequest:
     """One completion to generate: prompt token ids, the adapter (None: base) and sampling parameters.
 
     `on_text`, when given, receives the completion's text in pieces as it becomes final (for streaming);
-    it is called on the engine thread and must not block for long.
+    it is called on the engine thread and must not block for long. `cancel()` (a client that hung up) drops
+    the request from the queue, or from its batch at the next decode step.
     """
 
     prompt_ids: list[int]
@@ -48,6 +50,11 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def cancel(self) -> None:
+        """Stop generating this request (thread-safe); its future then fails with `ClientGone`."""
+        self.cancelled.set()
 
 
 @dataclass
@@ -76,8 +83,27 @@ class _Row:
         self.finish_reason: str | None = None
 
     def step(self, logits: torch.Tensor) -> int:
-        """Choose this row's next token from its logits (vocab,), update its text; return the token."""
+        """Choose this row's next token from its logits (vocab,), update its text; return the token.
+
+        Any error (a row's numbers that cannot be sampled, a failing `on_text`) ends this row alone: its future
+        gets the error and the row leaves the batch with the others untouched.
+        """
+        try:
+            token = self._step(logits)
+            if self.finish_reason in ("stop", "length"):
+                _settle(self.future, result=self.result())
+            return token
+        except Exception as err:
+            self.finish_reason = "error"
+            _settle(self.future, error=err)
+            return 0
+
+    def _step(self, logits: torch.Tensor) -> int:
         req = self.request
+        if req.cancelled.is_set():
+            self.finish_reason = "cancelled"
+            _settle(self.future, error=ClientGone("the client disconnected"))
+            return 0
         token = next_token(logits, req.temperature, req.top_p, self.gen)
         self.generated += 1
         if token in self.eos_ids:
@@ -123,10 +149,17 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.waves = itertools.count()  # next(waves) numbers each wave (a new batch, not a join)
+        self.running = 0  # rows in the batch being decoded now
+        self.dropped = 0  # rows dropped because their client hung up
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
         """Raise `BadRequest` naming the field when `req` cannot be generated within the server's limits."""
+        if not (math.isfinite(req.temperature) and req.temperature >= 0):
+            raise BadRequest(f"temperature: expected a finite number >= 0, found {req.temperature}",
+                             param="temperature")
+        if not 0 < req.top_p <= 1:
+            raise BadRequest(f"top_p: expected a number in (0, 1], found {req.top_p}", param="top_p")
         if not req.prompt_ids:
             raise BadRequest("prompt: expected at least one token, found an empty prompt", param="prompt")
         if not 1 <= req.max_tokens <= self.max_tokens_limit:
@@ -148,6 +181,11 @@ class Engine:
             self._pending.append(_Row(req, future, self.tokenizer, self.eos_ids))
             self._cv.notify()
         return future
+
+    @property
+    def alive(self) -> bool:
+        """Whether the batching loop is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         """Start the batching loop on a daemon thread (idempotent)."""
@@ -182,8 +220,21 @@ class Engine:
     def _group(self, adapter: str | None):
         return _MIXED if adapter is None or self.mixed_batch(adapter) else adapter
 
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in a batch."""
+        with self._cv:
+            return len(self._pending)
+
     def _take(self, group, limit: int) -> list[_Row]:
-        """Up to `limit` queued rows of `group`, oldest first, out of the queue (call with `_cv` held)."""
+        """Up to `limit` queued rows of `group`, oldest first, out of the queue (call with `_cv` held).
+
+        Requests cancelled while queued leave the queue here, failed with `ClientGone`.
+        """
+        gone = [r for r in self._pending if r.request.cancelled.is_set()]
+        for row in gone:
+            _settle(row.future, error=ClientGone("the client disconnected"))
+        self.dropped += len(gone)
+        self._pending = [r for r in self._pending if r not in gone]
         taken = [r for r in self._pending if self._group(r.request.adapter) == group][:limit]
         self._pending = [r for r in self._pending if r not in taken]
         return taken
@@ -208,9 +259,12 @@ class Engine:
                 batch = self._start(rows)
                 while batch is not None:
                     batch = self._join(batch, group, wave)
+                    self.running = len(batch.rows)
                     batch = self._advance(batch, self._forward(batch))
-        except Exception as err:  # one failed wave (e.g. an adapter that raises) must not stop the server
+        except Exception as err:  # one failed wave (e.g. a forward that raises) must not stop the server
             _fail(wave, err)
+        finally:
+            self.running = 0
 
     def _start(self, rows: list[_Row]) -> Batch | None:
         """Prefill `rows` and choose their first tokens; the batch is then ready for its first decode step."""
@@ -219,11 +273,9 @@ class Engine:
         return self._advance(batch, self._forward(batch))
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
-        """Each row picks its next token from `logits` (B, vocab); finished rows get their result and leave."""
+        """Each row picks its next token from `logits` (B, vocab); finished, failed and cancelled rows leave."""
         tokens = [row.step(logits[i]) for i, row in enumerate(batch.rows)]
-        for row in batch.rows:
-            if row.finish_reason is not None:
-                row.future.set_result(row.result())
+        self.dropped += sum(row.finish_reason == "cancelled" for row in batch.rows)
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
         return next_step(batch, tokens, keep) if keep else None
 
@@ -263,8 +315,17 @@ class Engine:
 
 def _fail(rows: list[_Row], err: Exception) -> None:
     for row in rows:
-        if not row.future.done():
-            row.future.set_exception(err)
+        _settle(row.future, error=err)
+
+
+def _settle(future: Future, *, result=None, error: Exception | None = None) -> None:
+    """Give `future` its result or error unless it already has one."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _device(model) -> torch.device:

@@ -56,6 +56,15 @@ class QueueFull(ResourceError):
     code = "queue_full"
 
 
+class ClientGone(TunelabError):
+    """The client hung up before its request finished; nobody reads the answer."""
+
+    status = 499  # nginx's "client closed request"
+    type = "invalid_request_error"
+    param = None
+    code = "client_disconnected"
+
+
 def http_fields(err: TunelabError) -> tuple[int, dict]:
     """The HTTP status and OpenAI error body for `err` (other `TunelabError`s are 400s)."""
     status = getattr(err, "status", 400)

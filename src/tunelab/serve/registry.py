@@ -1,9 +1,10 @@
 """The adapters a server holds: where each comes from, which are loaded, and which are in use.
 
 Adapters come from `--adapter NAME=DIR` at start or, by name, from directories under `--adapter-root`.
-A requested name is a path below the root and nothing more: absolute paths, `..` parts and anything that
-resolves (symlinks followed) outside the root are refused before a file is opened, and so is an adapter
-directory holding a link that leads out of the root.
+A requested name is a short path below the root and nothing more: absolute paths and `..` parts are refused
+before anything is opened. A root adapter is then read through descriptors into a private copy
+(`confine.adapter_copy`), so nothing outside the root is read even while the root is being rewritten, and it
+is read and checked outside the one load lock: a slow or refused name delays no load of another name.
 
 At most `max_adapters` are loaded. Each request holds a reference on its adapter from `acquire` to `release`;
 loading one more evicts the least recently used adapter that no request holds, or refuses with `Busy` when
@@ -14,10 +15,12 @@ public names need not be valid module names.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -28,10 +31,13 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
 from tunelab.serve.adapter_files import Servable, inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.confine import adapter_copy
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
+from tunelab.serve.finite import check_finite
 
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NAME_CHARS = 256
 
 
 @dataclass
@@ -51,7 +57,9 @@ class Adapter:
 
 
 def check_name(name: str) -> None:
-    """Refuse a public adapter name that is not a relative path of plain parts (letters, digits, `._-`)."""
+    """Refuse a public adapter name that is not a short relative path of plain parts (letters, digits, `._-`)."""
+    if len(name) > MAX_NAME_CHARS:  # the OS would refuse the path (ENAMETOOLONG) after work it need not do
+        raise AdapterRejected(f"adapter name of {len(name)} characters: expected at most {MAX_NAME_CHARS}")
     if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or name[:1] in "/\\":
         raise AdapterRejected(f"adapter name {name!r}: expected a name relative to the adapter root, "
                               "found an absolute path")
@@ -63,27 +71,6 @@ def check_name(name: str) -> None:
     if bad is not None:
         raise AdapterRejected(f"adapter name {name!r}: part {bad!r} should be letters, digits, '.', '_' or '-' "
                               "(starting with a letter or digit)")
-
-
-def resolve_in_root(root: Path, name: str) -> Path:
-    """The directory of adapter `name` under `root`, after `check_name` and with symlinks resolved.
-
-    Raises `AdapterRejected` when it resolves outside `root`, `ModelNotFound` when it does not exist.
-    Only file-system metadata is read here, never file contents.
-    """
-    check_name(name)
-    real_root = root.resolve()
-    path = (real_root / name).resolve()
-    if not path.is_relative_to(real_root):
-        raise AdapterRejected(f"adapter name {name!r}: resolves outside the adapter root (a symbolic link); "
-                              "expected a directory inside it")
-    if not path.is_dir():
-        raise ModelNotFound(f"model {name!r}: no such adapter directory under the adapter root")
-    for entry in path.rglob("*"):
-        if not entry.resolve().is_relative_to(real_root):
-            raise AdapterRejected(f"adapter {name!r}: file {entry.relative_to(path)} links outside the "
-                                  "adapter root; expected the adapter's files inside it")
-    return path
 
 
 class AdapterRegistry:
@@ -99,7 +86,8 @@ class AdapterRegistry:
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
         self._meta = threading.Lock()  # guards refs, last_used, key and _known
-        self._load_lock = threading.Lock()  # one load at a time: never two loads racing for the last slot
+        self._load_lock = threading.Lock()  # one attach at a time: never two loads racing for the last slot
+        self._name_locks: dict[str, tuple[threading.Lock, int]] = {}  # per name: its lock and how many wait on it
         self._clock = itertools.count(1)
         self._keys = (f"serve_{i}" for i in itertools.count())
         self._base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -127,19 +115,21 @@ class AdapterRegistry:
             return None
         if (key := self._hold(name)) is not None:
             return key
-        with self._load_lock:
+        # the files are read and checked before the load lock, one request per name at a time: a slow or
+        # refused name delays no load of another name, and a burst of first requests reads its files once
+        with self._one_per_name(name):
             if (key := self._hold(name)) is not None:  # loaded by the request we waited for
                 return key
-            adapter = self._known.get(name)
-            if adapter is None or not adapter.given:  # root adapters are located afresh on every load
-                adapter = Adapter(name, self._locate(name))
-            servable = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
-            self._make_room()
-            self._attach(adapter, servable)
-            with self._meta:
-                self._known[name] = adapter
-                adapter.refs, adapter.last_used = 1, next(self._clock)
-            return adapter.key
+            with self._source(name) as (adapter, files):
+                servable = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
+                check_finite(name, files)
+                with self._load_lock:
+                    self._make_room()
+                    self._attach(adapter, servable, files)
+                    with self._meta:
+                        self._known[name] = adapter
+                        adapter.refs, adapter.last_used = 1, next(self._clock)
+                    return adapter.key
 
     def release(self, key: str | None) -> None:
         """Give back a hold taken by `acquire` (None, the base, is a no-op)."""
@@ -192,12 +182,38 @@ class AdapterRegistry:
             adapter.last_used = next(self._clock)
             return adapter.key
 
-    def _locate(self, name: str) -> Path:
+    @contextlib.contextmanager
+    def _one_per_name(self, name: str) -> Iterator[None]:
+        """Hold the lock of `name` (made on first use, dropped when no request waits on it)."""
+        with self._meta:
+            lock, users = self._name_locks.get(name, (threading.Lock(), 0))
+            self._name_locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._meta:
+                lock, users = self._name_locks[name]
+                if users == 1:
+                    del self._name_locks[name]
+                else:
+                    self._name_locks[name] = (lock, users - 1)
+
+    @contextlib.contextmanager
+    def _source(self, name: str) -> Iterator[tuple[Adapter, Path]]:
+        """Adapter `name` and the directory its files are read from: an operator-given adapter's own directory,
+        or a private copy of a root adapter, read through descriptors (`confine.adapter_copy`) afresh on every
+        load. Raises `ModelNotFound` or `AdapterRejected` naming it."""
+        adapter = self._known.get(name)
+        if adapter is not None and adapter.given:
+            yield adapter, adapter.path
+            return
+        check_name(name)
         if self.adapter_root is None:
-            check_name(name)
             known = ", ".join([self.base_name, *(a.name for a in self.loaded())])
             raise ModelNotFound(f"model {name!r} not found; this server has no adapter root and serves: {known}")
-        return resolve_in_root(self.adapter_root, name)
+        with adapter_copy(self.adapter_root, name, max_bytes=self._base_bytes) as files:
+            yield Adapter(name, self.adapter_root / name), files
 
     def _make_room(self) -> None:
         """Evict the least recently used idle adapter when all slots are taken; `Busy` when none is idle."""
@@ -215,18 +231,18 @@ class AdapterRegistry:
                 del self._known[victim.name]
         self._detach(key)
 
-    def _attach(self, adapter: Adapter, servable: Servable) -> None:
-        """Load the adapter's weights onto the model under a fresh key and probe mixed-batch support."""
+    def _attach(self, adapter: Adapter, servable: Servable, files: Path) -> None:
+        """Load the adapter's weights from `files` onto the model under a fresh key; probe mixed-batch support."""
         key = next(self._keys)
         with self.lock:
             try:
-                load_adapter(self.model, adapter.path, key, as_method=servable.served_as)
+                load_adapter(self.model, files, key, as_method=servable.served_as)
             except Exception as err:  # a file tunelab's checks missed must not take the server down either
                 try:
                     self._detach(key)
                 except Exception:
                     log.exception("adapter %r: could not remove what a failed load left on the model", adapter.name)
-                reason = public_message(err, adapter.path, adapter.name)
+                reason = public_message(err, files, adapter.name)
                 if not isinstance(err, TunelabError):
                     reason = f"{type(err).__name__}: {reason}"
                 raise AdapterRejected(f"adapter {adapter.name!r}: cannot be loaded ({reason})") from None

@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 _NO_MORE_TEXT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
+# Below this temperature sampling is greedy: logits / T would overflow float32 (a 1e-45 temperature turns every
+# logit into +-inf and the probabilities into NaN), and the distribution is a one-hot at argmax long before.
+MIN_TEMPERATURE = 1e-3
+
+
+class SamplingError(ValueError):
+    """One row's logits cannot be sampled from (NaN or +inf); that row alone fails."""
 
 
 def row_generator(seed: int | None) -> torch.Generator:
@@ -24,13 +31,17 @@ def row_generator(seed: int | None) -> torch.Generator:
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     """Pick a token from one row's next-token `logits` (vocab,).
 
-    `temperature == 0` is greedy (argmax). Otherwise the logits are divided by the temperature and sampled
-    from the smallest set of tokens whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020,
-    "The Curious Case of Neural Text Degeneration").
+    A temperature below `MIN_TEMPERATURE` (0 included) is greedy (argmax). Otherwise the logits are divided by
+    the temperature and sampled from the smallest set of tokens whose probability reaches `top_p` (nucleus
+    sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"); a `top_p` of 0 or less (or
+    NaN) is greedy too, one above 1 is 1. Raises `SamplingError` for NaN or +inf logits.
     """
     logits = logits.float()
-    if temperature <= 0:
+    if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):  # -inf is a token of probability 0
+        raise SamplingError("the model's next-token scores for this request are NaN or infinite")
+    if not (temperature >= MIN_TEMPERATURE and top_p > 0):  # NaN compares False: greedy too
         return int(torch.argmax(logits))
+    top_p = min(top_p, 1.0)
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
