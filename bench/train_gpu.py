@@ -82,11 +82,16 @@ def compare(rows: list[dict]) -> None:
     for row in rows:
         if "error" in row:
             continue
-        group = [r for r in rows if r.get("group") == row.get("group") and "error" not in r]
+        key = lambda r: (r["shape"], r["method"], r["batch"], r["seq"], r.get("checkpointing", False))  # noqa: E731
+        group = [r for r in rows if key(r) == key(row) and "error" not in r and not r.get("profile")]
         ref = next((r for r in group if r["impl"] == STRONGEST[row["full"]]), None)
         if ref:
             row["speed_vs_strongest"] = row["tokens_per_second"] / ref["tokens_per_second"]
             row["memory_vs_strongest"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        default = next((r for r in group if r["impl"] == "tunelab" and not r.get("set")), None)
+        if row.get("set") and default:  # a switch turned off: its effect against tunelab's defaults
+            row["speed_vs_tunelab_default"] = row["tokens_per_second"] / default["tokens_per_second"]
+            row["memory_vs_tunelab_default"] = row["peak_memory_bytes"] / default["peak_memory_bytes"]
         base = next((r for r in group if r["impl"] == PARITY[row["full"]]), None)
         if row["impl"] == "tunelab" and base and row["losses"] and base["losses"]:
             n = min(len(row["losses"]), len(base["losses"]))
@@ -130,13 +135,17 @@ def main() -> None:
             case = {"steps": args.steps, **case, "group": group}
             rows.append(run_case(case, args, work))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+            write(rows, args)  # after every case: a run cut short still leaves its results
+    print(table(rows))
+
+
+def write(rows: list[dict], args) -> None:
     compare(rows)
     result = {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
               "environment": cases.versions(), "settings": vars(args), "shapes": cases.SHAPES, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(table(rows))
 
 
 if __name__ == "__main__":

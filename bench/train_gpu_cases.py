@@ -47,15 +47,31 @@ def _full_group(shape, batch, seq):
             _case(f"{tag}-tunelab", "tunelab", shape, "full", batch, seq)]
 
 
+SWITCHES_OFF = {"no-adapter-autocast": {"adapter_autocast": False}, "no-fused-loss": {"fused_loss": False},
+                "no-liger": {"liger_kernels": False},
+                "all-off": {"adapter_autocast": False, "fused_loss": False, "liger_kernels": False}}
+
+
+def _ablations(shape, method, batch, seq, names):
+    """tunelab with one switch off at a time (or all off: the plain path)."""
+    tag = f"{shape}-{method}-{batch}x{seq}"
+    return [_case(f"{tag}-tunelab-{n}", "tunelab", shape, method, batch, seq, set=SWITCHES_OFF[n]) for n in names]
+
+
 GROUPS = {
     "1b-lora": _peft_group("1b", "lora", 8, 2048),
+    "1b-lora-ablations": _ablations("1b", "lora", 8, 2048, SWITCHES_OFF),
     "1b-full": _full_group("1b", 8, 2048),
+    "1b-full-ablations": _ablations("1b", "full", 8, 2048, ["no-fused-loss", "no-liger", "all-off"]),
     "1b-dora": _peft_group("1b", "dora", 8, 2048),
     "1b-ia3": _peft_group("1b", "ia3", 8, 2048),
     "8b-lora": _peft_group("8b", "lora", 4, 2048),
     "1b-profile": [_case("1b-lora-8x2048-tunelab-profile", "tunelab", "1b", "lora", 8, 2048, steps=6, profile=True),
                    _case("1b-lora-8x2048-peft-liger-profile", "peft-liger", "1b", "lora", 8, 2048, steps=6,
                          profile=True)],
+    "1b-profile-tunelab": [_case("1b-lora-8x2048-tunelab-profile", "tunelab", "1b", "lora", 8, 2048, steps=6,
+                                 profile=True)],
+    "tiny-lora-ablations": _ablations("tiny", "lora", 2, 64, SWITCHES_OFF),
     "tiny-lora": _peft_group("tiny", "lora", 2, 64),
     "tiny-full": _full_group("tiny", 2, 64),
 }

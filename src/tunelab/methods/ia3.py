@@ -25,6 +25,7 @@ from tunelab.methods._hooks import (
     merged_names, peft_common, set_merged, unhook,
 )
 from tunelab.methods.base import Method, MethodOptions, adapter_state, find_targets
+from tunelab.methods.precision import in_autocast
 
 ATTR = "ia3_l"  # PEFT's attribute name, so saved keys read `<module>.ia3_l`
 HOOK_IN, HOOK_OUT = "ia3_in", "ia3_out"
@@ -84,13 +85,18 @@ def _scale(module: nn.Module, state, merged, like: torch.Tensor) -> torch.Tensor
 
 def _scale_output(state, merged, module, args, out):
     scale = _scale(module, state, merged, out)
-    return None if scale is None else (out * scale).to(out.dtype)
+    return None if scale is None else (out * _like(scale, out)).to(out.dtype)
 
 
 def _scale_input(state, merged, module, args):
     x = args[0]  # (batch, seq, in_features)
     scale = _scale(module, state, merged, x)
-    return None if scale is None else ((x * scale).to(x.dtype), *args[1:])
+    return None if scale is None else ((x * _like(scale, x)).to(x.dtype), *args[1:])
+
+
+def _like(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale vector in `x`'s dtype under autocast (no fp32 copy of the activation), else as it is."""
+    return scale.to(x.dtype) if in_autocast(x) else scale
 
 
 def _fold(module: nn.Module, vec: torch.Tensor, feedforward: bool, invert: bool) -> None:
