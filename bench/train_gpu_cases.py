@@ -163,8 +163,11 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
     records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     elapsed = [r["elapsed"] for r in records]
+    from transformers.models.llama import modeling_llama
+
     return {"step_times": [b - a for a, b in zip([0.0, *elapsed], elapsed)], "losses": [r["loss"] for r in records],
-            "peak_memory_bytes": summary["peak_memory_bytes"], "trainable_params": summary.get("trainable_params")}
+            "peak_memory_bytes": summary["peak_memory_bytes"], "trainable_params": summary.get("trainable_params"),
+            "liger_applied": modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger")}
 
 
 def reference_model(case: dict, model_dir: Path):
