@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
     # speed switches (docs/gpu.md); off, or where one cannot apply, the plain PyTorch path runs
     adapter_autocast: bool = True  # under autocast, adapters read the bf16 activations as they are (no fp32 copy)
     fused_loss: bool = True  # causal-lm: output head + cross-entropy chunked over tokens, never full logits
-    liger_kernels: bool = True  # on CUDA: Liger-Kernel's RMSNorm, SwiGLU and RoPE, when liger-kernel is installed
+    liger_kernels: bool = True  # CUDA, liger-kernel installed: its RMSNorm, SwiGLU, RoPE (and fused loss kernel)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False

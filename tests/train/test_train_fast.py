@@ -38,6 +38,13 @@ def test_linear_cross_entropy_sum_equals_plain_with_gradients(chunk, with_bias):
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_liger_loss_falls_back_to_the_chunked_loss_off_cuda():
+    torch.manual_seed(2)
+    hidden, weight, labels = torch.randn(6, 8), torch.randn(5, 8), torch.randint(0, 5, (6,))
+    plain = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    torch.testing.assert_close(fused_loss.linear_cross_entropy_sum(hidden, weight, None, labels, liger=True), plain)
+
+
 def test_linear_cross_entropy_sum_without_grad_and_all_ignored():
     hidden, weight = torch.randn(4, 8), torch.randn(5, 8)
     labels = torch.full((4,), -100)

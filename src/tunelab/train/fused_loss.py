@@ -10,6 +10,10 @@ pass, the gradients for the hidden states and the head's weight (softmax - one-h
 freed before the next, and backward only scales the stored gradients by the incoming scalar. The loss is the
 same sum as `causal_lm_loss_sum` (train/loss.py), so gradient accumulation stays exact.
 
+On CUDA with liger-kernel installed (and `liger_kernels` on), Liger-Kernel's fused linear cross-entropy
+(reduction "sum") does the same in one Triton kernel a chunk, in place over the logits; the chunked PyTorch
+version above is the fallback everywhere else.
+
 It applies to every method, since only the head's input is read; models whose logits are not a plain
 `head(hidden)` (soft-capped or scaled logits), heads that carry hooks or adapters, and classification keep the
 plain path.
@@ -18,13 +22,17 @@ plain path.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
 
 from tunelab.train.loss import IGNORE_INDEX
 
-CHUNK_ELEMENTS = 1 << 28  # fp32 logits per chunk: 1 GiB (2,093 tokens at a 128,256 vocabulary)
+log = logging.getLogger("tunelab.train")
+_LIGER_BROKEN: list[str] = []  # set when liger-kernel's loss raised once: the chunked loss is used from then on
+
+CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk: 256 MiB (523 tokens at a 128,256 vocabulary)
 # config keys under which a model changes its logits after the head: those keep the plain path
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -60,7 +68,8 @@ def head_input(head: nn.Linear):
 
 
 def fused_causal_lm_loss_sum(model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
-                             attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+                             attention_mask: torch.Tensor, labels: torch.Tensor,
+                             liger: bool = False) -> tuple[torch.Tensor, int]:
     """Forward `model` with the head captured; the summed shifted cross-entropy and the target count.
 
     Equal to `causal_lm_loss_sum(model(...).logits, labels)` up to rounding. Virtual tokens a method prepends
@@ -73,21 +82,40 @@ def fused_causal_lm_loss_sum(model: nn.Module, head: nn.Linear, input_ids: torch
     hidden = seen[0][:, -labels.shape[1]:]  # (batch, seq, hidden)
     shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (batch * (seq-1), hidden)
     shift_labels = labels[:, 1:].to(hidden.device).reshape(-1)  # (batch * (seq-1),)
-    loss_sum = linear_cross_entropy_sum(shift_hidden, head.weight, head.bias, shift_labels)
+    loss_sum = linear_cross_entropy_sum(shift_hidden, head.weight, head.bias, shift_labels, liger=liger)
     return loss_sum, int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+                             labels: torch.Tensor, chunk: int | None = None, liger: bool = False) -> torch.Tensor:
     """sum over rows with labels != -100 of cross_entropy(hidden @ weight.T + bias, labels), a 0-dim fp32 tensor.
 
     hidden (n, h), weight (vocab, h), bias (vocab,) or None, labels (n,). The matmuls run in the autocast dtype
-    when autocast is on (as `F.linear` would), else in the weight's dtype; softmax and the sum in fp32.
+    when autocast is on (as `F.linear` would), else in the weight's dtype; softmax and the sum in fp32. With
+    `liger` on CUDA, Liger-Kernel's kernel when it is installed.
     """
+    fused = liger_kernel_loss() if liger and hidden.is_cuda else None
+    if fused is not None:
+        try:
+            return fused(hidden.contiguous(), weight, labels, bias, ignore_index=IGNORE_INDEX, reduction="sum").float()
+        except TypeError as e:  # an installed liger-kernel whose function takes other arguments
+            _LIGER_BROKEN.append(str(e))
+            log.warning("liger-kernel's fused linear cross-entropy failed (%s); using tunelab's chunked loss", e)
     rows = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else weight.dtype
     return LinearCrossEntropySum.apply(hidden, weight, bias, labels, rows, dtype)
+
+
+def liger_kernel_loss():
+    """Liger-Kernel's `liger_fused_linear_cross_entropy`, or None when liger-kernel is not installed (or failed)."""
+    if _LIGER_BROKEN:
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
 
 
 class LinearCrossEntropySum(torch.autograd.Function):

@@ -65,14 +65,14 @@ def autocast_for(run: Run):
 
 
 def accumulate_window(model, batches: list[dict], task: str, *, autocast=contextlib.nullcontext,
-                      poison: bool = False, fused: bool = False,
+                      poison: bool = False, fused: bool = False, liger: bool = False,
                       counts: tuple[int, int] | None = None) -> WindowResult:
     """Forward and backward every micro-batch of one window, normalised by the window's target count.
 
     Each micro-batch's gradient is d(loss_sum / window_targets), so after the window the gradients equal
     those of the mean loss over all target tokens of the window (causal-lm) or all examples (classification),
     whatever the split into micro-batches. `poison` makes the loss NaN (a test hook); `fused` computes causal-lm
-    losses without full logits (`fused_loss`); `counts` (targets, input tokens), counted on the host before
+    losses without full logits (`fused_loss`; with `liger`, Liger-Kernel's kernel where installed); `counts` (targets, input tokens), counted on the host before
     the batches moved, spares a device sync per count.
     """
     task_targets, tokens = counts if counts is not None else window_counts(batches, task)
@@ -80,7 +80,7 @@ def accumulate_window(model, batches: list[dict], task: str, *, autocast=context
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for batch in batches:
         with autocast():
-            loss_sum, _ = batch_loss_sum(model, batch, task, fused=fused)
+            loss_sum, _ = batch_loss_sum(model, batch, task, fused=fused, liger=liger)
         if poison:
             loss_sum = loss_sum * float("nan")
         (loss_sum / denom).backward()
@@ -163,7 +163,7 @@ class Loop:
             with precision.cast_inputs(not self.cfg.adapter_autocast):
                 return accumulate_window(self.run.model, batches, self.cfg.task,
                                          autocast=lambda: autocast_for(self.run), poison=step == self.nan_at,
-                                         fused=self.cfg.fused_loss, counts=counts)
+                                         fused=self.cfg.fused_loss, liger=self.cfg.liger_kernels, counts=counts)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise

@@ -153,8 +153,9 @@ def apply_liger_kernels(model: nn.Module, device: torch.device) -> bool:
     """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE on this model instance (CUDA, liger-kernel installed, a
     model type it knows); False when not applied, and the model keeps its own kernels.
 
-    The loss is not Liger's: tunelab's fused loss (`fused_loss`) keeps the summed-loss contract. Liger patches
-    the model class's module functions too (its RoPE), so later models of that type in this process share them.
+    The model's forward and loss are left alone: tunelab's fused loss (`fused_loss`) calls Liger's fused linear
+    cross-entropy itself, with reduction "sum" (the summed-loss contract). Liger patches the model class's module
+    functions too (its RoPE), so later models of that type in this process share them.
     """
     if device.type != "cuda":
         return False
