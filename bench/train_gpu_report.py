@@ -39,7 +39,7 @@ def load(paths: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
 def cell(row: dict | None) -> str:
     if row is None:
         return "not run"
-    return f"{row['tokens_per_second'] / 1000:.1f}k tok/s, {row['peak_gib']:.1f} GiB"
+    return f"{row['tokens_per_second'] / 1000:.1f}k tok/s, {row['peak_gib']:.1f} GiB, MFU {row['mfu']:.2f}"
 
 
 def parity(row: dict, ref: dict | None) -> str:

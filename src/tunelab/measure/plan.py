@@ -108,7 +108,7 @@ def _activations(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: in
         blocks += rt.param_bytes * batch * s * kv_seq
     blocks += info.layers * block_bytes(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
     blocks -= first_block_unkept(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
-    return blocks, final_bytes(info, rt, st.keeps) * tokens, blocks / info.layers
+    return blocks, final_bytes(info, rt, st.keeps) * tokens + st.keeps.extra_fixed, blocks / info.layers
 
 
 def _with_checkpointing(st: Strategy) -> Strategy:

@@ -92,7 +92,8 @@ class Keeps:
     (4-bit linears keep their input whatever trains). `norm_weights`: norm weights train, so norms keep their
     normalised output. `head_input`: bytes per token the trained head keeps of its input (`head_input_bytes`).
     `extra_per_token`: the adapters' own saved tensors, bytes per token summed over all layers.
-    `extra_per_sequence`: bytes per sequence summed over all layers (prefix keys/values).
+    `extra_per_sequence`: bytes per sequence summed over all layers (prefix keys/values). `extra_fixed`: bytes
+    whatever the batch (under autocast, the bf16 casts of fp32 adapter weights their matmuls keep).
     `input_grad`: the embedding output needs a gradient (the embeddings or a soft prompt train). Otherwise the
     first block keeps nothing below the first thing that trains: its first norm (`first_block="all"`), also its
     attention (`"mlp"`: adapters after the attention output), or everything but the adapter's own tensors
@@ -106,6 +107,7 @@ class Keeps:
     first_block: str = "all"
     extra_per_token: float = 0.0
     extra_per_sequence: float = 0.0
+    extra_fixed: float = 0.0
 
 
 def math_attention(info: ModelInfo, rt: Runtime) -> bool:

@@ -137,25 +137,28 @@ def _lora(st: Strategy, info: ModelInfo, opts: PlanOptions, rt: Runtime) -> None
     """LoRA (Hu et al. 2021), DoRA (Liu et al. 2024, arXiv:2402.09353) and QLoRA (Dettmers et al. 2023).
 
     Each target adds A (r, in) and B (out, r); DoRA adds a magnitude vector (out). Kept for backward, per token:
-    the adapter's input (a bf16 copy under autocast, an fp32 copy for a bf16 model without autocast, or the
-    shared block input in fp32 runs), A's output (r), with dropout the mask and the dropped input; DoRA also keeps
-    the base output W x in fp32 and the LoRA output to rescale them, and builds W and W + sBA in fp32 for the
-    column norm (transient). QLoRA's NF4 linears (torchao's `linear_nf4`) keep only the 4-bit weight and
+    the adapter's input (the shared block input in fp32 runs and under autocast, where adapters read the bf16
+    activations as they are (`adapter_autocast`); an fp32 copy for a bf16 model without autocast), A's output (r),
+    with dropout the mask and the dropped input; DoRA also keeps the base output W x and the LoRA output to
+    rescale them (both in the adapter's compute dtype), and builds W and W + sBA in fp32 for the column norm
+    (transient). QLoRA's NF4 linears (torchao's `linear_nf4`) keep only the 4-bit weight and
     dequantise it in forward and backward: two int64 nibble-index tensors and three run-dtype tensors per
     weight, alive together (measured, `NF4_DEQUANT_BYTES`).
     """
     targets = lora_targets(info, opts.target_modules, st.method)
     r, act, p = opts.r, rt.adapter_act_bytes, rt.param_bytes
     st.adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
-    shared_input = not rt.autocast and p == FP32 and opts.lora_dropout == 0
+    shared_input = (rt.autocast or p == FP32) and opts.lora_dropout == 0
     per_token = 0.0
     for t in targets:
         per_token += act * r + (0 if shared_input else act * t.in_features)
         if opts.lora_dropout > 0:
             per_token += rt.mask_bytes * t.in_features
         if st.method == "dora":
-            per_token += (FP32 + act) * t.out_features
-    st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token)
+            per_token += 2 * act * t.out_features
+    casts = p * st.adapter_params if rt.autocast else 0.0  # A and B cast to bf16, kept for backward
+    st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token,
+                     extra_fixed=casts)
     if st.method == "dora":
         st.adapter_params += sum(t.out_features for t in targets)
         st.transient_bytes = 2 * FP32 * max(t.in_features * t.out_features for t in targets)
