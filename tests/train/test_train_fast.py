@@ -103,6 +103,11 @@ def test_fused_loss_keeps_the_plain_path_where_it_cannot_apply(tokenizer, monkey
     assert fused_loss.fusable_head(model) is None  # something else watches the head's output
     handle.remove()
     assert fused_loss.fusable_head(model) is not None
+    head = model.get_output_embeddings()
+    head.forward = lambda x: x  # a forward of its own (as an NF4-quantised head has)
+    assert fused_loss.fusable_head(model) is None
+    del head.forward
+    assert fused_loss.fusable_head(model) is head
 
 
 def test_switches_off_take_the_old_path(tokenizer, monkeypatch):

@@ -43,8 +43,8 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
     head = get() if callable(get) else None
     if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or hasattr(head, "lora_A"):
         return None
-    if getattr(head.weight, "nf4", None) is not None or type(head.weight) not in (nn.Parameter, torch.Tensor):
-        return None  # a quantised head computes its own way
+    if "forward" in vars(head) or type(head.weight) is not nn.Parameter:
+        return None  # a forward of its own (an NF4 head) or a weight of another tensor type computes its own way
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 0, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
@@ -78,7 +78,8 @@ def fused_causal_lm_loss_sum(model: nn.Module, head: nn.Linear, input_ids: torch
     with head_input(head) as seen:
         model(input_ids=input_ids, attention_mask=attention_mask)
     if len(seen) != 1:
-        raise RuntimeError(f"the output head ran {len(seen)} times in one forward; expected once")
+        raise RuntimeError(f"the output head ran {len(seen)} times in one forward, expected once; "
+                           f"set fused_loss: false for this model")
     hidden = seen[0][:, -labels.shape[1]:]  # (batch, seq, hidden)
     shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (batch * (seq-1), hidden)
     shift_labels = labels[:, 1:].to(hidden.device).reshape(-1)  # (batch * (seq-1),)
