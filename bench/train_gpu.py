@@ -107,9 +107,9 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['name']:34} ERROR {str(r['error'])[-150:]}")
             continue
         par = r.get("loss_parity", {}).get("max_rel_diff")
+        speed, memory = r.get("speed_vs_strongest", float("nan")), r.get("memory_vs_strongest", float("nan"))
         lines.append(f"{r['name']:34} {r['tokens_per_second']:9.0f} {r['peak_gib']:7.2f} {r['mfu']:6.3f} "
-                     f"{r.get('speed_vs_strongest', float('nan')):7.2f} {r.get('memory_vs_strongest', float('nan')):6.2f}"
-                     f" {'' if par is None else f'{par:.4f}':>8}")
+                     f"{speed:7.2f} {memory:6.2f} {'' if par is None else f'{par:.4f}':>8}")
     return "\n".join(lines)
 
 

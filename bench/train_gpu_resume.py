@@ -64,7 +64,8 @@ def main() -> None:
     worst = max(abs(resumed[s] - full[s]) / abs(full[s]) for s in steps)
     result = {"command": " ".join(["python", "bench/train_gpu_resume.py", *sys.argv[1:]]),
               "environment": cases.versions(), "uninterrupted": full, "resumed": resumed,
-              "compared_steps": steps, "max_rel_diff": worst, "bit_identical": all(resumed[s] == full[s] for s in steps)}
+              "compared_steps": steps, "max_rel_diff": worst,
+              "bit_identical": all(resumed[s] == full[s] for s in steps)}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

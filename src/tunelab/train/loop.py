@@ -72,8 +72,8 @@ def accumulate_window(model, batches: list[dict], task: str, *, autocast=context
     Each micro-batch's gradient is d(loss_sum / window_targets), so after the window the gradients equal
     those of the mean loss over all target tokens of the window (causal-lm) or all examples (classification),
     whatever the split into micro-batches. `poison` makes the loss NaN (a test hook); `fused` computes causal-lm
-    losses without full logits (`fused_loss`; with `liger`, Liger-Kernel's kernel where installed); `counts` (targets, input tokens), counted on the host before
-    the batches moved, spares a device sync per count.
+    losses without full logits (`fused_loss`; with `liger`, Liger-Kernel's kernel where installed); `counts`
+    (targets, input tokens), counted on the host before the batches moved, spares a device sync per count.
     """
     task_targets, tokens = counts if counts is not None else window_counts(batches, task)
     denom = max(task_targets, 1)
