@@ -52,12 +52,15 @@ def test_linear_cross_entropy_sum_without_grad_and_all_ignored():
 
 
 def _batch(tokenizer):
-    enc = tokenizer(["the quick brown fox jumps", "hello, how are you today? i am fine"], return_tensors="pt",
-                    padding=True)
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
+    """Two texts right-padded by hand (calling the shared tokenizer with padding would change what it saves)."""
+    rows = [tokenizer("the quick brown fox jumps")["input_ids"],
+            tokenizer("hello, how are you today? i am fine")["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
     labels[0, :2] = -100  # a prompt part without loss
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _loss_and_grads(model, batch, fused):
