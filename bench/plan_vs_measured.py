@@ -106,7 +106,8 @@ def optimizer_for(model, method, device):
 
 def train_steps(model, method, device, dtype, job: dict) -> None:
     """`job["steps"]` optimizer steps on random tokens through tunelab's own `train.loop.accumulate_window`
-    (forward, fp32 summed loss, backward; bf16 autocast when the job asks), then clipping, AdamW, zero_grad."""
+    (forward, fp32 summed loss, fused as the loop's default `fused_loss`, backward; bf16 autocast when the job
+    asks), then clipping, AdamW, zero_grad. Results in bench/results from before the fused loss used the plain one."""
     import contextlib
 
     import torch
@@ -121,7 +122,7 @@ def train_steps(model, method, device, dtype, job: dict) -> None:
     for _ in range(job["steps"]):
         ids = torch.randint(0, vocab, (job["batch_size"], job["seq_len"]), device=device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        accumulate_window(model, [batch], "causal-lm", autocast=autocast)
+        accumulate_window(model, [batch], "causal-lm", autocast=autocast, fused=True)  # the loop's default loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

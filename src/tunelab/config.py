@@ -63,6 +63,10 @@ class RunConfig(BaseModel):
     save_every: int | None = Field(default=None, gt=0)
     keep_last: int | None = Field(default=None, gt=0)
     gradient_checkpointing: bool = False
+    # speed switches (docs/gpu.md); off, or where one cannot apply, the plain PyTorch path runs
+    adapter_autocast: bool = True  # under autocast, adapters read the bf16 activations as they are (no fp32 copy)
+    fused_loss: bool = True  # causal-lm: output head + cross-entropy chunked over tokens, never full logits
+    liger_kernels: bool = True  # CUDA, liger-kernel installed: its RMSNorm, SwiGLU, RoPE (and fused loss kernel)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False

@@ -4,9 +4,11 @@ For each strategy the estimate breaks down into weights, gradients, AdamW states
 the logits/loss buffers and a framework overhead, plus the artifact size. The peak is not the sum of all of them:
 a step passes through phases that hold different things, and the total is the largest phase:
 - the loss (its forward or the start of backward): weights + AdamW states + every kept activation + the loss
-  buffers (no gradients yet: the loop zeroes them with `set_to_none`);
+  buffers (no gradients yet: the loop zeroes them with `set_to_none`); with the fused loss (the default for
+  causal-LM models with a plain linear head) those are one chunk's logits and the gradients it computes early;
 - with gradient checkpointing, the recompute of one block: the stored block inputs + one block's activations;
-- full fine-tuning, the LM head's backward: activations + the logits' gradient + the head's weight gradient;
+- full fine-tuning with the plain loss, the LM head's backward: activations + the logits' gradient + the head's
+  weight gradient;
 - the optimizer step: weights + AdamW states + every gradient (+ the CPU AdamW loop's temporaries).
 Formulas and their sources: `plan_formulas` (activations, loss, optimizer) and `plan_methods` (per strategy).
 """
@@ -22,8 +24,17 @@ from rich.table import Table
 
 from tunelab.errors import ConfigError, closest
 from tunelab.measure.plan_formulas import (
-    ADAMW_MOMENTS, Runtime, block_bytes, final_bytes, first_block_unkept, logits_bytes, loss_buffers,
-    optimizer_step_temp, runtime,
+    ADAMW_MOMENTS,
+    Runtime,
+    block_bytes,
+    final_bytes,
+    first_block_unkept,
+    fused_loss_applies,
+    fused_loss_buffers,
+    logits_bytes,
+    loss_buffers,
+    optimizer_step_temp,
+    runtime,
 )
 from tunelab.measure.plan_methods import TERMS, Strategy, build_strategy
 from tunelab.measure.plan_model import ModelInfo, describe_model
@@ -111,7 +122,7 @@ def _activations(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: in
         blocks += rt.param_bytes * batch * s * kv_seq
     blocks += info.layers * block_bytes(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
     blocks -= first_block_unkept(info, rt, st.keeps, s, kv_seq, kv_width) * tokens
-    return blocks, final_bytes(info, rt, st.keeps) * tokens, blocks / info.layers
+    return blocks, final_bytes(info, rt, st.keeps) * tokens + st.keeps.extra_fixed, blocks / info.layers
 
 
 def _with_checkpointing(st: Strategy) -> Strategy:
@@ -131,7 +142,9 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
     p, h = rt.param_bytes, info.hidden
     s = seq + st.extra_tokens
     blocks, final, one_block = _activations(st, info, rt, batch, seq)
-    loss_fwd, loss_bwd = loss_buffers(info, rt, batch, seq, s)
+    fused = fused_loss_applies(info, rt)
+    loss_fwd, loss_bwd = (fused_loss_buffers(info, rt, batch, seq, st.method == "full") if fused
+                          else loss_buffers(info, rt, batch, seq, s))
     # prefix: the model output carries the key/value cache (every layer's n + s keys and values) until the loop
     # has computed the loss from it
     loss_fwd += p * 2 * info.kv_dim * (s + st.prefix_tokens) * batch * info.layers if st.prefix_tokens else 0
@@ -142,7 +155,7 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
     out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes)
     if ckpt:
         out["recompute"] = stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
-    if st.whole_model and info.task == "causal-lm":
+    if st.whole_model and info.task == "causal-lm" and not fused:  # fused: the head's gradient is in loss_*
         out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h
         if info.tied:  # the embedding's gradient is added to the head's out of place: new grad + sum beside it
             out["optimizer step"] = max(out["optimizer step"], grads + 2 * p * info.vocab * h)
@@ -170,7 +183,7 @@ def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, c
         method=st.method, family=st.family, params_trainable=st.params_trainable,
         weights_bytes=round(st.weights_bytes), gradients_bytes=round(st.trainable_bytes),
         optimizer_bytes=round(states), activations_bytes=round(activation_total(st, info, rt, batch, seq, ckpt)),
-        logits_bytes=round(logits_bytes(info, rt, batch, seq, seq + st.extra_tokens)),
+        logits_bytes=round(logits_bytes(info, rt, batch, seq, seq + st.extra_tokens, st.method == "full")),
         overhead_bytes=rt.overhead_bytes, peak_tensor_bytes=round(peak), total_bytes=round(peak) + rt.overhead_bytes,
         peak_phase=phase, artifact_bytes=round(st.artifact_bytes), supported=not refusals,
         notes=[*st.notes, *refusals],
@@ -233,7 +246,8 @@ def _methods(methods: list[str] | None) -> list[str]:
 def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
-         task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None) -> PlanResult:
+         task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
+         fused_loss: bool = True) -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -253,6 +267,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         methods: the strategies to plan (default: all of full, lora, dora, qlora, adapter, prefix, prompt, ia3,
             bitfit).
         task: causal-lm or classification; default from the config.
+        fused_loss: the run's `fused_loss` switch (the loss without full logits; on by default).
 
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
@@ -267,7 +282,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     chosen = _methods(methods)
     opts = method_options_for(chosen, method_options, options_for)
     info = describe_model(model_spec, task)
-    rt = runtime(device, param_bytes)
+    rt = runtime(device, param_bytes, fused_loss)
     estimates = []
     for method in chosen:
         st = build_strategy(method, info, opts[method], rt)

@@ -62,6 +62,7 @@ class Runtime:
     autocast: bool  # bf16 autocast around forward + loss (tunelab does this on CUDA with bf16)
     mask_bytes: int  # a dropout mask: bool on CUDA, the input's dtype on CPU
     fused_adamw: bool  # fused AdamW (CUDA) updates in place; the CPU loop makes two temporaries per tensor
+    fused_loss: bool = True  # the causal-LM loss without full logits (`train.fused_loss`, RunConfig.fused_loss)
 
     @property
     def overhead_bytes(self) -> int:
@@ -77,11 +78,11 @@ class Runtime:
         return self.param_bytes if self.autocast else FP32
 
 
-def runtime(device: str, param_bytes: int) -> Runtime:
+def runtime(device: str, param_bytes: int, fused_loss: bool = True) -> Runtime:
     """tunelab's runtime on `device` for a model of `param_bytes` per weight (see `train.loop`, `train.optim`)."""
     cuda = device == "cuda"
     return Runtime(device=device, param_bytes=param_bytes, autocast=cuda and param_bytes == 2,
-                   mask_bytes=1 if cuda else param_bytes, fused_adamw=cuda)
+                   mask_bytes=1 if cuda else param_bytes, fused_adamw=cuda, fused_loss=fused_loss)
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Keeps:
     (4-bit linears keep their input whatever trains). `norm_weights`: norm weights train, so norms keep their
     normalised output. `head_input`: bytes per token the trained head keeps of its input (`head_input_bytes`).
     `extra_per_token`: the adapters' own saved tensors, bytes per token summed over all layers.
-    `extra_per_sequence`: bytes per sequence summed over all layers (prefix keys/values).
+    `extra_per_sequence`: bytes per sequence summed over all layers (prefix keys/values). `extra_fixed`: bytes
+    whatever the batch (under autocast, the bf16 casts of fp32 adapter weights their matmuls keep).
     `input_grad`: the embedding output needs a gradient (the embeddings or a soft prompt train). Otherwise the
     first block keeps nothing below the first thing that trains: its first norm (`first_block="all"`), also its
     attention (`"mlp"`: adapters after the attention output), or everything but the adapter's own tensors
@@ -106,6 +108,7 @@ class Keeps:
     first_block: str = "all"
     extra_per_token: float = 0.0
     extra_per_sequence: float = 0.0
+    extra_fixed: float = 0.0
 
 
 def math_attention(info: ModelInfo, rt: Runtime) -> bool:
@@ -248,8 +251,38 @@ def loss_buffers(info: ModelInfo, rt: Runtime, batch: int, seq: int, logit_seq: 
     return fwd + LOSS_FORWARD_BYTES_PER_LOGIT * rows * classes, LOSS_BYTES_PER_LOGIT * rows * classes
 
 
-def logits_bytes(info: ModelInfo, rt: Runtime, batch: int, seq: int, logit_seq: int) -> float:
-    """Peak bytes of the logits and the loss buffers (see `loss_buffers`)."""
+def fused_loss_applies(info: ModelInfo, rt: Runtime) -> bool:
+    """Whether the run computes this model's loss with the fused loss (causal-LM, a plain linear head)."""
+    from tunelab.train.fused_loss import fusable_head
+
+    return rt.fused_loss and info.task == "causal-lm" and fusable_head(info.meta_model) is not None
+
+
+def fused_loss_buffers(info: ModelInfo, rt: Runtime, batch: int, seq: int, head_trains: bool) -> tuple[float, float]:
+    """(forward, backward) bytes of `train.fused_loss`'s chunked loss over the n = batch * (seq - 1) targets.
+
+    In the forward: the shifted hidden states (n, h) and their gradient (n, h) in the run dtype, the head weight's
+    fp32 gradient (v, h) when the head trains, and one chunk's logits in fp32 (+ their run-dtype matmul output
+    when that is narrower) beside a second fp32 chunk buffer (log-sum-exp's temporary, or the head gradient's
+    per-chunk product). In the backward the stored gradients and their scaled copies. Liger-Kernel's kernel
+    (CUDA, liger-kernel installed) holds bf16 chunks of about n x h elements instead: less than this.
+    """
+    from tunelab.train.fused_loss import CHUNK_ELEMENTS
+
+    p, h, v = rt.param_bytes, info.hidden, info.vocab
+    rows = batch * max(seq - 1, 0)
+    chunk = min(rows, max(1, CHUNK_ELEMENTS // v))
+    grad_w = FP32 * v * h if head_trains else 0.0
+    logits = chunk * v * (FP32 + (p if p < FP32 else 0))
+    fwd = 2 * p * rows * h + grad_w + logits + max(FP32 * chunk * v, grad_w)
+    return fwd, 2 * (p * rows * h + grad_w)
+
+
+def logits_bytes(info: ModelInfo, rt: Runtime, batch: int, seq: int, logit_seq: int,
+                 head_trains: bool = False) -> float:
+    """Peak bytes of the logits and the loss buffers (see `loss_buffers`, `fused_loss_buffers`)."""
+    if fused_loss_applies(info, rt):
+        return max(fused_loss_buffers(info, rt, batch, seq, head_trains))
     return max(loss_buffers(info, rt, batch, seq, logit_seq))
 
 

@@ -116,30 +116,33 @@ def lora_targets(info: ModelInfo, opts) -> list[Linear]:
 def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
     """LoRA (Hu et al. 2021): each target adds A (r, in) and B (out, r), fp32.
 
-    Kept for backward, per token: the adapter's input (a bf16 copy under autocast, an fp32 copy for a bf16 model
-    without autocast, or the shared block input in fp32 runs), A's output (r), and with dropout the mask and the
-    dropped input. Returns the targets (DoRA and QLoRA add their own terms).
+    Kept for backward, per token: the adapter's input (the shared block input in fp32 runs and under autocast,
+    where adapters read the bf16 activations as they are (`adapter_autocast`); an fp32 copy for a bf16 model
+    without autocast), A's output (r), and with dropout the mask and the dropped input. Under autocast A and B
+    are cast to bf16 and kept for backward. Returns the targets (DoRA and QLoRA add their own terms).
     """
     targets = lora_targets(info, opts)
     r, act = opts.r, rt.adapter_act_bytes
     st.adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
-    shared_input = not rt.autocast and rt.param_bytes == FP32 and opts.dropout == 0
+    shared_input = (rt.autocast or rt.param_bytes == FP32) and opts.dropout == 0
     per_token = 0.0
     for t in targets:
         per_token += act * r + (0 if shared_input else act * t.in_features)
         if opts.dropout > 0:
             per_token += rt.mask_bytes * t.in_features
-    st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token)
+    casts = rt.param_bytes * st.adapter_params if rt.autocast else 0.0  # A and B cast to bf16, kept for backward
+    st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token,
+                     extra_fixed=casts)
     st.largest_trainable_bytes = FP32 * max(r * max(t.in_features, t.out_features) for t in targets)
     return targets
 
 
 def _dora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:
     """DoRA (Liu et al. 2024, arXiv:2402.09353): LoRA plus a magnitude vector (out) per target. It also keeps the
-    base output W x in fp32 and the LoRA output to rescale them, and builds W and W + sBA in fp32 for the column
-    norm (transient)."""
+    base output W x and the LoRA output to rescale them (both in the adapter's compute dtype), and builds W and
+    W + sBA in fp32 for the column norm (transient)."""
     targets = _lora(st, info, opts, rt)
-    st.keeps.extra_per_token += sum((FP32 + rt.adapter_act_bytes) * t.out_features for t in targets)
+    st.keeps.extra_per_token += sum(2 * rt.adapter_act_bytes * t.out_features for t in targets)
     st.adapter_params += sum(t.out_features for t in targets)
     st.transient_bytes = 2 * FP32 * max(t.in_features * t.out_features for t in targets)
 

@@ -31,6 +31,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Method, MethodOptions, adapter_state, register
 from tunelab.methods.kit import applying, container, drop, hook_once, unhook
+from tunelab.methods.precision import adapter_input
 
 ATTR, HOOK = "bottleneck", "bottleneck"
 SOURCE_HOOK = "bottleneck_ffn_input"
@@ -84,7 +85,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, seq, hidden) -> (batch, seq, hidden), in the adapter's dtype (fp32 on a bf16 base)
-        return self.up(self.act(self.down(x.to(self.down.weight.dtype)))) * self.scaling
+        return self.up(self.act(self.down(adapter_input(x, self.down.weight.dtype)))) * self.scaling
 
 
 def _by_block(names: list[str], path: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from torch import nn
 from tunelab.methods.base import Method, register
 from tunelab.methods.lora import LoRAFamily, RandomInitOptions, resolve_targets
 from tunelab.methods.lora_layer import Variant, delta_weight, set_weight, weight_oi
+from tunelab.methods.precision import adapter_input, in_autocast
 from tunelab.modules import in_out_features
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -46,14 +47,18 @@ class DoRAVariant(Variant):
     exclusive_merge = True
 
     def output(self, module: nn.Module, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """(m / n - 1) * W x + (m / n) * s * B A x: x (..., in), base (..., out) -> (..., out), fp32."""
+        """(m / n - 1) * W x + (m / n) * s * B A x: x (..., in), base (..., out) -> (..., out).
+
+        In fp32, or in the base output's dtype under autocast (the (out,) scale is cast, not the activations).
+        """
         a, b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
         w = weight_oi(module)  # (out, in) fp32
-        scale = module.lora_magnitude_vector[name] / weight_norm(module, name, w)  # (out,)
-        x = x.to(a.weight.dtype)
+        dtype = base.dtype if in_autocast(x) else torch.float32
+        scale = (module.lora_magnitude_vector[name] / weight_norm(module, name, w)).to(dtype)  # (out,)
+        x = adapter_input(x, a.weight.dtype)
         if isinstance(dropout, nn.Identity) or not module.training:
-            wx = base.to(torch.float32)  # the base output holds W x (+ bias)
-            wx = wx if module.bias is None else wx - module.bias.to(torch.float32)
+            wx = base.to(dtype)  # the base output holds W x (+ bias)
+            wx = wx if module.bias is None else wx - module.bias.to(dtype)
         else:
             x = dropout(x)
             wx = F.linear(x, w)  # W dropout(x), as the adapter sees it

@@ -19,9 +19,16 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods.base import (
-    Method, MethodOptions, adapter_state, find_targets, peft_common, register, target_matches,
+    Method,
+    MethodOptions,
+    adapter_state,
+    find_targets,
+    peft_common,
+    register,
+    target_matches,
 )
 from tunelab.methods.kit import applying, container, drop, has_hook, hook_once, unhook
+from tunelab.methods.precision import in_autocast
 from tunelab.modules import in_out_features, is_conv1d
 
 ATTR = "ia3_l"  # PEFT's attribute name, so saved keys read `<module>.ia3_l`
@@ -75,13 +82,18 @@ def _scale(module: nn.Module, state, like: torch.Tensor) -> torch.Tensor | None:
 
 def _scale_output(state, module, args, out):
     scale = _scale(module, state, out)
-    return None if scale is None else (out * scale).to(out.dtype)
+    return None if scale is None else (out * _like(scale, out)).to(out.dtype)
 
 
 def _scale_input(state, module, args):
     x = args[0]  # (batch, seq, in_features)
     scale = _scale(module, state, x)
-    return None if scale is None else ((x * scale).to(x.dtype), *args[1:])
+    return None if scale is None else ((x * _like(scale, x)).to(x.dtype), *args[1:])
+
+
+def _like(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale vector in `x`'s dtype under autocast (no fp32 copy of the activation), else as it is."""
+    return scale.to(x.dtype) if in_autocast(x) else scale
 
 
 def _fold(module: nn.Module, vec: torch.Tensor, feedforward: bool, invert: bool) -> None:

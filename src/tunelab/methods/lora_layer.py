@@ -8,8 +8,8 @@ the base weight (PiSSA, OLoRA: `lora_init.py`) also keep their initial factors i
 
 One forward hook per target adds the output of each active, unmerged adapter to the base output. The base output
 comes from the module's own forward (or the NF4 forward of `nf4.py`), so the module tree and the base parameter
-names never change. Adapter weights are fp32 whatever the base dtype; adapter outputs are computed in fp32 and
-cast to the base output's dtype.
+names never change. Adapter weights are fp32 whatever the base dtype; adapter outputs are computed in fp32 (in the
+autocast dtype under autocast: `precision`) and cast to the base output's dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.methods import nf4
 from tunelab.methods.kit import AdapterState, route
+from tunelab.methods.precision import adapter_input, in_autocast
 from tunelab.modules import in_out_features, is_conv1d
 
 
@@ -56,10 +57,23 @@ def delta_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def delta(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """scaling * B A dropout(x): (..., in) -> (..., out), computed in fp32."""
+    """scaling * B A dropout(x): (..., in) -> (..., out), in fp32 (in the autocast dtype under autocast)."""
     a = module.lora_A[name]
-    h = a(module.lora_dropout[name](x.to(a.weight.dtype)))  # (..., r)
+    h = a(module.lora_dropout[name](adapter_input(x, a.weight.dtype)))  # (..., r)
     return module.lora_B[name](h) * module.lora_scaling[name]
+
+
+def add_delta(module: nn.Module, name: str, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """total + scaling * B A dropout(x), for a plain LoRA adapter: total (..., out).
+
+    Under autocast the scaling multiplies the small (..., r) factor and the addition rides in B's matmul
+    (addmm), so no (..., out) temporary is written, scaled and added; elsewhere, exactly `delta` added.
+    """
+    if not in_autocast(x):
+        return total + delta(module, name, x).to(total.dtype)
+    h = module.lora_A[name](module.lora_dropout[name](x)) * module.lora_scaling[name]  # (..., r)
+    out = torch.addmm(total.reshape(-1, total.shape[-1]), h.reshape(-1, h.shape[-1]), module.lora_B[name].weight.T)
+    return out.view(total.shape)
 
 
 class Variant:
@@ -178,7 +192,11 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
     total = output
     for n in state.active:
         if n in module.lora_A and n not in module.lora_merged:
-            total = total + module.lora_variant[n].output(module, n, x, output).to(output.dtype)
+            variant = module.lora_variant[n]
+            if variant is LORA:
+                total = add_delta(module, n, x, total)
+            else:
+                total = total + variant.output(module, n, x, output).to(output.dtype)
     for n in getattr(module, "lora_initial", ()):
         if n not in state.active and n not in module.lora_merged:
             total = total + _initial_output(module, n, x).to(output.dtype)
@@ -188,7 +206,7 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
 def _initial_output(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """scaling * B0 A0 x: the part of the base weight a PiSSA/OLoRA adapter took out (added back while it is off)."""
     f = module.lora_initial[name]
-    return (x.to(f.lora_A.dtype) @ f.lora_A.T @ f.lora_B.T) * module.lora_scaling[name]  # (..., out)
+    return (adapter_input(x, f.lora_A.dtype) @ f.lora_A.T @ f.lora_B.T) * module.lora_scaling[name]  # (..., out)
 
 
 def _mixed_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from tunelab.data import collate
 from tunelab.errors import ResourceError
+from tunelab.methods import precision
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batches import WindowSampler
 from tunelab.train.evaluate import evaluate, to_device
@@ -65,24 +66,32 @@ def autocast_for(run: Run):
 
 
 def accumulate_window(model, batches: list[dict], task: str, *, autocast=contextlib.nullcontext,
-                      poison: bool = False) -> WindowResult:
+                      poison: bool = False, fused: bool = False, liger: bool = False,
+                      counts: tuple[int, int] | None = None) -> WindowResult:
     """Forward and backward every micro-batch of one window, normalised by the window's target count.
 
     Each micro-batch's gradient is d(loss_sum / window_targets), so after the window the gradients equal
     those of the mean loss over all target tokens of the window (causal-lm) or all examples (classification),
-    whatever the split into micro-batches. `poison` makes the loss NaN (a test hook).
+    whatever the split into micro-batches. `poison` makes the loss NaN (a test hook); `fused` computes causal-lm
+    losses without full logits (`fused_loss`; with `liger`, Liger-Kernel's kernel where installed); `counts`
+    (targets, input tokens), counted on the host before the batches moved, spares a device sync per count.
     """
-    task_targets = sum(count_targets(b, task) for b in batches)
+    task_targets, tokens = counts if counts is not None else window_counts(batches, task)
     denom = max(task_targets, 1)
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for batch in batches:
         with autocast():
-            loss_sum, _ = batch_loss_sum(model, batch, task)
+            loss_sum, _ = batch_loss_sum(model, batch, task, fused=fused, liger=liger)
         if poison:
             loss_sum = loss_sum * float("nan")
         (loss_sum / denom).backward()
         total += loss_sum.detach().float()
-    return WindowResult(total, task_targets, sum(count_input_tokens(b) for b in batches))
+    return WindowResult(total, task_targets, tokens)
+
+
+def window_counts(batches: list[dict], task: str) -> tuple[int, int]:
+    """(target count, non-pad input tokens) of a window of collated micro-batches."""
+    return sum(count_targets(b, task) for b in batches), sum(count_input_tokens(b) for b in batches)
 
 
 def is_oom(error: BaseException) -> bool:
@@ -129,8 +138,8 @@ class Loop:
         """One optimizer step, then logging, evaluation and checkpointing when due."""
         t0 = time.perf_counter()
         step = self.state.step + 1
-        batches = self.next_batches()
-        result = self.forward_backward(batches, step)
+        batches, counts = self.next_batches()
+        result = self.forward_backward(batches, step, counts)
         grad_norm, lr = self.update(result, step)
         self.state.step = step
         self.outcome.throughput.add(result.tokens, time.perf_counter() - t0)
@@ -141,17 +150,19 @@ class Loop:
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             self.save()
 
-    def next_batches(self) -> list[dict]:
-        """The next window's collated micro-batches, on the run's device."""
+    def next_batches(self) -> tuple[list[dict], tuple[int, int]]:
+        """The next window's collated micro-batches on the run's device, and their counts (taken on the host)."""
         train = self.run.dataset.train
-        return [to_device(collate([train[i] for i in mb], self.run.pad_id, self.cfg.task), self.run.device)
-                for mb in self.sampler.next_window()]
+        host = [collate([train[i] for i in mb], self.run.pad_id, self.cfg.task) for mb in self.sampler.next_window()]
+        return [to_device(b, self.run.device) for b in host], window_counts(host, self.cfg.task)
 
-    def forward_backward(self, batches: list[dict], step: int) -> WindowResult:
+    def forward_backward(self, batches: list[dict], step: int, counts: tuple[int, int] | None = None) -> WindowResult:
         """`accumulate_window`, with out-of-memory turned into a `ResourceError` that says what to change."""
         try:
-            return accumulate_window(self.run.model, batches, self.cfg.task, autocast=lambda: autocast_for(self.run),
-                                     poison=step == self.nan_at)
+            with precision.cast_inputs(not self.cfg.adapter_autocast):
+                return accumulate_window(self.run.model, batches, self.cfg.task,
+                                         autocast=lambda: autocast_for(self.run), poison=step == self.nan_at,
+                                         fused=self.cfg.fused_loss, liger=self.cfg.liger_kernels, counts=counts)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
@@ -170,8 +181,10 @@ class Loop:
         opt, sched = self.run.optimizer, self.run.scheduler
         lr = sched.get_last_lr()[0]
         max_norm = self.cfg.max_grad_norm or math.inf  # inf: measure the norm without clipping
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if math.isfinite(float(result.loss_sum)) and math.isfinite(grad_norm):
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # one host sync a step, for both values the NaN policy needs (and the log reads)
+        loss_value, grad_norm = torch.stack([result.loss_sum.float(), norm.float().to(result.loss_sum.device)]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
             opt.step()
         elif self.cfg.nan_policy == "skip":
             self.state.nan_skipped += 1
@@ -179,7 +192,7 @@ class Loop:
         else:
             last = ckpt.find_latest(self.checkpoint_root())[0]
             raise ResourceError(
-                f"step {step}: training loss is {float(result.loss_sum)} (gradient norm {grad_norm}); stopped "
+                f"step {step}: training loss is {loss_value} (gradient norm {grad_norm}); stopped "
                 f"(nan_policy=stop); last good checkpoint: {last or 'none'}")
         opt.zero_grad(set_to_none=True)
         sched.step()

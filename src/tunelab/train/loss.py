@@ -49,11 +49,21 @@ def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, *,
+                   fused: bool = False, liger: bool = False) -> tuple[torch.Tensor, int]:
     """Forward `batch` through `model` and return the task's summed loss and its target count.
 
-    Labels are not passed to the model: the loss is computed here, as a sum, in fp32.
+    Labels are not passed to the model: the loss is computed here, as a sum, in fp32. With `fused` (causal-lm,
+    a plain linear head), the head and the loss run chunk by chunk without full logits (`fused_loss`), through
+    Liger-Kernel's kernel with `liger` where it is installed.
     """
+    if fused and task == "causal-lm":
+        from tunelab.train.fused_loss import fusable_head, fused_causal_lm_loss_sum
+
+        head = fusable_head(model)
+        if head is not None:
+            return fused_causal_lm_loss_sum(model, head, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                            liger=liger)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return task_loss_sum(out.logits, batch["labels"], task)
 

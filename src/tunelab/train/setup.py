@@ -72,6 +72,8 @@ def build_run(cfg: RunConfig) -> Run:
     state.targets.setdefault(cfg.adapter_name, list(touched or []))
     state.active = (cfg.adapter_name,)
     trainables = select_trainables(model, method, cfg.adapter_name, cfg.task)
+    if cfg.liger_kernels:
+        apply_liger_kernels(model, torch.device(loaded.device))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     lr = resolve_lr(cfg, method)
@@ -142,6 +144,29 @@ def select_trainables(model: nn.Module, method: Method, name: str, task: str) ->
             extra = {q: p for q, p in model.named_parameters() if q.startswith(heads)}
     mark_trainable(model, {**owned, **extra})
     return Trainables(model, method, name, extra)
+
+
+def apply_liger_kernels(model: nn.Module, device: torch.device) -> bool:
+    """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE on this model instance (CUDA, liger-kernel installed, a
+    model type it knows); False when not applied, and the model keeps its own kernels.
+
+    The model's forward and loss are left alone: tunelab's fused loss (`fused_loss`) calls Liger's fused linear
+    cross-entropy itself, with reduction "sum" (the summed-loss contract). Liger patches the model class's module
+    functions too (its RoPE), so later models of that type in this process share them.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE applied (%s)", model.config.model_type)
+    return True
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
