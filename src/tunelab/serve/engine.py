@@ -75,10 +75,11 @@ class _Row:
         self.gen = row_generator(request.seed)
         self.finish_reason: str | None = None
 
-    def step(self, logits: torch.Tensor) -> int:
-        """Choose this row's next token from its logits (vocab,), update its text; return the token."""
+    def step(self, logits: torch.Tensor, greedy: int) -> int:
+        """Choose this row's next token from its logits (vocab,) (`greedy`: their argmax, already on the host),
+        update its text; return the token."""
         req = self.request
-        token = next_token(logits, req.temperature, req.top_p, self.gen)
+        token = greedy if req.temperature <= 0 else next_token(logits, req.temperature, req.top_p, self.gen)
         self.generated += 1
         if token in self.eos_ids:
             self.finish_reason = "stop"
@@ -123,6 +124,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.waves = itertools.count()  # next(waves) numbers each wave (a new batch, not a join)
+        self.stack_one_adapter = True  # measured faster on an H200 (bench/serve_gpu.py); False: active path
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -220,7 +222,8 @@ class Engine:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         """Each row picks its next token from `logits` (B, vocab); finished rows get their result and leave."""
-        tokens = [row.step(logits[i]) for i, row in enumerate(batch.rows)]
+        greedy = logits.argmax(-1).tolist()  # (B,): the step's one host sync; sampled rows read logits after it
+        tokens = [row.step(logits[i], greedy[i]) for i, row in enumerate(batch.rows)]
         for row in batch.rows:
             if row.finish_reason is not None:
                 row.future.set_result(row.result())
@@ -244,6 +247,15 @@ class Engine:
             return batch
         return batch if extra is None else merge(batch, extra, self.model.config)
 
+    def _routed(self, names: list[str | None]) -> bool:
+        """Whether this batch goes through `row_adapters` (the stacked path, `methods/stacked.py`) rather than
+        the active-adapter path: mixed batches always; one adapter for every row when `stack_one_adapter` and
+        its method serves mixed batches (the stacked path computes in the activation dtype; see docs/serve.md)."""
+        first = names[0]
+        if any(n != first for n in names):
+            return True
+        return first is not None and self.stack_one_adapter and self.mixed_batch(first)
+
     def _forward(self, batch: Batch) -> torch.Tensor:
         """One forward of the batch with each row's adapter; returns the last position's logits (B, vocab)."""
         names = [row.request.adapter for row in batch.rows]
@@ -251,8 +263,7 @@ class Engine:
         with self.lock:
             state = adapter_state(self.model)
             state.active = used
-            # one adapter for every row is the plain active-adapter path every method has
-            state.row_adapters = list(names) if len(set(names)) > 1 else None
+            state.row_adapters = list(names) if self._routed(names) else None
             try:
                 out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos,
                                  use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache})
