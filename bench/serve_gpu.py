@@ -125,7 +125,8 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
         out[case] = {"prefill_ms": prefill, "decode_ms": decode, "last_logits": logits}
         print(f"tunelab {case}: prefill {prefill} ms, decode {decode} ms", flush=True)
     loop, new = out["mixed_before"].pop("last_logits"), out["mixed"]["last_logits"]
-    out["mixed"]["max_abs_diff_vs_loop"] = float((loop - new).abs().max())
+    out["mixed"]["max_abs_diff_vs_loop"] = float((loop - new).abs().max())  # rounding only
+    out["mixed"]["max_abs_diff_vs_base"] = float((out["base"]["last_logits"] - new).abs().max())  # adapters act
     for case in out.values():
         case.pop("last_logits", None)
     return out

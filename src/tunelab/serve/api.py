@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -82,6 +82,11 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        """Prometheus text: requests, tokens, queue depth, batch sizes, adapter loads/evictions, TTFT."""
+        return PlainTextResponse(service.engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models() -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tunelab.methods.base import adapter_state
 from tunelab.models import pad_token_id
 from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
 from tunelab.serve.errors import BadRequest, QueueFull
+from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.sampling import StopText, next_token, row_generator
 
 _MIXED = object()  # the group key of rows that can share a batch through row_adapters
@@ -74,6 +76,7 @@ class _Row:
         self.text = StopText(request.stop)
         self.gen = row_generator(request.seed)
         self.finish_reason: str | None = None
+        self.queued = time.monotonic()  # for the time to first token
 
     def step(self, logits: torch.Tensor, greedy: int) -> int:
         """Choose this row's next token from its logits (vocab,) (`greedy`: their argmax, already on the host),
@@ -112,7 +115,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, lock: threading.RLock, mixed_batch: Callable[[str], bool],
-                 max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256):
+                 max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256,
+                 metrics: ServeMetrics | None = None):
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
         self.context_length = _context_length(model)
@@ -124,6 +128,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.waves = itertools.count()  # next(waves) numbers each wave (a new batch, not a join)
+        self.metrics = metrics or ServeMetrics()
+        self.metrics.gauge("tunelab_queue_depth", "requests waiting for a batch", lambda: len(self._pending))
         self.stack_one_adapter = True  # measured faster on an H200 (bench/serve_gpu.py); False: active path
 
     # --- queue ----------------------------------------------------------------------------------------
@@ -224,11 +230,24 @@ class Engine:
         """Each row picks its next token from `logits` (B, vocab); finished rows get their result and leave."""
         greedy = logits.argmax(-1).tolist()  # (B,): the step's one host sync; sampled rows read logits after it
         tokens = [row.step(logits[i], greedy[i]) for i, row in enumerate(batch.rows)]
+        self._record(batch.rows)
         for row in batch.rows:
             if row.finish_reason is not None:
                 row.future.set_result(row.result())
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
         return next_step(batch, tokens, keep) if keep else None
+
+    def _record(self, rows: list[_Row]) -> None:
+        """Metrics of one step: the batch size, first tokens (time since queueing), finished rows' tokens."""
+        m = self.metrics
+        m.observe("tunelab_batch_rows", len(rows))
+        now = time.monotonic()
+        for row in rows:
+            if row.generated == 1:
+                m.observe("tunelab_time_to_first_token_seconds", now - row.queued)
+            if row.finish_reason is not None:
+                m.add("tunelab_prompt_tokens_total", len(row.request.prompt_ids))
+                m.add("tunelab_completion_tokens_total", row.generated)
 
     def _join(self, batch: Batch, group, wave: list[_Row]) -> Batch:
         """Continuous batching: queued rows of a mixed-adapter `group` join the running batch between steps."""

@@ -18,6 +18,7 @@ import itertools
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -29,6 +30,7 @@ from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
 from tunelab.serve.adapter_files import Servable, inspect_adapter, mixed_batch_ok, public_message
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
+from tunelab.serve.metrics import ServeMetrics
 
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -93,8 +95,11 @@ class AdapterRegistry:
     """
 
     def __init__(self, model, lock: threading.RLock, *, base_name: str, adapter_root: Path | None = None,
-                 max_adapters: int = 8, max_rank: int = 64):
+                 max_adapters: int = 8, max_rank: int = 64, metrics: ServeMetrics | None = None):
         self.model, self.lock, self.base_name = model, lock, base_name
+        self.metrics = metrics or ServeMetrics()
+        self.metrics.gauge("tunelab_adapters_resident", "adapters loaded on the base now",
+                           lambda: sum(1 for a in list(self._known.values()) if a.key))
         self.adapter_root = Path(adapter_root) if adapter_root is not None else None
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
@@ -135,7 +140,10 @@ class AdapterRegistry:
                 adapter = Adapter(name, self._locate(name))
             servable = inspect_adapter(name, adapter.path, max_rank=self.max_rank, max_bytes=self._base_bytes)
             self._make_room()
+            start = time.monotonic()
             self._attach(adapter, servable)
+            self.metrics.observe("tunelab_adapter_load_seconds", time.monotonic() - start)
+            self.metrics.add("tunelab_adapter_loads_total")
             with self._meta:
                 self._known[name] = adapter
                 adapter.refs, adapter.last_used = 1, next(self._clock)
@@ -214,6 +222,7 @@ class AdapterRegistry:
             if not victim.given:
                 del self._known[victim.name]
         self._detach(key)
+        self.metrics.add("tunelab_adapter_evictions_total")
 
     def _attach(self, adapter: Adapter, servable: Servable) -> None:
         """Load the adapter's weights onto the model under a fresh key and probe mixed-batch support."""
