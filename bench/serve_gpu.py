@@ -183,7 +183,7 @@ def table(t: dict, p: dict | None, adapters: int) -> str:
     def r(x, y):
         return f"{x / y:.2f}x" if x and y else ""
     p = p or {"mixed": {}, "one": {}}
-    lines = ["| ms (median) | tunelab prefill | tunelab decode | tunelab before: prefill | before: decode "
+    lines = ["| ms (median) | tunelab prefill | tunelab decode | before (loop; one: fp32 active path): prefill | before: decode "
              "| PEFT prefill | PEFT decode |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| {adapters} adapters, mixed | {t['mixed']['prefill_ms']} | {t['mixed']['decode_ms']} "
                  f"| {t['mixed_before']['prefill_ms']} | {t['mixed_before']['decode_ms']} "
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-peft", action="store_true")
@@ -218,21 +218,25 @@ def main(argv=None) -> dict:
     inp_model = build_model(args.shape, args.device, dtype)
     attach_tunelab(inp_model, names, args.rank)
     inp = Inputs(inp_model, args.rows, args.prompt, args.device)
-    tl = tunelab_rows(inp_model, names, inp, args)
+    result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+              "environment": environment(args.device), "settings": vars(args) | {"out": str(args.out)}}
+    result["tunelab"] = tunelab_rows(inp_model, names, inp, args)
+    save(result, args, None)  # the tunelab rows survive a PEFT part that runs out of time
     del inp_model, inp
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    pf = None
     if not args.no_peft:
         model = build_model(args.shape, args.device, dtype)
-        pf = peft_rows(model, names, Inputs(model, args.rows, args.prompt, args.device), args)
-    result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "environment": environment(args.device), "settings": vars(args) | {"out": str(args.out)},
-              "tunelab": tl, "peft": pf, "table": table(tl, pf, args.adapters)}
+        result["peft"] = peft_rows(model, names, Inputs(model, args.rows, args.prompt, args.device), args)
+    save(result, args, result.get("peft"))
     print(result["table"])
+    return result
+
+
+def save(result: dict, args, peft_part: dict | None) -> None:
+    result["table"] = table(result["tunelab"], peft_part, args.adapters)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def environment(device: str) -> dict:

@@ -37,7 +37,9 @@ IA3_STACK = "_tunelab_ia3_stack"
 class LoRAStack:
     """One module's loaded LoRA-family adapters, stacked by slot (see the module docstring)."""
 
-    key: tuple
+    key: tuple  # (names, dtype, device): what the stack was built for
+    tensors: list[torch.Tensor]  # the weights it was built from; `version` is their in-place versions' sum
+    version: int
     a: torch.Tensor  # (slots, r, in)
     b: torch.Tensor  # (slots, out, r), scaling (and DoRA's g) folded in
     dora: torch.Tensor | None  # (slots, out): g - 1 per slot, 0 for plain LoRA and the base; None: no DoRA here
@@ -66,30 +68,31 @@ def _versions(tensors) -> int:
 
 
 def _cached(module: nn.Module, attr: str, key: tuple, build):
+    """The stack cached on `module` under `attr` if it was built for `key` from weights unchanged since;
+    else `build()`, cached (the old stack is freed first). Costs a few attribute reads per module and forward."""
     held = module.__dict__.get(attr)
-    if held is None or held.key != key:
-        held = None
-        module.__dict__.pop(attr, None)  # free the old stack before building the new one
-        held = build()
-        module.__dict__[attr] = held
+    if held is not None and held.key == key and held.version == _versions(held.tensors):
+        return held
+    module.__dict__.pop(attr, None)
+    held = build()
+    module.__dict__[attr] = held
     return held
 
 
 # --- LoRA family -----------------------------------------------------------------------------------------
 
-def _lora_key(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple:
-    tensors = [module.weight]
+def _lora_tensors(module: nn.Module) -> list[torch.Tensor]:
+    tensors = [module.weight]  # DoRA's g reads it
     for n in module.lora_A:
         tensors += [module.lora_A[n].weight, module.lora_B[n].weight]
     magnitudes = getattr(module, "lora_magnitude_vector", None)
-    if magnitudes is not None:
-        tensors += list(magnitudes.values())
-    return names, tuple(module.lora_A), dtype, device, _versions(tensors)
+    return tensors + (list(magnitudes.values()) if magnitudes is not None else [])
 
 
 @torch.no_grad()
-def _build_lora(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device,
-                key: tuple) -> LoRAStack:
+def _build_lora(module: nn.Module, key: tuple) -> LoRAStack:
+    names, dtype, device = key
+    tensors = _lora_tensors(module)
     present = [(slot, n) for slot, n in enumerate(names, 1) if n in module.lora_A]
     rank = max(module.lora_A[n].weight.shape[0] for _, n in present)
     d_in = module.lora_A[present[0][1]].weight.shape[1]
@@ -109,13 +112,13 @@ def _build_lora(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, d
             dora[slot] = (g - 1).to(dtype)
         a[slot, :r] = wa.to(dtype)
         b[slot, :, :r] = scaled.to(dtype)
-    return LoRAStack(key, a, b, dora)
+    return LoRAStack(key, tensors, _versions(tensors), a, b, dora)
 
 
 def lora_stack(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> LoRAStack:
     """`module`'s stack for the loaded adapters `names` in `dtype` on `device`, built or taken from the cache."""
-    key = _lora_key(module, names, dtype, device)
-    return _cached(module, LORA_STACK, key, lambda: _build_lora(module, names, dtype, device, key))
+    key = (names, dtype, device)
+    return _cached(module, LORA_STACK, key, lambda: _build_lora(module, key))
 
 
 def lora_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor | None:
@@ -153,6 +156,8 @@ class IA3Stack:
     """One module's IA3 vectors by slot: `v` (slots, features), ones where a slot has no vector here."""
 
     key: tuple
+    tensors: list[torch.Tensor]
+    version: int
     v: torch.Tensor
 
 
@@ -163,16 +168,16 @@ def ia3_scale(box: nn.ParameterDict, module: nn.Module, routing, like: torch.Ten
     if only is None or (only is not False and only not in box):
         return None
     names, dtype, device = routing.names, like.dtype, like.device
-    key = (names, tuple(box), dtype, device, _versions(box.values()))
+    key = (names, dtype, device)
 
     @torch.no_grad()
     def build() -> IA3Stack:
-        features = next(iter(box.values())).numel()
-        v = torch.ones(len(names) + 1, features, dtype=dtype, device=device)
+        tensors = list(box.values())
+        v = torch.ones(len(names) + 1, tensors[0].numel(), dtype=dtype, device=device)
         for slot, n in enumerate(names, 1):
             if n in box:
                 v[slot] = box[n].flatten().to(dtype)
-        return IA3Stack(key, v)
+        return IA3Stack(key, tensors, _versions(tensors), v)
 
     stack = _cached(module, IA3_STACK, key, build)
     if only is not False:
