@@ -183,8 +183,8 @@ def table(t: dict, p: dict | None, adapters: int) -> str:
     def r(x, y):
         return f"{x / y:.2f}x" if x and y else ""
     p = p or {"mixed": {}, "one": {}}
-    lines = ["| ms (median) | tunelab prefill | tunelab decode | before (loop; one: fp32 active path): prefill | before: decode "
-             "| PEFT prefill | PEFT decode |", "|---|---|---|---|---|---|---|"]
+    lines = ["| ms (median) | tunelab prefill | tunelab decode | before (loop; one: fp32 active path): prefill "
+             "| before: decode | PEFT prefill | PEFT decode |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| {adapters} adapters, mixed | {t['mixed']['prefill_ms']} | {t['mixed']['decode_ms']} "
                  f"| {t['mixed_before']['prefill_ms']} | {t['mixed_before']['decode_ms']} "
                  f"| {p['mixed'].get('prefill_ms', '')} | {p['mixed'].get('decode_ms', '')} |")
