@@ -116,7 +116,7 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
         reps, warm = (max(2, args.reps // 3), 1) if case == "mixed_before" else (args.reps, args.warmup)
         try:
             with torch.inference_mode():
-                prefill = timed(engine._forward, lambda: inp.prefill(row_names), reps, warm, args.device)
+                prefill = timed(engine._forward, lambda names=row_names: inp.prefill(names), reps, warm, args.device)
                 first = inp.prefill(row_names)
                 logits = engine._forward(first).float()
                 decode = timed(engine._forward, inp.decode(first), reps, warm, args.device)
@@ -147,7 +147,7 @@ def peft_rows(model, names: list[str], inp: Inputs, args) -> dict:
         pm.set_adapter(names[0])
         extra = {"adapter_names": row_names} if row_names else {}
 
-        def forward(batch):
+        def forward(batch, extra=extra):
             return pm(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=True,
                       logits_to_keep=1, past_key_values=batch.cache, **extra).logits
         with torch.inference_mode():

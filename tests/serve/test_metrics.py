@@ -29,7 +29,7 @@ def test_metrics_count_requests_tokens_loads_and_evictions(make_service, adapter
             assert client.post("/v1/completions", json=body).status_code == 200
         page = client.get("/metrics")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
-    assert re.search(r"^# TYPE tunelab_time_to_first_token_seconds histogram$", page.text, re.M)
+    assert re.search(r"^# TYPE tunelab_time_to_first_token_seconds histogram$", page.text, re.MULTILINE)
     got = _values(page.text)
     assert got["tunelab_requests_total"] == 3
     assert got["tunelab_adapter_loads_total"] == 2 and got["tunelab_adapter_evictions_total"] == 1

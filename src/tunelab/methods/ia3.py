@@ -18,10 +18,10 @@ from pydantic import model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.methods import stacked
 from tunelab.methods.base import (
     Method, MethodOptions, adapter_state, find_targets, peft_common, register, target_matches,
 )
-from tunelab.methods import stacked
 from tunelab.methods.kit import applying, container, drop, has_hook, hook_once, route, unhook
 from tunelab.modules import in_out_features, is_conv1d
 

@@ -13,7 +13,8 @@ import importlib
 _WHERE = {"AdapterRegistry": "registry", "Engine": "engine", "GenerationRequest": "engine",
           "GenerationResult": "engine", "Service": "service", "build_service": "service", "running": "server",
           "serve": "server"}
-__all__ = sorted(_WHERE)
+__all__ = ["AdapterRegistry", "Engine", "GenerationRequest", "GenerationResult", "Service", "build_service",
+           "running", "serve"]
 
 
 def __getattr__(name: str):
