@@ -111,7 +111,7 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
     usable = stacked.usable
     out = {}
     for case, row_names in cases.items():
-        engine.stack_one_adapter = case != "one_active"
+        engine.stack_one_adapter = set() if case == "one_active" else {"prefill", "decode"}
         stacked.usable = (lambda m: False) if case == "mixed_before" else usable
         reps, warm = (max(2, args.reps // 3), 1) if case == "mixed_before" else (args.reps, args.warmup)
         try:

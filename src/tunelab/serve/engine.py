@@ -130,7 +130,10 @@ class Engine:
         self.waves = itertools.count()  # next(waves) numbers each wave (a new batch, not a join)
         self.metrics = metrics or ServeMetrics()
         self.metrics.gauge("tunelab_queue_depth", "requests waiting for a batch", lambda: len(self._pending))
-        self.stack_one_adapter = True  # measured faster on an H200 (bench/serve_gpu.py); False: active path
+        # phases ("prefill", "decode") in which a batch on one adapter takes the stacked path rather than the
+        # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json) stacked prefill took 0.66x the
+        # time of the active path's, and a stacked decode step 1.09x
+        self.stack_one_adapter = {"prefill"}
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -266,14 +269,14 @@ class Engine:
             return batch
         return batch if extra is None else merge(batch, extra, self.model.config)
 
-    def _routed(self, names: list[str | None]) -> bool:
+    def _routed(self, names: list[str | None], phase: str) -> bool:
         """Whether this batch goes through `row_adapters` (the stacked path, `methods/stacked.py`) rather than
-        the active-adapter path: mixed batches always; one adapter for every row when `stack_one_adapter` and
-        its method serves mixed batches (the stacked path computes in the activation dtype; see docs/serve.md)."""
+        the active-adapter path: mixed batches always; one adapter for every row when `phase` ("prefill" or
+        "decode") is in `stack_one_adapter` and its method serves mixed batches (docs/serve.md)."""
         first = names[0]
         if any(n != first for n in names):
             return True
-        return first is not None and self.stack_one_adapter and self.mixed_batch(first)
+        return first is not None and phase in self.stack_one_adapter and self.mixed_batch(first)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """One forward of the batch with each row's adapter; returns the last position's logits (B, vocab)."""
@@ -282,7 +285,8 @@ class Engine:
         with self.lock:
             state = adapter_state(self.model)
             state.active = used
-            state.row_adapters = list(names) if self._routed(names) else None
+            phase = "prefill" if batch.ids.shape[1] > 1 else "decode"
+            state.row_adapters = list(names) if self._routed(names, phase) else None
             try:
                 out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos,
                                  use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache})
