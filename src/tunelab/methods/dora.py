@@ -65,6 +65,11 @@ class DoRAVariant(Variant):
         return (scale - 1) * wx + scale * b(a(x)) * module.lora_scaling[name]
 
     @torch.no_grad()
+    def inference_scale(self, module: nn.Module, name: str) -> torch.Tensor:
+        """m / n (out,), fp32: W' x = (m / n) * (W x + s B A x) with n = ||W + s·B·A||_c."""
+        return module.lora_magnitude_vector[name] / weight_norm(module, name, weight_oi(module))
+
+    @torch.no_grad()
     def merge(self, module: nn.Module, name: str) -> None:
         """W <- m / n * (W + s·B·A), keeping n for `unmerge`."""
         w = weight_oi(module) + delta_weight(module, name)

@@ -18,6 +18,7 @@ from pydantic import model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.methods import stacked
 from tunelab.methods.base import (
     Method,
     MethodOptions,
@@ -27,7 +28,15 @@ from tunelab.methods.base import (
     register,
     target_matches,
 )
-from tunelab.methods.kit import applying, container, drop, has_hook, hook_once, unhook
+from tunelab.methods.kit import (
+    applying,
+    container,
+    drop,
+    has_hook,
+    hook_once,
+    route,
+    unhook,
+)
 from tunelab.methods.precision import in_autocast
 from tunelab.modules import in_out_features, is_conv1d
 
@@ -71,6 +80,9 @@ class IA3Options(MethodOptions):
 def _scale(module: nn.Module, state, like: torch.Tensor) -> torch.Tensor | None:
     """Product of the applying adapters' vectors: (features,), or (batch, 1, features) in a mixed batch."""
     box = getattr(module, ATTR)
+    routing = route(state, like.shape[0])
+    if routing is not None and stacked.usable(module):
+        return stacked.ia3_scale(box, module, routing, like)
     scale = None
     for name, mask in applying(state, box.keys(), like):
         vec = box[name].flatten()  # (features,)
@@ -199,6 +211,7 @@ class IA3(Method):
     def detach(self, model: nn.Module, name: str) -> None:
         """Delete adapter `name`'s vectors, and the hooks of modules no other ia3 adapter uses."""
         for _, module in self.adapted(model, name):
+            stacked.forget(module)
             if drop(module, ATTR, name):
                 unhook(module, HOOK_IN)
                 unhook(module, HOOK_OUT)

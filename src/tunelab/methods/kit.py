@@ -193,12 +193,28 @@ def load_live(live: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source
 class Routing:
     """One mixed batch's rows grouped by adapter: `groups[name]` lists the rows of adapter `name` (None: base).
 
-    Index tensors and masks are built on first request per device (and dtype) and reused by every module.
+    `names` lists every loaded adapter at the time of the batch; adapter `names[i]` has slot `i + 1`, and slot 0
+    is the base (the stacked serving path, `stacked.py`, keeps one slot per adapter in that order). Index
+    tensors, masks and the row-to-slot index are built on first request per device (and dtype) and reused by
+    every module.
     """
 
     rows: tuple[str | None, ...]
     groups: dict[str | None, list[int]]
+    names: tuple[str, ...] = ()
     _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter `name` in `names` (plus one); 0 for None, the base."""
+        return 0 if name is None else self.names.index(name) + 1
+
+    def slots(self, device: torch.device) -> torch.Tensor:
+        """Each row's slot (see `slot`): a LongTensor (batch,) on `device`, built once per batch and device."""
+        key = ("slots", device)
+        if key not in self._cache:
+            where = {n: i + 1 for i, n in enumerate(self.names)}
+            self._cache[key] = torch.tensor([where.get(r, 0) for r in self.rows], dtype=torch.long, device=device)
+        return self._cache[key]
 
     def index(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The rows of adapter `name` as a LongTensor (k,) on `device`; None when no row uses it."""
@@ -260,7 +276,7 @@ def _build_routing(state: AdapterState, rows: tuple[str | None, ...]) -> Routing
     groups: dict[str | None, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r, []).append(i)
-    return Routing(rows, groups)
+    return Routing(rows, groups, tuple(state.methods))
 
 
 def applying(state: AdapterState, names, like: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:

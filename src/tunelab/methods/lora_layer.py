@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import nf4
+from tunelab.methods import nf4, stacked
 from tunelab.methods.kit import AdapterState, route
 from tunelab.methods.precision import adapter_input, in_autocast
 from tunelab.modules import in_out_features, is_conv1d
@@ -89,6 +89,11 @@ class Variant:
         """What the adapter adds to the base output `base` (..., out) for input `x` (..., in)."""
         return delta(module, name, x)
 
+    def inference_scale(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """At inference, the adapted output is g * (W x + s B A x) + (1 - g) * bias for a constant g (out,):
+        this g (fp32), or None when it is 1 (plain LoRA). The stacked serving path folds it in (`stacked.py`)."""
+        return None
+
     def merge(self, module: nn.Module, name: str) -> None:
         add_to_weight(module, delta_weight(module, name).detach())
 
@@ -150,6 +155,7 @@ def detach(module: nn.Module, name: str) -> None:
         del initial[name]
         if not len(initial):
             del module.lora_initial
+    stacked.forget(module)
     if not len(module.lora_A):
         module._lora_hook.remove()
         for key in ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_merged", "lora_variant",
@@ -188,7 +194,8 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
     state = module._tunelab_state
     routing = route(state, x.shape[0])
     if routing is not None:
-        return _mixed_rows(module, x, output, routing)
+        stacked_out = stacked.lora_rows(module, x, output, routing)
+        return _mixed_rows(module, x, output, routing) if stacked_out is None else stacked_out
     total = output
     for n in state.active:
         if n in module.lora_A and n not in module.lora_merged:

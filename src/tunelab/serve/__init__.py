@@ -6,10 +6,18 @@
 - `registry.AdapterRegistry` loads adapters by name from an adapter root, within rank and count limits.
 """
 
-from tunelab.serve.engine import Engine, GenerationRequest, GenerationResult
-from tunelab.serve.registry import AdapterRegistry
-from tunelab.serve.server import running, serve
-from tunelab.serve.service import Service, build_service
 
+import importlib
+
+# name -> its module; imported on first use, so the engine runs where the HTTP stack (fastapi, uvicorn) is absent
+_WHERE = {"AdapterRegistry": "registry", "Engine": "engine", "GenerationRequest": "engine",
+          "GenerationResult": "engine", "Service": "service", "build_service": "service", "running": "server",
+          "serve": "server"}
 __all__ = ["AdapterRegistry", "Engine", "GenerationRequest", "GenerationResult", "Service", "build_service",
            "running", "serve"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tunelab.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

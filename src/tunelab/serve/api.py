@@ -96,14 +96,13 @@ def _add_probes(app: FastAPI, service: Service) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        """Prometheus text: requests, tokens, queue depth, batch sizes, adapter loads/evictions, TTFT, dropped rows."""
         engine = service.engine
-        lines = [("tunelab_queue_depth", "gauge", "requests waiting for a batch", engine.queue_depth()),
-                 ("tunelab_running_rows", "gauge", "rows in the batch decoding now", engine.running),
+        lines = [("tunelab_running_rows", "gauge", "rows in the batch decoding now", engine.running),
                  ("tunelab_dropped_rows_total", "counter", "requests dropped because the client hung up",
-                  engine.dropped),
-                 ("tunelab_adapters_loaded", "gauge", "adapters loaded on the base", len(service.registry.loaded()))]
+                  engine.dropped)]
         text = "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.metrics.render() + text, media_type="text/plain; version=0.0.4")
 
 
 def _room(service: Service, prompt_tokens: int) -> int:

@@ -18,6 +18,7 @@ import inspect
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -28,7 +29,14 @@ from tunelab.methods.base import adapter_state
 from tunelab.models import pad_token_id
 from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
 from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
-from tunelab.serve.sampling import StopText, next_token, row_generator
+from tunelab.serve.metrics import ServeMetrics
+from tunelab.serve.sampling import (
+    MIN_TEMPERATURE,
+    SamplingError,
+    StopText,
+    next_token,
+    row_generator,
+)
 
 _MIXED = object()  # the group key of rows that can share a batch through row_adapters
 
@@ -81,15 +89,17 @@ class _Row:
         self.text = StopText(request.stop)
         self.gen = row_generator(request.seed)
         self.finish_reason: str | None = None
+        self.queued = time.monotonic()  # for the time to first token
 
-    def step(self, logits: torch.Tensor) -> int:
+    def step(self, logits: torch.Tensor, greedy: int, finite: bool = True) -> int:
         """Choose this row's next token from its logits (vocab,), update its text; return the token.
 
-        Any error (a row's numbers that cannot be sampled, a failing `on_text`) ends this row alone: its future
-        gets the error and the row leaves the batch with the others untouched.
+        `greedy` is their argmax and `finite` whether they hold no NaN/+inf, both already on the host (the step's
+        one sync). Any error (a row's numbers that cannot be sampled, a failing `on_text`) ends this row alone:
+        its future gets the error and the row leaves the batch with the others untouched.
         """
         try:
-            token = self._step(logits)
+            token = self._step(logits, greedy, finite)
             if self.finish_reason in ("stop", "length"):
                 _settle(self.future, result=self.result())
             return token
@@ -98,13 +108,16 @@ class _Row:
             _settle(self.future, error=err)
             return 0
 
-    def _step(self, logits: torch.Tensor) -> int:
+    def _step(self, logits: torch.Tensor, greedy: int, finite: bool) -> int:
         req = self.request
         if req.cancelled.is_set():
             self.finish_reason = "cancelled"
             _settle(self.future, error=ClientGone("the client disconnected"))
             return 0
-        token = next_token(logits, req.temperature, req.top_p, self.gen)
+        if not finite:
+            raise SamplingError("the model's next-token scores for this request are NaN or infinite")
+        sampled = req.temperature >= MIN_TEMPERATURE and req.top_p > 0
+        token = next_token(logits, req.temperature, req.top_p, self.gen) if sampled else greedy
         self.generated += 1
         if token in self.eos_ids:
             self.finish_reason = "stop"
@@ -137,7 +150,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, lock: threading.RLock, mixed_batch: Callable[[str], bool],
-                 max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256):
+                 max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256,
+                 metrics: ServeMetrics | None = None):
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
         self.context_length = _context_length(model)
@@ -151,6 +165,12 @@ class Engine:
         self.waves = itertools.count()  # next(waves) numbers each wave (a new batch, not a join)
         self.running = 0  # rows in the batch being decoded now
         self.dropped = 0  # rows dropped because their client hung up
+        self.metrics = metrics or ServeMetrics()
+        self.metrics.gauge("tunelab_queue_depth", "requests waiting for a batch", lambda: len(self._pending))
+        # phases ("prefill", "decode") in which a batch on one adapter takes the stacked path rather than the
+        # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json) stacked prefill took 0.66x the
+        # time of the active path's, and a stacked decode step 1.09x
+        self.stack_one_adapter = {"prefill"}
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -274,10 +294,26 @@ class Engine:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         """Each row picks its next token from `logits` (B, vocab); finished, failed and cancelled rows leave."""
-        tokens = [row.step(logits[i]) for i, row in enumerate(batch.rows)]
+        # the step's one host sync: every row's argmax and whether its scores are finite (-inf is probability 0)
+        bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+        greedy, bad = torch.stack([logits.argmax(-1), bad.long()]).tolist()
+        tokens = [row.step(logits[i], greedy[i], not bad[i]) for i, row in enumerate(batch.rows)]
+        self._record(batch.rows)
         self.dropped += sum(row.finish_reason == "cancelled" for row in batch.rows)
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
         return next_step(batch, tokens, keep) if keep else None
+
+    def _record(self, rows: list[_Row]) -> None:
+        """Metrics of one step: the batch size, first tokens (time since queueing), finished rows' tokens."""
+        m = self.metrics
+        m.observe("tunelab_batch_rows", len(rows))
+        now = time.monotonic()
+        for row in rows:
+            if row.generated == 1:
+                m.observe("tunelab_time_to_first_token_seconds", now - row.queued)
+            if row.finish_reason is not None:
+                m.add("tunelab_prompt_tokens_total", len(row.request.prompt_ids))
+                m.add("tunelab_completion_tokens_total", row.generated)
 
     def _join(self, batch: Batch, group, wave: list[_Row]) -> Batch:
         """Continuous batching: queued rows of a mixed-adapter `group` join the running batch between steps."""
@@ -296,6 +332,15 @@ class Engine:
             return batch
         return batch if extra is None else merge(batch, extra, self.model.config)
 
+    def _routed(self, names: list[str | None], phase: str) -> bool:
+        """Whether this batch goes through `row_adapters` (the stacked path, `methods/stacked.py`) rather than
+        the active-adapter path: mixed batches always; one adapter for every row when `phase` ("prefill" or
+        "decode") is in `stack_one_adapter` and its method serves mixed batches (docs/serve.md)."""
+        first = names[0]
+        if any(n != first for n in names):
+            return True
+        return first is not None and phase in self.stack_one_adapter and self.mixed_batch(first)
+
     def _forward(self, batch: Batch) -> torch.Tensor:
         """One forward of the batch with each row's adapter; returns the last position's logits (B, vocab)."""
         names = [row.request.adapter for row in batch.rows]
@@ -303,8 +348,8 @@ class Engine:
         with self.lock:
             state = adapter_state(self.model)
             state.active = used
-            # one adapter for every row is the plain active-adapter path every method has
-            state.row_adapters = list(names) if len(set(names)) > 1 else None
+            phase = "prefill" if batch.ids.shape[1] > 1 else "decode"
+            state.row_adapters = list(names) if self._routed(names, phase) else None
             try:
                 out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos,
                                  use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache})

@@ -20,6 +20,7 @@ import itertools
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -30,10 +31,16 @@ from tunelab.artifacts import load_adapter, merge_and_unload
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import get_method
 from tunelab.methods.base import adapter_state
-from tunelab.serve.adapter_files import Servable, inspect_adapter, mixed_batch_ok, public_message
+from tunelab.serve.adapter_files import (
+    Servable,
+    inspect_adapter,
+    mixed_batch_ok,
+    public_message,
+)
 from tunelab.serve.confine import adapter_copy
 from tunelab.serve.errors import AdapterRejected, Busy, ModelNotFound
 from tunelab.serve.finite import check_finite
+from tunelab.serve.metrics import ServeMetrics
 
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -80,8 +87,11 @@ class AdapterRegistry:
     """
 
     def __init__(self, model, lock: threading.RLock, *, base_name: str, adapter_root: Path | None = None,
-                 max_adapters: int = 8, max_rank: int = 64):
+                 max_adapters: int = 8, max_rank: int = 64, metrics: ServeMetrics | None = None):
         self.model, self.lock, self.base_name = model, lock, base_name
+        self.metrics = metrics or ServeMetrics()
+        self.metrics.gauge("tunelab_adapters_resident", "adapters loaded on the base now",
+                           lambda: sum(1 for a in list(self._known.values()) if a.key))
         self.adapter_root = Path(adapter_root) if adapter_root is not None else None
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
@@ -125,7 +135,10 @@ class AdapterRegistry:
                 check_finite(name, files)
                 with self._load_lock:
                     self._make_room()
+                    start = time.monotonic()
                     self._attach(adapter, servable, files)
+                    self.metrics.observe("tunelab_adapter_load_seconds", time.monotonic() - start)
+                    self.metrics.add("tunelab_adapter_loads_total")
                     with self._meta:
                         self._known[name] = adapter
                         adapter.refs, adapter.last_used = 1, next(self._clock)
@@ -230,6 +243,7 @@ class AdapterRegistry:
             if not victim.given:
                 del self._known[victim.name]
         self._detach(key)
+        self.metrics.add("tunelab_adapter_evictions_total")
 
     def _attach(self, adapter: Adapter, servable: Servable, files: Path) -> None:
         """Load the adapter's weights from `files` onto the model under a fresh key; probe mixed-batch support."""

@@ -18,6 +18,7 @@ from tunelab.errors import ConfigError
 from tunelab.models import load_model
 from tunelab.serve.engine import Engine, GenerationRequest
 from tunelab.serve.errors import BadRequest
+from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.registry import AdapterRegistry
 
 
@@ -66,6 +67,7 @@ class Service:
             self.registry.release(key)
             raise
         future.add_done_callback(lambda _: self.registry.release(key))
+        self.engine.metrics.add("tunelab_requests_total")
         return future
 
     def close(self) -> None:
@@ -99,15 +101,16 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     base = loaded.model.eval().requires_grad_(False)
     base_name = base_name_of(model)
     lock = threading.RLock()
+    metrics = ServeMetrics()
     registry = AdapterRegistry(base, lock, base_name=base_name, adapter_root=adapter_root,
-                               max_adapters=max_adapters, max_rank=max_rank)
+                               max_adapters=max_adapters, max_rank=max_rank, metrics=metrics)
     for name, path in adapters.items():
         registry.add(name, Path(path))
     if merge is not None:
         registry.merge_into_base(merge)
         base_name = merge
     engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
-                    max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit)
+                    max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
     engine.start()
     return Service(base_name, loaded.tokenizer, registry, engine)
 

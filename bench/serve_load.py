@@ -1,0 +1,149 @@
+"""End-to-end load test of the real server on loopback: many concurrent streaming clients over many adapters,
+against the same load on one adapter.
+
+A Llama-shaped base (random weights from a config, `--shape` as in `serve_gpu.py`) and `--adapters` LoRA adapters
+(r=16, all linear layers, random non-zero B) are written to a temporary directory; `build_service` serves them
+with uvicorn on 127.0.0.1. `--clients` async clients (httpx, streaming `/v1/completions`, OpenAI's wire format)
+each send requests back to back for `--seconds`: client i on adapter i mod `--adapters` (or all on one adapter),
+`--prompt`-token prompts, `--new-tokens` tokens greedy with EOS ignored. Reported per load: output tokens/s
+(completion tokens finished within the window / window), time to first token and inter-token latency (between
+streamed chunks) p50 / p99, and the ratio of the two loads' throughputs.
+
+    python bench/serve_load.py --out bench/results/serve_load_h200.json                     # on the GPU
+    python bench/serve_load.py --shape tiny --adapters 4 --clients 8 --prompt 32 --new-tokens 8 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
+
+
+def write_model_and_adapters(workdir: Path, shape: str, adapters: int, rank: int) -> tuple[Path, Path]:
+    """The base model dir (with a small local tokenizer) and an adapter root with adapters a0, a1, ..."""
+    from builders import make_tokenizer
+    from serve_gpu import build_model
+
+    from tunelab.artifacts import save_artifact
+    from tunelab.methods import get_method
+
+    base_dir, root = workdir / "base", workdir / "adapters"
+    tokenizer = make_tokenizer(base_dir)
+    model = build_model(shape, "cpu", torch.float32)
+    model.save_pretrained(base_dir)
+    lora, gen = get_method("lora"), torch.Generator().manual_seed(2)
+    for i in range(adapters):
+        lora.inject(model, lora.Options(r=rank, alpha=2 * rank, target_modules="all-linear"), "default")
+        with torch.no_grad():
+            for key, p in lora.parameters(model, "default").items():
+                if ".lora_B." in key:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        save_artifact(model, tokenizer, "default", root / f"a{i}")
+        lora.remove(model, "default")
+    return base_dir, root
+
+
+def prompt_text(tokenizer, tokens: int) -> str:
+    """A prompt of about `tokens` tokens."""
+    words, text = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"], ""
+    i = 0
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += words[i % len(words)] + " "
+        i += 1
+    return text
+
+
+async def client(http, url: str, model: str, prompt: str, args, until: float, log: dict) -> None:
+    """Send streaming completions back to back until `until`; record TTFT, inter-token gaps and tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True}
+    while time.monotonic() < until:
+        sent, last = time.monotonic(), None
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic()
+                log["ttft" if last is None else "itl"].append(now - (sent if last is None else last))
+                last = now
+                usage = json.loads(line[6:]).get("usage")
+                if usage and now <= until:
+                    log["tokens"] += usage["completion_tokens"]
+
+
+async def load(url: str, models: list[str], prompt: str, args) -> dict:
+    """`--clients` clients for `--seconds`, client i on `models[i % len(models)]`."""
+    import httpx
+
+    log = {"ttft": [], "itl": [], "tokens": 0}
+    limits = httpx.Limits(max_connections=args.clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.monotonic()
+        until = start + args.seconds
+        await asyncio.gather(*(client(http, url, models[i % len(models)], prompt, args, until, log)
+                               for i in range(args.clients)))
+        wall = min(time.monotonic(), until) - start
+
+    def pct(xs, q):
+        return round(statistics.quantiles(xs, n=100)[q - 1] * 1e3, 2) if len(xs) >= 2 else None
+    return {"output_tokens_per_s": round(log["tokens"] / wall, 1), "requests_first_token": len(log["ttft"]),
+            "ttft_ms_p50": pct(log["ttft"], 50), "ttft_ms_p99": pct(log["ttft"], 99),
+            "itl_ms_p50": pct(log["itl"], 50), "itl_ms_p99": pct(log["itl"], 99)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-1b")
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    from serve_gpu import environment
+
+    from tunelab.serve.api import create_app
+    from tunelab.serve.server import running
+    from tunelab.serve.service import build_service
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_dir, root = write_model_and_adapters(Path(tmp), args.shape, args.adapters, args.rank)
+        service = build_service(base_dir, adapter_root=root, max_adapters=args.adapters, max_rank=args.rank,
+                                max_batch_size=args.max_batch_size, max_tokens_limit=args.new_tokens,
+                                dtype="bfloat16" if torch.cuda.is_available() else "auto")
+        service.engine.eos_ids = set()  # every request generates exactly --new-tokens tokens
+        prompt = prompt_text(service.tokenizer, args.prompt)
+        names = [f"a{i}" for i in range(args.adapters)]
+        try:
+            with running(create_app(service)) as url:
+                asyncio.run(load(url, names, prompt, argparse.Namespace(**{**vars(args), "seconds": 3})))  # warm
+                mixed = asyncio.run(load(url, names, prompt, args))
+                one = asyncio.run(load(url, names[:1], prompt, args))
+        finally:
+            service.close()
+    result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+              "environment": environment("cuda" if torch.cuda.is_available() else "cpu"),
+              "settings": vars(args) | {"out": str(args.out)}, "mixed_adapters": mixed, "one_adapter": one,
+              "mixed_over_one_throughput": round(mixed["output_tokens_per_s"] / max(one["output_tokens_per_s"], 1e-9),
+                                                 3)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
