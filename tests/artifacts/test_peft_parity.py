@@ -74,3 +74,29 @@ def test_peft_classification_head_is_loaded_not_the_base_head(tokenizer, tmp_pat
     load_adapter(model, tmp_path / "peft")
     assert torch.equal(model.classifier.modules_to_save["default"].weight, head.weight.detach())
     assert torch.equal(model.classifier.weight, base_head)  # the base head is untouched
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_loaded_adapter_follows_the_model_mode(mode, tokenizer, tmp_path):
+    """A PEFT LoRA with dropout loads into a model in eval mode with its dropout off (and on in train mode)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_tiny("llama", tokenizer), LoraConfig(lora_dropout=0.05, r=4,
+                                                                           target_modules="all-linear"))
+    randomize({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, seed=4, std=0.5)
+    want = logits(peft_model.eval(), tokenizer=tokenizer)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = getattr(build_tiny("llama", tokenizer), mode)()
+    load_adapter(model, tmp_path / "peft")
+    dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
+    assert dropouts and all(m.training == (mode == "train") for m in dropouts)
+    assert torch.allclose(logits(model.eval(), tokenizer=tokenizer), want, atol=1e-5)
+
+
+def test_inject_follows_the_model_mode(tokenizer):
+    model = build_tiny("llama", tokenizer).eval()
+    LORA.inject(model, LORA.Options(dropout=0.1), "default")
+    assert not any(m.training for m in model.modules())
+    model.train()
+    LORA.inject(model, LORA.Options(dropout=0.1), "second")
+    assert all(m.training for m in model.modules())
