@@ -3,6 +3,8 @@ and LoRA adapters saved by PEFT load in tunelab with the same logits (Llama, GPT
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from builders import build_tiny
@@ -100,3 +102,33 @@ def test_inject_follows_the_model_mode(tokenizer):
     model.train()
     LORA.inject(model, LORA.Options(dropout=0.1), "second")
     assert all(m.training for m in model.modules())
+
+
+def test_artifact_opens_with_peft_auto_class_offline(tiny_dirs, tokenizer, tmp_path, monkeypatch):
+    """`base_model_name_or_path` is the alias's local dir (PEFT would look an alias up on the hub); the sidecar
+    keeps the alias, and `inspect` reports it."""
+    import tunelab.artifacts.peft_format as peft_format
+    from peft import AutoPeftModelForCausalLM
+
+    from tunelab.artifacts import inspect
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(peft_format, "MODEL_ALIASES", {"tiny-llama": None})
+    monkeypatch.setattr(peft_format, "resolve_alias", lambda name: tiny_dirs["llama"])
+    model = lora_model("llama", tokenizer, seed=5, r=4)
+    save_artifact(model, tokenizer, "default", tmp_path / "a", base_model="tiny-llama")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_dirs["llama"].resolve())
+    assert json.loads((tmp_path / "a" / "tunelab.json").read_text())["base_model"] == "tiny-llama"
+    assert inspect(tmp_path / "a").base_model == "tiny-llama"
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    assert torch.allclose(logits(peft_model, tokenizer=tokenizer), logits(model, tokenizer=tokenizer), atol=1e-5)
+
+
+def test_relative_base_dir_is_written_absolute(tiny_dirs, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dirs["llama"].parent)
+    model = build_tiny("llama", tokenizer)
+    LORA.inject(model, LORA.Options(r=4), "default")
+    save_artifact(model, tokenizer, "default", tmp_path / "a", base_model=tiny_dirs["llama"].name)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_dirs["llama"].resolve())
