@@ -25,7 +25,34 @@ CASES = [
     pytest.param("bert", {}, {"task_type": "SEQ_CLS"}, id="bert-classification"),
     pytest.param("bert", {"rslora": True, "target_modules": "all-linear"},
                  {"task_type": "SEQ_CLS", "use_rslora": True, "target_modules": "all-linear"}, id="bert-all-linear"),
+    # the PEFT options of issue 17: each module's rank and alpha, the blocks adapted, the modules left out
+    *[pytest.param(kind, options, {**extra, **options}, id=name) for name, kind, extra, options in [
+        ("llama-rank-alpha-pattern", "llama", {}, {
+            "r": 4, "alpha": 8, "target_modules": "all-linear",
+            "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6, "mlp.up_proj": 3},
+            "alpha_pattern": {"v_proj": 4, r"layers\.0\.mlp\..*_proj": 32}}),  # patterns must not overlap:
+        # the first match wins, and JSON writers (PEFT's and tunelab's) may reorder the keys
+        ("llama-rank-pattern-rslora", "llama", {}, {"rank_pattern": {"v_proj": 2}, "rslora": True}),
+        ("gpt2-rank-pattern", "gpt2", {}, {"target_modules": ["c_attn", "c_fc"], "rank_pattern": {"c_fc": 2},
+                                           "alpha_pattern": {r"h\.1\.attn\.c_attn": 2}}),
+        ("bert-rank-pattern", "bert", {"task_type": "SEQ_CLS"}, {"rank_pattern": {"query": 2}}),
+        ("llama-layers", "llama", {}, {"target_modules": ["q_proj", "o_proj", "up_proj"], "layers_to_transform": [1]}),
+        ("llama-layers-pattern", "llama", {}, {"layers_to_transform": 0, "layers_pattern": "layers"}),
+        ("gpt2-layers-pattern", "gpt2", {}, {"target_modules": ["c_attn", "c_proj"], "layers_to_transform": [1],
+                                             "layers_pattern": ["h"]}),
+        ("llama-exclude-list", "llama", {}, {"target_modules": "all-linear",
+                                             "exclude_modules": ["down_proj", "layers.0.self_attn.q_proj"]}),
+        ("llama-exclude-regex", "llama", {}, {"target_modules": "all-linear", "exclude_modules": r".*\.mlp\..*"}),
+        ("bert-exclude-layers", "bert", {"task_type": "SEQ_CLS"}, {
+            "target_modules": ["query", "key", "value"], "exclude_modules": ["key"], "layers_to_transform": [0]}),
+    ]],
 ]
+
+
+def to_peft(options: dict) -> dict:
+    """tunelab's option names as PEFT's LoraConfig names them."""
+    names = {"alpha": "lora_alpha", "rslora": "use_rslora", "dropout": "lora_dropout"}
+    return {names.get(k, k): v for k, v in options.items()}
 
 
 def peft_default_targets(kind):
@@ -49,7 +76,7 @@ def test_tunelab_artifact_loads_in_peft(kind, ours, _, tokenizer, tmp_path):
 def test_peft_adapter_loads_in_tunelab(kind, _, peft_options, tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    options = {"target_modules": peft_default_targets(kind), **peft_options}
+    options = {"target_modules": peft_default_targets(kind), **to_peft(peft_options)}
     peft_model = get_peft_model(build_tiny(kind, tokenizer), LoraConfig(**options))
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}  # lora A/B (+ the head copy)
     randomize(trainable, seed=2)
