@@ -332,3 +332,12 @@ def test_selection_that_leaves_nothing_names_the_options(tokenizer):
     with pytest.raises(ConfigError, match=r"layers_to_transform=\[5\].*leave none; first matched: model.layers.0"):
         LORA.inject(model, Options(layers_to_transform=[5]), "default")
     assert not adapter_state(model).methods
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], r".*embed_tokens"])
+def test_lora_on_embedding_layers_is_refused_in_words(targets, tokenizer, tmp_path):
+    model = build_tiny("llama", tokenizer)
+    with pytest.raises(ConfigError, match="model.embed_tokens, an embedding layer: LoRA on embedding layers is not "
+                                          "supported"):
+        LORA.inject(model, Options(target_modules=targets), "default")
+    assert not adapter_state(model).methods

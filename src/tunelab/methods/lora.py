@@ -28,7 +28,7 @@ from tunelab.errors import ConfigError
 from tunelab.methods import lora_init, lora_layer, lora_select, nf4
 from tunelab.methods.base import (
     Method, MethodOptions, adapter_module_prefixes, adapter_state, check_saved_modules, find_targets, peft_common,
-    register,
+    register, target_matches,
 )
 from tunelab.modules import in_out_features, is_conv1d, linear_like
 from tunelab.validation import parse_model
@@ -152,6 +152,11 @@ def resolve_targets(model: nn.Module, options: LoRAOptions) -> list[str]:
     """Qualified names of the modules `options.target_modules` selects (the default when unset), less those that
     `layers_to_transform` and `exclude_modules` leave out (`lora_select`)."""
     wanted = options.target_modules if options.target_modules is not None else default_target_modules(model)
+    if wanted != "all-linear":
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and target_matches(n, wanted)]
+        if embeddings:
+            raise ConfigError(f"target_modules {wanted!r} selects {embeddings[0]}, an embedding layer: LoRA on "
+                              f"embedding layers is not supported")
     return lora_select.kept(find_targets(model, wanted), options, wanted)
 
 
