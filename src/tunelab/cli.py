@@ -66,9 +66,19 @@ def train(
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="Chat template: a Jinja file, or chatml / alpaca.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine (default), linear or constant.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of rows held out for validation.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps (and at the end).")] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help="Validate on at most N batches.")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing",
+                                                    help="Concatenate examples into seq-len chunks.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
-    from tunelab.config import build_config, load_yaml, parse_set
+    from tunelab.config import build_config, load_yaml, parse_columns, parse_set
 
     file_values = load_yaml(config) if config else {}
     options = {**file_values.get("method_options", {}), **parse_set(set_)}
@@ -77,7 +87,10 @@ def train(
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
                      gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
                      method_options=options or None, resume=resume or None, force=force or None,
-                     overwrite=overwrite or None, trust_remote_code=trust_remote_code or None)
+                     overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
+                     columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
+                     schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
+                     eval_batches=eval_batches, packing=packing)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunelab.errors import ConfigError
+from tunelab.data.templates import resolve_chat_template
+from tunelab.errors import ConfigError, closest
 from tunelab.methods import get_method
 from tunelab.validation import parse_model
 from tunelab.yamlio import load_no_alias
@@ -25,8 +26,11 @@ Task = Literal["causal-lm", "classification"]
 RESULT_KEYS = (
     "model", "data", "task", "method", "method_options", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "schedule", "warmup_steps", "max_steps", "epochs", "seq_len", "packing", "max_grad_norm",
-    "val_fraction", "truncation", "adam_betas", "adam_eps",
+    "val_fraction", "truncation", "adam_betas", "adam_eps", "columns", "chat_template",
 )
+# the column names `columns` may map to (every format's, LLaMA-Factory's Alpaca and ShareGPT included)
+DATA_COLUMNS = ("text", "label", "prompt", "response", "messages", "instruction", "input", "output", "system",
+                "history", "conversations")
 
 
 class RunConfig(BaseModel):
@@ -57,6 +61,8 @@ class RunConfig(BaseModel):
     packing: bool = False
     truncation: Literal["truncate", "drop"] = "truncate"
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    columns: dict[str, str] | None = None  # tunelab's column name -> the data file's (`prompt: question`)
+    chat_template: str | None = None  # a shipped template name (chatml, alpaca) or a Jinja file
     eval_every: int | None = Field(default=None, gt=0)
     eval_batches: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)
@@ -79,6 +85,15 @@ class RunConfig(BaseModel):
     def _method_known(self) -> "RunConfig":
         get_method(self.method)
         return self
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for key in v or {}:
+            if key not in DATA_COLUMNS:
+                raise ValueError(f"unknown column {key!r}{closest(key, DATA_COLUMNS)}; expected one of "
+                                 f"{', '.join(DATA_COLUMNS)}")
+        return v
 
     def method_opts(self):
         """The method's validated options object (`--set` values)."""
@@ -109,6 +124,20 @@ def parse_set(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """Parse `--columns prompt=question,response=answer` (tunelab's name = the data file's column)."""
+    if text is None:
+        return None
+    out: dict[str, str] = {}
+    for pair in text.split(","):
+        ours, sep, theirs = (part.strip() for part in pair.partition("="))
+        if not (sep and ours and theirs):
+            raise ConfigError(f"--columns {text!r}: expected name=column pairs separated by commas "
+                              f"(e.g. prompt=question,response=answer)")
+        out[ours] = theirs
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a run config YAML file into a dict; errors name the file."""
     p = Path(path)
@@ -130,4 +159,6 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], where: 
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
     cfg = parse_model(RunConfig, values, where=where)
     cfg.method_opts()  # validate the method's options now, before any model loads
+    if cfg.chat_template is not None:
+        resolve_chat_template(cfg.chat_template)  # a missing template file fails before the model loads
     return cfg

@@ -221,9 +221,9 @@ def test_bf16_base_keeps_fp32_adapters(tokenizer):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("rank_pattern", {"q_proj": 4}),
-                                          ("alpha_pattern", {"q_proj": 4}), ("init_lora_weights", "loftq"),
-                                          ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0])])
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_bias", True),
+                                          ("layer_replication", [[0, 1]]), ("init_lora_weights", "loftq"),
+                                          ("modules_to_save", ["lm_head"]), ("trainable_token_indices", [0])])
 def test_unsupported_peft_features_are_refused(field, value):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], field: value}
     with pytest.raises(ConfigError, match=field):

@@ -268,3 +268,76 @@ def test_cli_lora_base_init(init, tiny_dirs, instruction_jsonl, tmp_path, tokeni
     config = json.loads((tmp_path / "run" / "artifact" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True  # converted for the original base
     assert summary["params_trainable"] == LORA.expected_trainable(build_tiny("llama", tokenizer), Options(r=4))
+
+
+# --- PEFT's selection options: rank_pattern, alpha_pattern, layers_to_transform, exclude_modules -----------------
+# (parity with PEFT both ways: tests/artifacts/test_peft_parity.py, cases llama-rank-alpha-pattern ... bert-exclude-layers)
+
+SELECTION = {"target_modules": "all-linear", "rank_pattern": {"q_proj": 2, "down_proj": 6},
+             "alpha_pattern": {"q_proj": 4}, "layers_to_transform": [1], "exclude_modules": ["k_proj"]}
+
+
+def test_selection_options_pick_modules_ranks_and_scaling(tokenizer):
+    model = build_tiny("llama", tokenizer)
+    touched = LORA.inject(model, Options(r=4, alpha=8, **SELECTION), "default")
+    assert [t.removeprefix("model.layers.1.") for t in touched] == [
+        "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    got = {p.rsplit(".", 1)[-1]: (m.lora_A["default"].out_features, m.lora_scaling["default"]) for p, m in layers(model)}
+    assert got == {"q_proj": (2, 2.0), "v_proj": (4, 2.0), "o_proj": (4, 2.0), "gate_proj": (4, 2.0),
+                   "up_proj": (4, 2.0), "down_proj": (6, 8 / 6)}
+    real = sum(p.numel() for p in LORA.parameters(model, "default").values())
+    assert LORA.expected_trainable(build_tiny("llama", tokenizer), Options(r=4, alpha=8, **SELECTION)) == real
+
+
+def test_planner_counts_follow_the_selection_options(tiny_dirs, tokenizer):
+    from tunelab.measure.plan import plan
+
+    model = build_tiny("llama", tokenizer)
+    LORA.inject(model, Options(**SELECTION), "default")
+    real = sum(p.numel() for p in LORA.parameters(model, "default").values())
+    planned = plan(tiny_dirs["llama"], batch_size=1, seq_len=8, methods=["lora"], method_options=SELECTION)
+    assert planned.strategies[0].params_trainable == real
+
+
+def test_all_linear_with_layers_is_written_for_peft(tokenizer, tmp_path):
+    """PEFT refuses layers_to_transform with a string target_modules; tunelab writes the names instead."""
+    from peft import PeftModel
+
+    model = build_tiny("llama", tokenizer)
+    LORA.inject(model, Options(r=4, **SELECTION), "default")
+    perturb(LORA, model, "default", seed=3)
+    batch = labelled_batch(tokenizer, "llama")
+    save_artifact(model, tokenizer, "default", tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], list) and config["layers_to_transform"] == [1]
+    peft_model = PeftModel.from_pretrained(build_tiny("llama", tokenizer), tmp_path / "a").eval()
+    assert torch.allclose(logits(peft_model, batch), logits(model, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("options, expect", [
+    ({"layers_pattern": "layers"}, "layers_pattern applies only together with layers_to_transform"),
+    ({"target_modules": r".*q_proj", "layers_to_transform": [0]}, "not to a regex target_modules"),
+    ({"rank_pattern": {"q_proj": 0}}, "pattern 'q_proj': expected a positive value, found 0"),
+    ({"rank_pattern": {"(": 2}}, r"pattern '\(' is not a valid regex"),
+    ({"alpha_pattern": {"q_proj": 2}, "init": "pissa"}, "not supported with init=pissa"),
+    ({"layers_to_transform": [-1]}, "expected layer indices >= 0"),
+])
+def test_selection_option_errors(options, expect):
+    with pytest.raises(ConfigError, match=expect):
+        parse_model(Options, options, where="lora options")
+
+
+def test_selection_that_leaves_nothing_names_the_options(tokenizer):
+    model = build_tiny("llama", tokenizer)
+    with pytest.raises(ConfigError, match=r"layers_to_transform=\[5\].*leave none; first matched: model.layers.0"):
+        LORA.inject(model, Options(layers_to_transform=[5]), "default")
+    assert not adapter_state(model).methods
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], r".*embed_tokens"])
+def test_lora_on_embedding_layers_is_refused_in_words(targets, tokenizer, tmp_path):
+    model = build_tiny("llama", tokenizer)
+    with pytest.raises(ConfigError, match="model.embed_tokens, an embedding layer: LoRA on embedding layers is not "
+                                          "supported"):
+        LORA.inject(model, Options(target_modules=targets), "default")
+    assert not adapter_state(model).methods

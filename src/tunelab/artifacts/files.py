@@ -59,11 +59,16 @@ def check_finite_values(config: dict[str, Any], source: Path) -> None:
             raise ArtifactError(f"{source}: {key} is {value}; expected a finite number")
 
 
-def write_sidecar(out_dir: Path, model, method: str, options: dict[str, Any], label_names: list[str] | None) -> None:
-    """Record the method, its options, the task and the label names next to the artifact's own files."""
+def write_sidecar(out_dir: Path, model, method: str, options: dict[str, Any], label_names: list[str] | None, *,
+                  base_model: str | None = None) -> None:
+    """Record the method, its options, the task, the label names and the base as the user named it (an alias
+    stays an alias here; `adapter_config.json` holds the resolved dir) next to the artifact's own files."""
     task_type = "SEQ_CLS" if head_names(model) else "CAUSAL_LM"
-    write_json(out_dir / SIDECAR, {"method": method, "options": options, "task_type": task_type,
-                                   "label_names": list(label_names) if label_names else None})
+    side = {"method": method, "options": options, "task_type": task_type,
+            "label_names": list(label_names) if label_names else None}
+    if base_model is not None:
+        side["base_model"] = base_model
+    write_json(out_dir / SIDECAR, side)
 
 
 def read_sidecar(artifact_dir: Path) -> dict[str, Any]:

@@ -29,8 +29,9 @@ class ArtifactInfo:
     - `files_method`: the method its files alone select (no sidecar): what HF PEFT and other tools load it as.
       It differs from `method` for a method whose artifact is portable but whose own loading changes the base
       (qlora: a plain LoRA, loaded by tunelab on an NF4-quantised base);
-    - `peft_type`, `rank` (largest LoRA-family rank, None without one), `base_model`
-      (`base_model_name_or_path`, None when not recorded), `task` ("causal-lm", "classification" or None when
+    - `peft_type`, `rank` (largest LoRA-family rank, None without one), `base_model` (the sidecar's
+      `base_model`, the base as given to tunelab, e.g. an alias; else `base_model_name_or_path`; None when not
+      recorded), `task` ("causal-lm", "classification" or None when
       not recorded, read as causal-lm), `task_type` (PEFT's string as written), `label_names`;
     - `config`: the adapter_config.json content ({} for a whole model).
     """
@@ -82,7 +83,7 @@ def inspect(artifact_dir: str | Path) -> ArtifactInfo:
         except ArtifactError:  # a tunelab-only peft_type: only the sidecar names its reader
             files_method = method.name
         task_type = config.get("task_type") or side.get("task_type")
-        base = config.get("base_model_name_or_path")
+        base = side.get("base_model") or config.get("base_model_name_or_path")  # the alias the user gave wins
         return ArtifactInfo(path, "adapter", method.name, files_method, config["peft_type"], task_type,
                             labels, adapter_rank(config), str(base) if base else None, config)
     if (path / MODEL_CONFIG).exists():

@@ -11,6 +11,7 @@ from torch import nn
 
 from tunelab.artifacts.files import (check_finite, check_finite_values, read_json, read_safetensors, read_sidecar,
                                      write_json, write_sidecar)
+from tunelab.defaults import MODEL_ALIASES, resolve_alias
 from tunelab.errors import ArtifactError, ConfigError
 from tunelab.methods import all_methods
 from tunelab.methods.base import Method, adapter_state
@@ -24,13 +25,28 @@ def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
     """Write adapter `name` of `model` into `out_dir` (PEFT keys; tensors contiguous in their own dtype)."""
     options = adapter_state(model).options[name]
     config = method.adapter_config(model, options, name)
-    if base_model is not None:
-        config["base_model_name_or_path"] = str(base_model)
+    written = base_model if base_model is not None else config.get("base_model_name_or_path")
+    config["base_model_name_or_path"] = resolved_base(written)
     # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in method.state_dict(model, name).items()}
     safetensors.torch.save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})  # module attribute: tests inject a full disk
     write_json(out_dir / CONFIG, config)
-    write_sidecar(out_dir, model, method.name, options.model_dump(), label_names)
+    write_sidecar(out_dir, model, method.name, options.model_dump(), label_names,
+                  base_model=str(written) if written is not None else None)
+
+
+def resolved_base(spec: str | Path | None) -> str | None:
+    """The base as HF PEFT resolves it offline: an alias's local model dir, an existing dir as an absolute path.
+
+    `AutoPeftModel*.from_pretrained` reads `base_model_name_or_path` and would look an alias up on the model hub;
+    the alias itself stays in tunelab's sidecar (`base_model`). Anything else is written as given.
+    """
+    if spec is None:
+        return None
+    if str(spec) in MODEL_ALIASES:
+        return str(resolve_alias(str(spec)).resolve())
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(spec)
 
 
 def peft_types() -> dict[str, Method]:

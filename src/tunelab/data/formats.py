@@ -9,6 +9,12 @@
   assistant turns only (their content and the template's end-of-turn marker).
 - `text` + `label` (classification): one label per text; labels may be strings or integers.
 
+The two dialects LLaMA-Factory users write are read as the formats above:
+- Alpaca, `instruction` + `output` (optional `input`, `system`, `history`): the prompt is the instruction, then a
+  newline and the input when there is one; a row with a system prompt or history becomes a conversation.
+- ShareGPT, `conversations` (a list of `{from, value}`, `from` one of human, gpt, system; optional `system`
+  column): a conversation, loss on the gpt turns.
+
 An example is `{"input_ids", "labels"}` (labels aligned with input_ids, -100 where no loss, not shifted) or
 `{"input_ids", "label"}`; the label stays a string here and becomes an index once the label list is known.
 """
@@ -24,7 +30,9 @@ from tunelab.errors import DataError
 
 IGNORE_INDEX = -100  # label value that carries no loss (torch's cross-entropy default)
 
-CAUSAL_FORMATS = {"messages": ("messages",), "prompt-response": ("prompt", "response"), "text": ("text",)}
+CAUSAL_FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt-response": ("prompt", "response"),
+                  "alpaca": ("instruction", "output"), "text": ("text",)}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 CLASSIFICATION_COLUMNS = ("text", "label")
 
 
@@ -38,8 +46,8 @@ def detect_format(columns: list[str], task: str, name: str) -> str:
     for fmt, needed in CAUSAL_FORMATS.items():  # most specific first
         if all(c in columns for c in needed):
             return fmt
-    raise DataError(f"{name}: columns found: {found}; expected one of: text | prompt + response | messages "
-                    f"for task causal-lm")
+    raise DataError(f"{name}: columns found: {found}; expected one of: text | prompt + response | messages | "
+                    f"instruction + output (Alpaca) | conversations (ShareGPT) for task causal-lm")
 
 
 def field(row: dict, name: str, where: str, types: tuple[type, ...] = (str,)) -> Any:
@@ -61,6 +69,10 @@ def encode_row(fmt: str, row: dict, where: str, tokenizer) -> dict | None:
         return encode_prompt_response(field(row, "prompt", where), field(row, "response", where), tokenizer)
     if fmt == "messages":
         return encode_messages(messages_field(row, where), tokenizer, where)
+    if fmt == "sharegpt":
+        return encode_messages(sharegpt_messages(row, where), tokenizer, where)
+    if fmt == "alpaca":
+        return encode_alpaca(row, where, tokenizer)
     if fmt == "classification":
         text, label = field(row, "text", where), field(row, "label", where, (str, int))
         if not text.strip():
@@ -108,13 +120,7 @@ def encode_prompt_response(prompt: str, response: str, tokenizer) -> dict | None
 
 def messages_field(row: dict, where: str) -> list[dict[str, str]]:
     """The `messages` list, checked: a list of dicts with string `role` and `content` (CSV cells hold JSON)."""
-    messages = field(row, "messages", where, (list, str))
-    if isinstance(messages, str):  # CSV stores the list as JSON text
-        try:
-            messages = json.loads(messages)
-        except (ValueError, RecursionError):
-            raise DataError(f"{where}: field 'messages' expected a JSON list of {{role, content}}, found text") from None
-        messages = field({"messages": messages}, "messages", where, (list,))
+    messages = _json_list(row, "messages", where)  # CSV stores the list as JSON text
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"{where}: field 'messages[{i}]' expected a dict with role and content, "
@@ -122,6 +128,58 @@ def messages_field(row: dict, where: str) -> list[dict[str, str]]:
         for key in ("role", "content"):
             field(message, key, f"{where} messages[{i}]")
     return messages
+
+
+def _optional(row: dict, name: str, where: str, types: tuple[type, ...] = (str,)) -> Any:
+    """`row[name]` checked as `field` does, or None when the column is absent or null (CSV: empty)."""
+    return None if row.get(name) in (None, "") else field(row, name, where, types)
+
+
+def _json_list(row: dict, name: str, where: str) -> list:
+    """A list-valued field; CSV cells hold it as JSON text."""
+    value = field(row, name, where, (list, str))
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise DataError(f"{where}: field '{name}' expected a JSON list, found text") from None
+    return field({name: value}, name, where, (list,))
+
+
+def sharegpt_messages(row: dict, where: str) -> list[dict[str, str]]:
+    """ShareGPT's `conversations` as `{role, content}` messages; the optional `system` column leads them."""
+    messages = []
+    system = _optional(row, "system", where)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(_json_list(row, "conversations", where)):
+        at = f"{where} conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected a dict with from and value, found {type(turn).__name__}")
+        role = field(turn, "from", at)
+        if role not in SHAREGPT_ROLES:
+            raise DataError(f"{at}: field 'from' expected one of {', '.join(SHAREGPT_ROLES)}, found {role!r}")
+        messages.append({"role": SHAREGPT_ROLES[role], "content": field(turn, "value", at)})
+    return messages
+
+
+def encode_alpaca(row: dict, where: str, tokenizer) -> dict | None:
+    """Alpaca: prompt = instruction (+ newline + input), response = output; with `system` or `history`
+    (a list of [instruction, output] pairs) a conversation whose every output carries loss."""
+    prompt = field(row, "instruction", where)
+    extra = _optional(row, "input", where)
+    prompt = f"{prompt}\n{extra}" if extra else prompt
+    system = _optional(row, "system", where)
+    history = _json_list(row, "history", where) if row.get("history") not in (None, "", []) else []
+    if not system and not history:
+        return encode_prompt_response(prompt, field(row, "output", where), tokenizer)
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(f"{where}: field 'history[{i}]' expected [instruction, output] strings, found {pair!r}")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": field(row, "output", where)}]
+    return encode_messages(messages, tokenizer, where)
 
 
 def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:

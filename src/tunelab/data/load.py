@@ -10,6 +10,7 @@ import torch
 from tunelab.data.collate import pack
 from tunelab.data.formats import detect_format, encode_row, fit_length, has_target
 from tunelab.data.sources import Table, read_source
+from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError, DataError
 
 TASKS = ("causal-lm", "classification")
@@ -30,12 +31,13 @@ class Dataset:
     val: list[dict]
     label_names: list[str] | None
     stats: dict[str, int]
-    format: str = ""  # text, prompt-response, messages or classification
+    format: str = ""  # text, prompt-response, messages, alpaca, sharegpt or classification
 
 
 def load_data(spec: str | Path, tokenizer, task: str, seq_len: int, *, packing: bool = False,
               truncation: str = "truncate", val_fraction: float = 0.1,
-              label_names: list[str] | None = None) -> Dataset:
+              label_names: list[str] | None = None, columns: dict[str, str] | None = None,
+              chat_template: str | None = None) -> Dataset:
     """Load a data set as encoded train/validation examples.
 
     Args:
@@ -48,11 +50,15 @@ def load_data(spec: str | Path, tokenizer, task: str, seq_len: int, *, packing: 
         truncation: `truncate` or `drop`.
         val_fraction: share of usable rows held out, chosen by a fixed-seed permutation (same split every run).
         label_names: the class list for classification; default: the sorted labels of the training rows.
+        columns: tunelab's column name -> the file's (`{"prompt": "question", "response": "answer"}`).
+        chat_template: a shipped template name or a Jinja file (`templates.py`); set on `tokenizer` first.
     Returns:
         A `Dataset`. Raises DataError when the source cannot be read or has no usable rows.
     """
     _check_args(task, seq_len, truncation, val_fraction, packing)
-    table = read_source(spec, task)
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    table = rename_columns(read_source(spec, task), columns)
     if not table.rows:
         raise DataError(f"{table.name}: no rows; expected at least one data row")
     fmt = detect_format(table.columns, task, table.name)
@@ -84,6 +90,25 @@ def _check_args(task: str, seq_len: int, truncation: str, val_fraction: float, p
         raise ConfigError(f"val_fraction: expected a value in [0, 1), found {val_fraction}")
     if packing and task != "causal-lm":
         raise ConfigError(f"packing: applies to task causal-lm only, found task {task}")
+
+
+def rename_columns(table: Table, columns: dict[str, str] | None) -> Table:
+    """The table with its columns renamed by `columns` (tunelab's name -> the file's); a DataError names a
+    mapped column the file lacks."""
+    if not columns:
+        return table
+    for ours, theirs in columns.items():
+        if theirs not in table.columns:
+            raise DataError(f"{table.name}: columns maps {ours} to '{theirs}', which is not a column here; "
+                            f"columns found: {', '.join(table.columns) or 'none'}")
+    rename = {theirs: ours for ours, theirs in columns.items()}
+    shadowed = set(rename.values()) - set(rename)  # a column of the target name that is not itself mapped
+
+    def renamed(row: dict) -> dict:
+        return {rename.get(k, k): v for k, v in row.items() if k not in shadowed}
+
+    return Table(table.name, [rename.get(c, c) for c in table.columns if c not in shadowed],
+                 [(where, renamed(row)) for where, row in table.rows])
 
 
 def encode_table(table: Table, fmt: str, tokenizer, seq_len: int, truncation: str):

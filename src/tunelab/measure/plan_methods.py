@@ -114,7 +114,7 @@ def lora_targets(info: ModelInfo, opts) -> list[Linear]:
 
 
 def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
-    """LoRA (Hu et al. 2021): each target adds A (r, in) and B (out, r), fp32.
+    """LoRA (Hu et al. 2021): each target adds A (r, in) and B (out, r), fp32 (r per target: `rank_pattern`).
 
     Kept for backward, per token: the adapter's input (the shared block input in fp32 runs and under autocast,
     where adapters read the bf16 activations as they are (`adapter_autocast`); an fp32 copy for a bf16 model
@@ -122,18 +122,19 @@ def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
     are cast to bf16 and kept for backward. Returns the targets (DoRA and QLoRA add their own terms).
     """
     targets = lora_targets(info, opts)
-    r, act = opts.r, rt.adapter_act_bytes
-    st.adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
+    act = rt.adapter_act_bytes
+    rank = {t.name: opts.rank_alpha(t.name)[0] for t in targets}  # r, or the rank_pattern's rank
+    st.adapter_params = sum(rank[t.name] * (t.in_features + t.out_features) for t in targets)
     shared_input = (rt.autocast or rt.param_bytes == FP32) and opts.dropout == 0
     per_token = 0.0
     for t in targets:
-        per_token += act * r + (0 if shared_input else act * t.in_features)
+        per_token += act * rank[t.name] + (0 if shared_input else act * t.in_features)
         if opts.dropout > 0:
             per_token += rt.mask_bytes * t.in_features
     casts = rt.param_bytes * st.adapter_params if rt.autocast else 0.0  # A and B cast to bf16, kept for backward
     st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token,
                      extra_fixed=casts)
-    st.largest_trainable_bytes = FP32 * max(r * max(t.in_features, t.out_features) for t in targets)
+    st.largest_trainable_bytes = FP32 * max(rank[t.name] * max(t.in_features, t.out_features) for t in targets)
     return targets
 
 

@@ -123,7 +123,11 @@ class Method:
     # --- the interface callers use ----------------------------------------------------------------------
     def inject(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:
         """Attach adapter `name` to `model`, make it the only active adapter and exactly its parameters trainable;
-        return the qualified names of the modules it touched (the classification heads included)."""
+        return the qualified names of the modules it touched (the classification heads included).
+
+        The adapter's new modules take the model's train/eval mode (a new `nn.Module` starts in training mode:
+        its dropout would otherwise stay on in a model that is in eval mode)."""
+        before = {id(m) for m in model.modules()}
         add_adapter(model, self, name, options)
         if not self.supports_mixed_batch:
             guard_mixed_batches(model, True)  # removed with the last adapter that needs it (`_forget`)
@@ -141,6 +145,7 @@ class Method:
                 raise
             touched += heads.head_names(model)
             adapter_state(model).targets[name] = touched
+        follow_mode(model, before)
         mark_trainable(model, self.parameters(model, name))
         return touched
 
@@ -285,6 +290,13 @@ def disabled(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.active = saved
+
+
+def follow_mode(model: nn.Module, known: set[int]) -> None:
+    """Put every module of `model` not in `known` (ids of the modules before an inject) in the model's mode."""
+    for module in model.modules():
+        if id(module) not in known:
+            module.training = model.training
 
 
 def mark_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> None:

@@ -21,11 +21,11 @@ import re
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import lora_init, lora_layer, nf4
+from tunelab.methods import lora_init, lora_layer, lora_select, nf4
 from tunelab.methods.base import (
     Method, MethodOptions, adapter_module_prefixes, adapter_state, check_saved_modules, find_targets, peft_common,
     register, target_matches,
@@ -33,7 +33,8 @@ from tunelab.methods.base import (
 from tunelab.modules import in_out_features, is_conv1d, linear_like
 from tunelab.validation import parse_model
 
-__all__ = ["LoRA", "LoRAFamily", "LoRAOptions", "RandomInitOptions", "default_target_modules", "resolve_targets"]
+__all__ = ["LoRA", "LoRAFamily", "LoRAOptions", "RandomInitOptions", "default_target_modules", "resolve_targets",
+           "portable_selection"]
 
 # Default targets: the attention query/value projections, under the names the common architectures use
 # (Llama/Mistral/Qwen, BERT, GPT-2, GPT-NeoX/Falcon, MPT, Phi-3, T5); the first pair the model has wins.
@@ -42,9 +43,8 @@ DEFAULT_TARGET_PROBES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), 
 
 # PEFT LoraConfig fields of features the LoRA family does not have, with the values that mean "not used".
 _PEFT_UNUSED = {
-    "use_dora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "bias": ("none", None),
-    "lora_bias": (False, None), "layers_to_transform": (None, []), "layers_pattern": (None, [], ""),
-    "exclude_modules": (None, [], ""), "trainable_token_indices": (None,), "layer_replication": (None,),
+    "use_dora": (False, None), "bias": ("none", None),
+    "lora_bias": (False, None), "trainable_token_indices": (None,), "layer_replication": (None,),
     "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
     "use_bdlora": (None, False), "arrow_config": (None,), "megatron_config": (None,),
 }
@@ -62,6 +62,49 @@ class LoRAOptions(MethodOptions):
     init: str = Field("default", description="A/B init: default (kaiming-uniform A, zero B), gaussian (normal "
                                              "std 1/r A), pissa, pissa_niter_<K> (fast SVD) or olora")
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices train with lr * ratio")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="module name pattern -> its rank")
+    alpha_pattern: dict[str, int | float] = Field(default_factory=dict, description="module name pattern -> alpha")
+    layers_to_transform: list[int] | int | None = Field(None, description="only the blocks of these indices")
+    layers_pattern: list[str] | str | None = Field(None, description="the block list's name (layers, h, ...)")
+    exclude_modules: list[str] | str | None = Field(None, description="module names or a regex never adapted")
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _valid_patterns(cls, v: dict):
+        for key, value in v.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"pattern {key!r} is not a valid regex ({e})") from None
+            if value <= 0:
+                raise ValueError(f"pattern {key!r}: expected a positive value, found {value}")
+        return v
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _valid_layers(cls, v):
+        if v == []:
+            return None  # PEFT: an empty list selects every layer
+        if any(i < 0 for i in ([v] if isinstance(v, int) else v or [])):
+            raise ValueError(f"expected layer indices >= 0, found {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _layers_fit_targets(self):
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern applies only together with layers_to_transform")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != "all-linear":
+            raise ValueError("layers_to_transform applies to a list of module names, not to a regex "
+                             "target_modules (as in PEFT)")
+        if (self.rank_pattern or self.alpha_pattern) and lora_init.from_base(self.init):
+            raise ValueError(f"rank_pattern / alpha_pattern are not supported with init={self.init}")
+        return self
+
+    def rank_alpha(self, path: str) -> tuple[int, int | float]:
+        """(rank, alpha) of the module at `path`: the first matching `rank_pattern` / `alpha_pattern`, else r, alpha."""
+        return (lora_select.pattern_value(self.rank_pattern, path, self.r),
+                lora_select.pattern_value(self.alpha_pattern, path, self.alpha))
 
     @field_validator("target_modules")
     @classmethod
@@ -106,29 +149,22 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, options: LoRAOptions) -> list[str]:
-    """Qualified names of the modules `options.target_modules` selects (the default when unset)."""
+    """Qualified names of the modules `options.target_modules` selects (the default when unset), less those that
+    `layers_to_transform` and `exclude_modules` leave out (`lora_select`)."""
     wanted = options.target_modules if options.target_modules is not None else default_target_modules(model)
-    return find_targets(model, wanted)
+    if wanted != "all-linear":
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and target_matches(n, wanted)]
+        if embeddings:
+            raise ConfigError(f"target_modules {wanted!r} selects {embeddings[0]}, an embedding layer: LoRA on "
+                              f"embedding layers is not supported")
+    return lora_select.kept(find_targets(model, wanted), options, wanted)
 
 
-def portable_target_modules(model: nn.Module, options: LoRAOptions, targets: list[str]) -> list[str] | str:
-    """`target_modules` for adapter_config.json that selects exactly `targets` under PEFT's matching rules.
-
-    PEFT matches every module type, not only linears, so the user's value is kept only when it selects the same
-    set there; otherwise the leaf names, or failing that a regex of the exact paths.
-    """
+def portable_selection(model: nn.Module, options: LoRAOptions, targets: list[str]) -> dict[str, Any]:
+    """adapter_config.json's `target_modules` and its filters, selecting exactly `targets` under PEFT's rules."""
     owned = adapter_module_prefixes(model)
     names = [n for n, _ in model.named_modules() if n and not n.startswith(owned)]
-    want = set(targets)
-
-    def selects(spec) -> bool:
-        return {n for n in names if target_matches(n, spec)} == want
-
-    user = options.target_modules
-    if user is not None and user != "all-linear" and selects(user):
-        return user
-    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    return leaves if selects(leaves) else "(" + "|".join(re.escape(t) for t in targets) + ")"
+    return lora_select.portable_fields(names, options, targets)
 
 
 def _init_from_peft(value) -> str:
@@ -162,8 +198,9 @@ class LoRAFamily:
         state = adapter_state(model)
         for path in targets:
             module = model.get_submodule(path)
-            lora_layer.attach(module, name, options.r, options.alpha, options.rslora, options.init,
-                              options.dropout, state, self.variant)
+            r, alpha = options.rank_alpha(path)
+            lora_layer.attach(module, name, r, alpha, options.rslora, options.init, options.dropout, state,
+                              self.variant)
             self.setup_layer(module, name, options)
         return targets
 
@@ -212,9 +249,10 @@ class LoRAFamily:
         config = {
             "peft_type": "LORA", **peft_common(model),
             "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-            "target_modules": portable_target_modules(model, options, targets),
+            **portable_selection(model, options, targets),
             "use_rslora": options.rslora, "init_lora_weights": "gaussian" if options.init == "gaussian" else True,
-            "bias": "none", "use_dora": self.use_dora, "rank_pattern": {}, "alpha_pattern": {},
+            "bias": "none", "use_dora": self.use_dora, "rank_pattern": dict(options.rank_pattern),
+            "alpha_pattern": dict(options.alpha_pattern),
             "fan_in_fan_out": any(is_conv1d(model.get_submodule(t)) for t in targets),
         }
         return lora_init.converted_config(config, options.init, options.rslora)
@@ -229,7 +267,10 @@ class LoRAFamily:
         values = {"r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
                   "dropout": config.get("lora_dropout", 0.0), "target_modules": config.get("target_modules"),
                   "rslora": config.get("use_rslora", False),
-                  "init": _init_from_peft(config.get("init_lora_weights", True))}
+                  "init": _init_from_peft(config.get("init_lora_weights", True)),
+                  "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
+                  **{k: None if config.get(k) in (None, [], "") else config[k]
+                     for k in ("layers_to_transform", "layers_pattern", "exclude_modules")}}
         return parse_model(self.Options, values, where=f"{self.name} options")
 
     def matches_config(self, config: dict[str, Any]) -> bool:
@@ -253,8 +294,9 @@ class LoRAFamily:
             lora_layer.detach(m, name)
 
     def own_trainable(self, model: nn.Module, options: LoRAOptions) -> int:
-        """r * (in + out) per target module."""
-        return sum(options.r * sum(in_out_features(model.get_submodule(t))) for t in resolve_targets(model, options))
+        """r * (in + out) per target module (r from `rank_pattern` where one matches)."""
+        return sum(options.rank_alpha(t)[0] * sum(in_out_features(model.get_submodule(t)))
+                   for t in resolve_targets(model, options))
 
 
 @register

@@ -111,7 +111,8 @@ def load_model_and_data(cfg: RunConfig) -> tuple[LoadedModel, Dataset]:
 
     def data_with(tokenizer, label_names=None):
         return load_data(cfg.data, tokenizer, cfg.task, cfg.seq_len, packing=cfg.packing,
-                         truncation=cfg.truncation, val_fraction=cfg.val_fraction, label_names=label_names)
+                         truncation=cfg.truncation, val_fraction=cfg.val_fraction, label_names=label_names,
+                         columns=cfg.columns, chat_template=cfg.chat_template)
 
     if cfg.task != "classification":
         loaded = model_with(None)
