@@ -31,12 +31,19 @@ def tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """Local HF model dirs: {'llama': ..., 'gpt2': ..., 'bert': ...}."""
+def tiny_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Local HF model dirs: {'llama': ..., 'gpt2': ..., 'bert': ...}.
+
+    They are saved with a tokenizer of their own: the shared `tokenizer` fixture's backend keeps the padding
+    state of tests that called it with `padding=True`, and that state would be saved into tokenizer.json.
+    """
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = {}
     for kind in ("llama", "gpt2", "bert"):
         path = tmp_path_factory.mktemp(f"tiny-{kind}")
-        build_tiny(kind, tokenizer, path)
+        build_tiny(kind, fresh, path)
         out[kind] = path
     return out
 
