@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.artifacts.atomic import replace_dir
-from tunelab.jsonio import fsync_path
+from tunelab.artifacts.recovery import pid_alive
 from tunelab.errors import ResourceError
+from tunelab.jsonio import fsync_path
 
 log = logging.getLogger("tunelab.train")
 
@@ -166,16 +167,6 @@ def apply_retention(root: Path, keep_last: int | None) -> list[Path]:
     return deleted
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(root: Path) -> list[Path]:
     """Remove temp dirs left by processes that died mid-save (their pid is gone, or is this process)."""
     removed = []
@@ -185,7 +176,7 @@ def clean_stale(root: Path) -> list[Path]:
         if not (path.is_dir() and path.name.startswith(TMP_PREFIX)):
             continue
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
