@@ -34,7 +34,8 @@ from tunelab.methods.kit import (  # noqa: F401  (AdapterState, check_loaded, pe
     REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, container_weights,
     guard_mixed_batches, load_live, peft_key, peft_task_type,
 )
-from tunelab.modules import linear_like, name_matches
+from tunelab.methods.targets import find_targets, output_head_names, target_matches  # noqa: F401  (re-exported)
+from tunelab.modules import linear_like  # noqa: F401  (re-exported)
 
 
 class MethodOptions(BaseModel):
@@ -305,50 +306,6 @@ def mark_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Qualified names of the output head(s): the LM head and classification heads, never adapted by all-linear."""
-    names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for qname, module in model.named_modules():
-        leaf = qname.rsplit(".", 1)[-1]
-        if module is out or leaf in {"lm_head", "score", "classifier", "qa_outputs"}:
-            names.add(qname)
-    return names
-
-
-def target_matches(qname: str, patterns: str | list[str]) -> bool:
-    """Whether `qname` matches `target_modules`-style `patterns`: a regex (full match, as PEFT) or a list of names."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, qname) is not None
-    return name_matches(qname, patterns)
-
-
-def find_targets(model: nn.Module, target_modules: str | list[str], predicate=linear_like) -> list[str]:
-    """Resolve `target_modules` to qualified module names.
-
-    `target_modules` is a list of names (a module matches when its qualified name equals the entry or ends
-    with `.entry`), a regex string (full match on the qualified name, as PEFT does), or `"all-linear"` (every
-    linear layer except the output head). Only modules passing `predicate` count. Raises `ConfigError` that
-    lists the patterns and a few real module names when nothing matches.
-    """
-    owned = adapter_module_prefixes(model)
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if n and predicate(m) and not n.startswith(owned)]  # never adapt another adapter's layers
-    if target_modules == "all-linear":
-        outputs = output_head_names(model)
-        found = [n for n, _ in candidates if n not in outputs and not any(n.startswith(h + ".") for h in outputs)]
-    else:
-        found = [n for n, _ in candidates if target_matches(n, target_modules)]
-    if not found:
-        examples = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})[:8]
-        raise ConfigError(
-            f"target_modules {target_modules!r} matched no module; "
-            f"some module names in this model: {', '.join(examples) or 'none of a supported type'}"
-        )
-    return found
 
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
