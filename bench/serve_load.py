@@ -40,7 +40,9 @@ def write_model_and_adapters(workdir: Path, shape: str, adapters: int, rank: int
 
     base_dir, root = workdir / "base", workdir / "adapters"
     tokenizer = make_tokenizer(base_dir)
-    model = build_model(shape, "cpu", torch.float32)
+    # built where it will be served, in its dtype: a 1B model's fp32 init on the host takes minutes
+    cuda = torch.cuda.is_available()
+    model = build_model(shape, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(base_dir)
     lora, gen = get_method("lora"), torch.Generator().manual_seed(2)
     for i in range(adapters):
@@ -48,7 +50,7 @@ def write_model_and_adapters(workdir: Path, shape: str, adapters: int, rank: int
         with torch.no_grad():
             for key, p in lora.parameters(model, "default").items():
                 if ".lora_B." in key:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.01)
         save_artifact(model, tokenizer, "default", root / f"a{i}")
         lora.remove(model, "default")
     return base_dir, root
@@ -101,6 +103,13 @@ async def load(url: str, models: list[str], prompt: str, args) -> dict:
             "itl_ms_p50": pct(log["itl"], 50), "itl_ms_p99": pct(log["itl"], 99)}
 
 
+def phase(name: str, since: float) -> float:
+    """Log a setup phase's wall time to stderr (a slow setup shows where it went) and return now."""
+    now = time.monotonic()
+    print(f"serve_load: {name} took {now - since:.1f} s", file=sys.stderr, flush=True)
+    return now
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-1b")
@@ -120,16 +129,20 @@ def main(argv=None) -> dict:
     from tunelab.serve.service import build_service
 
     with tempfile.TemporaryDirectory() as tmp:
+        t = time.monotonic()
         base_dir, root = write_model_and_adapters(Path(tmp), args.shape, args.adapters, args.rank)
+        t = phase("writing the model and adapters", t)
         service = build_service(base_dir, adapter_root=root, max_adapters=args.adapters, max_rank=args.rank,
                                 max_batch_size=args.max_batch_size, max_tokens_limit=args.new_tokens,
                                 dtype="bfloat16" if torch.cuda.is_available() else "auto")
         service.engine.eos_ids = set()  # every request generates exactly --new-tokens tokens
+        t = phase("loading the service", t)
         prompt = prompt_text(service.tokenizer, args.prompt)
         names = [f"a{i}" for i in range(args.adapters)]
         try:
             with running(create_app(service)) as url:
                 asyncio.run(load(url, names, prompt, argparse.Namespace(**{**vars(args), "seconds": 3})))  # warm
+                t = phase("starting the server and warming up", t)
                 mixed = asyncio.run(load(url, names, prompt, args))
                 one = asyncio.run(load(url, names[:1], prompt, args))
         finally:

@@ -42,10 +42,10 @@ def run_case(case: dict, args, work: Path) -> dict:
     cmd = [sys.executable, cases.__file__, json.dumps(case), str(work), str(out)]
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=case.get("timeout", args.case_timeout))
         tail = (done.stdout + done.stderr).strip().splitlines()[-8:]
     except subprocess.TimeoutExpired:
-        return {**case, "error": f"timed out after {args.case_timeout} s"}
+        return {**case, "error": f"timed out after {case.get('timeout', args.case_timeout)} s"}
     if not out.exists():
         return {**case, "error": " | ".join(tail) or f"exit {done.returncode}"}
     row = {**case, **json.loads(out.read_text()), "case_seconds": round(time.perf_counter() - t0, 1)}
@@ -55,7 +55,8 @@ def run_case(case: dict, args, work: Path) -> dict:
 def finish_row(row: dict, args) -> dict:
     """Tokens/s, MFU and the timed-step summary from the per-step times."""
     times = row.pop("step_times")
-    timed = times[args.warmup:args.warmup + args.timed]
+    warmup, count = row.get("warmup", args.warmup), row.get("timed", args.timed)  # a case may set its own
+    timed = times[warmup:warmup + count]
     step = statistics.median(timed) if timed else float("nan")
     tokens = row["batch"] * row["seq"]
     shape = cases.SHAPES[row["shape"]]

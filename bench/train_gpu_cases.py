@@ -66,6 +66,12 @@ GROUPS = {
     "1b-dora": _peft_group("1b", "dora", 8, 2048),
     "1b-ia3": _peft_group("1b", "ia3", 8, 2048),
     "8b-lora": _peft_group("8b", "lora", 4, 2048),
+    "8b-lora-ckpt": [_case("8b-lora-4x2048-tunelab-ckpt", "tunelab", "8b", "lora", 4, 2048, checkpointing=True,
+                           steps=8, warmup=3, timed=5)],
+    # the longest context goal: one step at batch 1, checkpointed block inputs parked in host memory
+    "8b-longest": [_case("8b-lora-1x262144-tunelab-offload", "tunelab", "8b", "lora", 1, 262144,
+                         checkpointing=True, set={"offload_activations": True}, steps=1, warmup=0, timed=1,
+                         timeout=540)],
     "1b-profile": [_case("1b-lora-8x2048-tunelab-profile", "tunelab", "1b", "lora", 8, 2048, steps=6, profile=True),
                    _case("1b-lora-8x2048-peft-liger-profile", "peft-liger", "1b", "lora", 8, 2048, steps=6,
                          profile=True)],

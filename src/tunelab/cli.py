@@ -62,6 +62,11 @@ def train(
     nan_policy: Annotated[Optional[str], typer.Option(help="stop (default) or skip.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="With --gradient-checkpointing: recompute every N-th block only (faster, more memory).")] = None,
+    offload_activations: Annotated[Optional[bool], typer.Option(
+        "--offload-activations/--no-offload-activations",
+        help="With --gradient-checkpointing on CUDA: keep checkpointed block inputs in host memory.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
@@ -90,7 +95,8 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
-                     eval_batches=eval_batches, packing=packing)
+                     eval_batches=eval_batches, packing=packing, checkpoint_every=checkpoint_every,
+                     offload_activations=offload_activations)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")

@@ -69,6 +69,8 @@ class RunConfig(BaseModel):
     save_every: int | None = Field(default=None, gt=0)
     keep_last: int | None = Field(default=None, gt=0)
     gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=1, gt=0)  # with gradient_checkpointing: recompute every n-th block only
+    offload_activations: bool = False  # with gradient_checkpointing, CUDA: checkpointed inputs wait in host memory
     # speed switches (docs/gpu.md); off, or where one cannot apply, the plain PyTorch path runs
     adapter_autocast: bool = True  # under autocast, adapters read the bf16 activations as they are (no fp32 copy)
     fused_loss: bool = True  # causal-lm: output head + cross-entropy chunked over tokens, never full logits
@@ -84,6 +86,15 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":
         get_method(self.method)
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_options(self) -> "RunConfig":
+        for key, value, default in (("checkpoint_every", self.checkpoint_every, 1),
+                                    ("offload_activations", self.offload_activations, False)):
+            if value != default and not self.gradient_checkpointing:
+                raise ValueError(f"{key}: applies with gradient_checkpointing only; set gradient_checkpointing: "
+                                 f"true (--gradient-checkpointing) or leave {key} at {default}")
         return self
 
     @field_validator("columns")

@@ -127,7 +127,7 @@ def _activations(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: in
 
 def _with_checkpointing(st: Strategy) -> Strategy:
     """Under checkpointing tunelab makes the embedding output require grad when the base is frozen
-    (`train.setup.enable_gradient_checkpointing`), so the first norm keeps its input as with full fine-tuning."""
+    (`train.activations.enable_gradient_checkpointing`), so the first norm keeps its input as with full fine-tuning."""
     return dataclasses.replace(st, keeps=dataclasses.replace(st.keeps, input_grad=True))
 
 

@@ -17,6 +17,7 @@ from tunelab.models import LoadedModel, load_model, read_config, resolve_spec
 from tunelab.models import load_tokenizer as read_tokenizer
 from tunelab.modules import linear_like, name_matches
 from tunelab.train import rng
+from tunelab.train.activations import enable_gradient_checkpointing  # noqa: F401  (re-exported)
 from tunelab.train.batches import total_steps
 from tunelab.train.memory import rss_bytes
 from tunelab.train.optim import build_optimizer, build_scheduler, resolve_lr
@@ -75,7 +76,8 @@ def build_run(cfg: RunConfig) -> Run:
     if cfg.liger_kernels:
         apply_liger_kernels(model, torch.device(loaded.device))
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        offload = cfg.offload_activations and torch.device(loaded.device).type == "cuda"
+        enable_gradient_checkpointing(model, every=cfg.checkpoint_every, offload=offload)
     lr = resolve_lr(cfg, method)
     groups = method.param_groups(model, cfg.adapter_name, lr, cfg.weight_decay)
     if trainables.extra:
@@ -168,14 +170,3 @@ def apply_liger_kernels(model: nn.Module, device: torch.device) -> bool:
                                     fused_linear_cross_entropy=False)
     log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE applied (%s)", model.config.model_type)
     return True
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in backward (non-reentrant); frozen bases need inputs that require grad."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not all(p.requires_grad for p in model.parameters()):
-        model.enable_input_require_grads()
