@@ -121,7 +121,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--stack-every", type=float, default=None,
+                        help="dump every thread's stack to stderr this often (seconds): where a slow run waits")
     args = parser.parse_args(argv)
+    if args.stack_every:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stack_every, repeat=True)
     from serve_gpu import environment
 
     from tunelab.serve.api import create_app
@@ -139,17 +145,26 @@ def main(argv=None) -> dict:
         t = phase("loading the service", t)
         prompt = prompt_text(service.tokenizer, args.prompt)
         names = [f"a{i}" for i in range(args.adapters)]
+        loads = []
+        for name in names:  # every adapter resident before the timed loads: a load is measured on its own
+            start = time.monotonic()
+            service.registry.release(service.registry.acquire(name))
+            loads.append(time.monotonic() - start)
+        t = phase(f"loading {len(names)} adapters (median {statistics.median(loads):.2f} s each)", t)
         try:
             with running(create_app(service)) as url:
                 asyncio.run(load(url, names, prompt, argparse.Namespace(**{**vars(args), "seconds": 3})))  # warm
                 t = phase("starting the server and warming up", t)
                 mixed = asyncio.run(load(url, names, prompt, args))
                 one = asyncio.run(load(url, names[:1], prompt, args))
+                phase("the two timed loads", t)
+                metrics_text = service.engine.metrics.render()  # the server's own counters and histograms
         finally:
             service.close()
     result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "environment": environment("cuda" if torch.cuda.is_available() else "cpu"),
-              "settings": vars(args) | {"out": str(args.out)}, "mixed_adapters": mixed, "one_adapter": one,
+              "settings": vars(args) | {"out": str(args.out)}, "metrics": metrics_text.splitlines(),
+              "adapter_load_seconds": {"median": round(statistics.median(loads), 3), "max": round(max(loads), 3)}, "mixed_adapters": mixed, "one_adapter": one,
               "mixed_over_one_throughput": round(mixed["output_tokens_per_s"] / max(one["output_tokens_per_s"], 1e-9),
                                                  3)}
     print(json.dumps(result, indent=2))

@@ -113,3 +113,36 @@ def test_bf16_stacks_in_the_activation_dtype(tokenizer):
     assert stack.a.dtype == stack.b.dtype == torch.bfloat16
     keep = batch["attention_mask"].bool()
     assert torch.allclose(got.float()[keep], want[keep], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_loaded_adapter_is_appended_to_the_stack_and_equals_a_rebuild(kind, family, tokenizer, monkeypatch):
+    import tunelab.methods.stacked as stacked
+
+    batch = dict(tokenizer(list(TEXTS), return_tensors="pt", padding=True))
+    model = build_tiny(kind, tokenizer).eval()
+    state = adapter_state(model)
+    for i, (method, options) in enumerate(ADAPTERS[family][:2]):
+        m = get_method(method)
+        m.inject(model, m.Options(**options), f"a{i}")
+        perturb(m, model, f"a{i}", seed=10 + i)
+    state.row_adapters = ["a0", None, "a0", "a1", "a1"]
+    logits(model.eval(), batch)  # the stacks now hold a0 and a1
+    method, options = ADAPTERS[family][2]
+    get_method(method).inject(model, get_method(method).Options(**options), "a2")  # a load
+    perturb(get_method(method), model, "a2", seed=12)
+    model.eval()
+    read = []
+    real = stacked._slots
+    monkeypatch.setattr(stacked, "_slots", lambda m, names, *a: read.append(names) or real(m, names, *a))
+    rows = ["a2", "a1", None, "a0", "a2"]
+    state.row_adapters = rows
+    grown = logits(model, batch)
+    assert read and all(names == ("a2",) for names in read)  # only the new adapter's factors were read
+    for module in model.modules():
+        module.__dict__.pop(LORA_STACK, None)  # the same from scratch
+    state.row_adapters = rows
+    rebuilt = logits(model, batch)
+    assert torch.equal(grown, rebuilt)
+    _check(grown, _per_row(model, batch, rows), batch, kind, rows)

@@ -15,8 +15,9 @@ rows all use one adapter (`Routing.groups` has one key) skips the gather and mul
 
 IA3 keeps a (slots, features) stack of its vectors (slot 0 and adapters it lacks: ones), gathered per row.
 
-A stack is built on first use and cached on the module; it is rebuilt when the loaded adapters, the device or
-dtype, or any weight it was built from changes (each tensor's in-place version counter is part of the key, so
+A stack is built on first use and cached on the module; a newly loaded adapter is appended to it (its factors
+alone are read), and it is rebuilt when an adapter leaves, the device or dtype changes, or any weight it was
+built from changes (each tensor's in-place version counter is part of the key, so
 `load_state_dict`, an optimizer step or a manual edit are all seen). The path is taken only at inference (no
 grad, module in eval mode): training and dropout keep the per-adapter path in `lora_layer`. Modules holding a
 PiSSA/OLoRA adapter (whose initial factors are added back for other rows) keep the per-adapter path too.
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tunelab.modules import in_out_features
 
 LORA_STACK = "_tunelab_lora_stack"
 IA3_STACK = "_tunelab_ia3_stack"
@@ -90,17 +93,16 @@ def _lora_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _build_lora(module: nn.Module, key: tuple) -> LoRAStack:
-    names, dtype, device = key
-    tensors = _lora_tensors(module)
-    present = [(slot, n) for slot, n in enumerate(names, 1) if n in module.lora_A]
-    rank = max(module.lora_A[n].weight.shape[0] for _, n in present)
-    d_in = module.lora_A[present[0][1]].weight.shape[1]
-    d_out = module.lora_B[present[0][1]].weight.shape[0]
-    a = torch.zeros(len(names) + 1, rank, d_in, dtype=dtype, device=device)
-    b = torch.zeros(len(names) + 1, d_out, rank, dtype=dtype, device=device)
+def _slots(module: nn.Module, names: tuple[str, ...], dtype, device):
+    """Stacked factors of `names` on `module` (zeros for a name it lacks): a (n, r, in), b (n, out, r), and
+    dora (n, out) or None when none of them is DoRA here. Ranks are padded to the largest among them."""
+    present = [(i, n) for i, n in enumerate(names) if n in module.lora_A]
+    rank = max([module.lora_A[n].weight.shape[0] for _, n in present], default=1)
+    d_in, d_out = in_out_features(module)
+    a = torch.zeros(len(names), rank, d_in, dtype=dtype, device=device)
+    b = torch.zeros(len(names), d_out, rank, dtype=dtype, device=device)
     dora = None
-    for slot, n in present:
+    for i, n in present:
         wa, wb = module.lora_A[n].weight, module.lora_B[n].weight  # (r, in), (out, r) fp32
         r = wa.shape[0]
         g = module.lora_variant[n].inference_scale(module, n)  # (out,) or None
@@ -108,17 +110,47 @@ def _build_lora(module: nn.Module, key: tuple) -> LoRAStack:
         if g is not None:
             scaled = scaled * g.to(scaled.dtype)[:, None]
             if dora is None:
-                dora = torch.zeros(len(names) + 1, d_out, dtype=dtype, device=device)
-            dora[slot] = (g - 1).to(dtype)
-        a[slot, :r] = wa.to(dtype)
-        b[slot, :, :r] = scaled.to(dtype)
+                dora = torch.zeros(len(names), d_out, dtype=dtype, device=device)
+            dora[i] = (g - 1).to(dtype)
+        a[i, :r] = wa.to(dtype)
+        b[i, :, :r] = scaled.to(dtype)
+    return a, b, dora
+
+
+def _joined(head, tail):
+    """Stacked factors one after the other, ranks padded to the larger; DoRA rows 0 where a part has none."""
+    (a1, b1, d1), (a2, b2, d2) = head, tail
+    rank = max(a1.shape[1], a2.shape[1])
+    a = torch.cat([nn.functional.pad(t, (0, 0, 0, rank - t.shape[1])) for t in (a1, a2)])
+    b = torch.cat([nn.functional.pad(t, (0, rank - t.shape[2])) for t in (b1, b2)])
+    if d1 is None and d2 is None:
+        return a, b, None
+    d1 = d1 if d1 is not None else a1.new_zeros(a1.shape[0], b1.shape[1])
+    d2 = d2 if d2 is not None else a2.new_zeros(a2.shape[0], b2.shape[1])
+    return a, b, torch.cat([d1, d2])
+
+
+@torch.no_grad()
+def _build_lora(module: nn.Module, key: tuple, held: LoRAStack | None = None) -> LoRAStack:
+    """The stack for `key`; when `held` was built for a prefix of its names from weights unchanged since (an
+    adapter was loaded), only the new names are read and appended, so a load costs one adapter, not all."""
+    names, dtype, device = key
+    tensors = _lora_tensors(module)
+    old = held.key[0] if held is not None else ()
+    if held is not None and held.key[1:] == key[1:] and names[:len(old)] == old and \
+            held.version == _versions(held.tensors):
+        a, b, dora = _joined((held.a, held.b, held.dora), _slots(module, names[len(old):], dtype, device))
+        return LoRAStack(key, tensors, _versions(tensors), a, b, dora)
+    zero = _slots(module, ("",), dtype, device)  # slot 0, the base: zeros
+    a, b, dora = _joined(zero, _slots(module, names, dtype, device))
     return LoRAStack(key, tensors, _versions(tensors), a, b, dora)
 
 
 def lora_stack(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> LoRAStack:
     """`module`'s stack for the loaded adapters `names` in `dtype` on `device`, built or taken from the cache."""
     key = (names, dtype, device)
-    return _cached(module, LORA_STACK, key, lambda: _build_lora(module, key))
+    held = module.__dict__.get(LORA_STACK)
+    return _cached(module, LORA_STACK, key, lambda: _build_lora(module, key, held))
 
 
 def lora_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor | None:
