@@ -81,6 +81,9 @@ def train(
     eval_batches: Annotated[Optional[int], typer.Option(help="Validate on at most N batches.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing",
                                                     help="Concatenate examples into seq-len chunks.")] = None,
+    packing_mask: Annotated[Optional[str], typer.Option(
+        help="With --packing: document (attention stays inside each document; the default where the method "
+             "allows it) or none.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
@@ -95,7 +98,8 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
-                     eval_batches=eval_batches, packing=packing, checkpoint_every=checkpoint_every,
+                     eval_batches=eval_batches, packing=packing, packing_mask=packing_mask,
+                     checkpoint_every=checkpoint_every,
                      offload_activations=offload_activations)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))

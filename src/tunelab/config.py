@@ -26,7 +26,7 @@ Task = Literal["causal-lm", "classification"]
 RESULT_KEYS = (
     "model", "data", "task", "method", "method_options", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "schedule", "warmup_steps", "max_steps", "epochs", "seq_len", "packing", "max_grad_norm",
-    "val_fraction", "truncation", "adam_betas", "adam_eps", "columns", "chat_template",
+    "val_fraction", "truncation", "adam_betas", "adam_eps", "columns", "chat_template", "packing_mask",
 )
 # the column names `columns` may map to (every format's, LLaMA-Factory's Alpaca and ShareGPT included)
 DATA_COLUMNS = ("text", "label", "prompt", "response", "messages", "instruction", "input", "output", "system",
@@ -59,6 +59,9 @@ class RunConfig(BaseModel):
     adam_eps: float = Field(default=1e-8, gt=0)
     seq_len: int = Field(default=256, gt=0)
     packing: bool = False
+    # with packing: "document" keeps attention and prediction inside each document, "none" lets a chunk's
+    # tokens see the documents before them; unset: "document" where the method allows it (docs/data.md)
+    packing_mask: Literal["document", "none"] | None = None
     truncation: Literal["truncate", "drop"] = "truncate"
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     columns: dict[str, str] | None = None  # tunelab's column name -> the data file's (`prompt: question`)
@@ -111,14 +114,27 @@ class RunConfig(BaseModel):
         method = get_method(self.method)
         return parse_model(method.Options, self.method_options, where=f"--set for method '{self.method}'")
 
+    def documents_packed(self) -> bool:
+        """Whether packed chunks keep attention and prediction inside each document (`packing_mask`)."""
+        if not self.packing or self.packing_mask == "none":
+            return False
+        allowed = get_method(self.method).document_packing
+        if self.packing_mask == "document" and not allowed:
+            raise ConfigError(f"packing_mask: document does not apply to method '{self.method}' (its virtual "
+                              "tokens change the positions and the mask); set packing_mask: none")
+        return allowed
+
     def result_hash(self) -> str:
         """A short hash of the keys that change a run's result (a resume checks it)."""
-        payload = {k: getattr(self, k) for k in RESULT_KEYS}
+        payload = self.result_values()
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def result_values(self) -> dict[str, Any]:
         """The result-affecting keys and their values, JSON-ready."""
-        return json.loads(json.dumps({k: getattr(self, k) for k in RESULT_KEYS}, default=str))
+        values = {k: getattr(self, k) for k in RESULT_KEYS}
+        if not self.packing:  # packing_mask means nothing then: runs from before it existed resume as they were
+            values.pop("packing_mask")
+        return json.loads(json.dumps(values, default=str))
 
 
 def parse_set(pairs: list[str] | None) -> dict[str, Any]:

@@ -4,8 +4,8 @@
 deterministic sample order of each epoch.
 """
 
-from tunelab.data.collate import collate, epoch_order, pack
+from tunelab.data.collate import collate, epoch_order, forward_inputs, pack
 from tunelab.data.formats import IGNORE_INDEX
 from tunelab.data.load import Dataset, load_data
 
-__all__ = ["IGNORE_INDEX", "Dataset", "collate", "epoch_order", "load_data", "pack"]
+__all__ = ["IGNORE_INDEX", "Dataset", "collate", "epoch_order", "forward_inputs", "load_data", "pack"]

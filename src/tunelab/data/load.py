@@ -35,6 +35,7 @@ class Dataset:
 
 
 def load_data(spec: str | Path, tokenizer, task: str, seq_len: int, *, packing: bool = False,
+              packing_documents: bool = False,
               truncation: str = "truncate", val_fraction: float = 0.1,
               label_names: list[str] | None = None, columns: dict[str, str] | None = None,
               chat_template: str | None = None) -> Dataset:
@@ -47,6 +48,7 @@ def load_data(spec: str | Path, tokenizer, task: str, seq_len: int, *, packing: 
         task: `causal-lm` or `classification`.
         seq_len: the longest example in tokens; longer rows are cut or dropped per `truncation`.
         packing: causal-lm only; concatenate examples and cut them into `seq_len` chunks (see `pack`).
+        packing_documents: with packing, keep attention and prediction inside each document (see `pack`).
         truncation: `truncate` or `drop`.
         val_fraction: share of usable rows held out, chosen by a fixed-seed permutation (same split every run).
         label_names: the class list for classification; default: the sorted labels of the training rows.
@@ -75,7 +77,7 @@ def load_data(spec: str | Path, tokenizer, task: str, seq_len: int, *, packing: 
         train, val = map_labels(train, names, known_as), map_labels(val, names, known_as)
     train_ex, val_ex = [e for _, e in train], [e for _, e in val]
     if packing:
-        train_ex, val_ex = pack(train_ex, seq_len), pack(val_ex, seq_len)
+        train_ex, val_ex = pack(train_ex, seq_len, packing_documents), pack(val_ex, seq_len, packing_documents)
     return Dataset(train=train_ex, val=val_ex, label_names=names, stats=stats, format=fmt)
 
 

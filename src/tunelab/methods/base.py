@@ -68,7 +68,10 @@ class Method:
     - `containers`: the per-adapter dicts (`kit.container`) the method keeps on the modules it adapts; the default
       `weights` / `tensors` read them (PEFT's layout: `<path>.<attr>[.<param>]`, the adapter name dropped);
     - `saved_prefix`: the saved-key prefix of weights outside the method's own (the classification heads):
-      PEFT's prompt-learning models wrap the base one level less deep (`base_model.`).
+      PEFT's prompt-learning models wrap the base one level less deep (`base_model.`);
+    - `document_packing`: whether the method keeps the model's positions and attention mask as the data gives
+      them, so document-packed batches (`pack(..., documents=True)`) stay inside their documents; prompt and
+      prefix tuning add virtual positions the packed mask does not know.
 
     An adapter method defines `attach`, `detach`, its weights (`containers`, or `weights` / `tensors`), and for a
     mergeable one `fold`; the operations below wrap them with the adapter record and the classification heads.
@@ -88,6 +91,7 @@ class Method:
     default_lr: ClassVar[float] = 2e-4  # peak learning rate when the run sets none (the loop reads it)
     containers: ClassVar[tuple[str, ...]] = ()
     saved_prefix: ClassVar[str] = "base_model.model."
+    document_packing: ClassVar[bool] = True
 
     # --- what each method defines ---------------------------------------------------------------------
     def attach(self, model: nn.Module, options: MethodOptions, name: str) -> list[str]:

@@ -87,6 +87,7 @@ class Prefix(Method):
     """
 
     name = "prefix"
+    document_packing = False  # virtual tokens: positions and mask are not the data's (see Method)
     family = "input-side"
     trains = "per-layer key/value prefixes of virtual tokens"
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"

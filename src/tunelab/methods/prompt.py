@@ -61,6 +61,7 @@ class Prompt(Method):
     """
 
     name = "prompt"
+    document_packing = False  # virtual tokens: positions and mask are not the data's (see Method)
     family = "input-side"
     trains = "a soft prompt of virtual token embeddings"
     paper = "Lester, Al-Rfou & Constant 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"

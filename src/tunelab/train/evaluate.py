@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from tunelab.data import collate
+from tunelab.data import collate, forward_inputs
 from tunelab.train.loss import task_loss_sum
 
 
@@ -47,7 +47,7 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
                 if max_batches is not None and i >= max_batches:
                     break
                 batch = to_device(collate(examples[start:start + batch_size], pad_id, task), device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**forward_inputs(batch)).logits
                 batch_sum, n = task_loss_sum(logits, batch["labels"], task)
                 loss_sum, n_targets = loss_sum + float(batch_sum), n_targets + n
                 if task == "classification":  # logits: (batch, classes)

@@ -67,16 +67,16 @@ def head_input(head: nn.Linear):
         del head.forward
 
 
-def fused_causal_lm_loss_sum(model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
-                             attention_mask: torch.Tensor, labels: torch.Tensor,
-                             liger: bool = False) -> tuple[torch.Tensor, int]:
-    """Forward `model` with the head captured; the summed shifted cross-entropy and the target count.
+def fused_causal_lm_loss_sum(model: nn.Module, head: nn.Linear, inputs: dict[str, torch.Tensor],
+                             labels: torch.Tensor, liger: bool = False) -> tuple[torch.Tensor, int]:
+    """Forward `model` on `inputs` (its keyword inputs: `data.forward_inputs`) with the head captured; the summed
+    shifted cross-entropy and the target count.
 
     Equal to `causal_lm_loss_sum(model(...).logits, labels)` up to rounding. Virtual tokens a method prepends
     (prompt tuning) are dropped as its own hook drops their logits: the last `seq` positions are the user's.
     """
     with head_input(head) as seen:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(**inputs)
     if len(seen) != 1:
         raise RuntimeError(f"the output head ran {len(seen)} times in one forward, expected once; "
                            f"set fused_loss: false for this model")

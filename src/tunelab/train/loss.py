@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.data.collate import forward_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -62,9 +64,8 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, 
 
         head = fusable_head(model)
         if head is not None:
-            return fused_causal_lm_loss_sum(model, head, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                            liger=liger)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return fused_causal_lm_loss_sum(model, head, forward_inputs(batch), batch["labels"], liger=liger)
+    out = model(**forward_inputs(batch))
     return task_loss_sum(out.logits, batch["labels"], task)
 
 

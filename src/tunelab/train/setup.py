@@ -113,6 +113,7 @@ def load_model_and_data(cfg: RunConfig) -> tuple[LoadedModel, Dataset]:
 
     def data_with(tokenizer, label_names=None):
         return load_data(cfg.data, tokenizer, cfg.task, cfg.seq_len, packing=cfg.packing,
+                         packing_documents=cfg.documents_packed(),
                          truncation=cfg.truncation, val_fraction=cfg.val_fraction, label_names=label_names,
                          columns=cfg.columns, chat_template=cfg.chat_template)
 
