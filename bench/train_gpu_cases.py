@@ -162,6 +162,7 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
     cfg = RunConfig(model=str(model_dir), data=str(data), method=method, method_options=opts,
                     output=str(work / f"run-{case['name']}"), seed=0, max_steps=case["steps"],
                     batch_size=case["batch"], seq_len=case["seq"], packing=True, schedule="constant",
+                    packing_mask="none",  # the references' batches: packed chunks under one causal mask
                     lr=LR[method], val_fraction=0.0, log_every=1, dtype="bfloat16" if cuda else "float32",
                     device="cuda" if cuda else "cpu", force=True,
                     gradient_checkpointing=case.get("checkpointing", False), **case.get("set", {}))
