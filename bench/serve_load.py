@@ -3,8 +3,8 @@ against the same load on one adapter.
 
 A Llama-shaped base (random weights from a config, `--shape` as in `serve_gpu.py`) and `--adapters` LoRA adapters
 (r=16, all linear layers, random non-zero B) are written to a temporary directory; `build_service` serves them
-with uvicorn on 127.0.0.1. `--clients` async clients (httpx, streaming `/v1/completions`, OpenAI's wire format)
-each send requests back to back for `--seconds`: client i on adapter i mod `--adapters` (or all on one adapter),
+with uvicorn on 127.0.0.1. `--clients` async clients (the official openai client's `AsyncOpenAI`, streaming
+`/v1/completions` with `stream_options.include_usage`) each send requests back to back for `--seconds`: client i on adapter i mod `--adapters` (or all on one adapter),
 `--prompt`-token prompts, `--new-tokens` tokens greedy with EOS ignored. Reported per load: output tokens/s
 (completion tokens finished within the window / window), time to first token and inter-token latency (between
 streamed chunks) p50 / p99, and the ratio of the two loads' throughputs.
@@ -66,33 +66,34 @@ def prompt_text(tokenizer, tokens: int) -> str:
     return text
 
 
-async def client(http, url: str, model: str, prompt: str, args, until: float, log: dict) -> None:
-    """Send streaming completions back to back until `until`; record TTFT, inter-token gaps and tokens."""
-    body = {"model": model, "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True}
+async def client(api, model: str, prompt: str, args, until: float, log: dict) -> None:
+    """Send streaming completions through the openai client back to back until `until`; record time to first
+    token, inter-token gaps and the completion tokens of requests finished within the window."""
     while time.monotonic() < until:
         sent, last = time.monotonic(), None
-        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                now = time.monotonic()
+        stream = await api.completions.create(model=model, prompt=prompt, max_tokens=args.new_tokens, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.choices and chunk.choices[0].text:
                 log["ttft" if last is None else "itl"].append(now - (sent if last is None else last))
                 last = now
-                usage = json.loads(line[6:]).get("usage")
-                if usage and now <= until:
-                    log["tokens"] += usage["completion_tokens"]
+            if chunk.usage is not None and now <= until:
+                log["tokens"] += chunk.usage.completion_tokens
 
 
 async def load(url: str, models: list[str], prompt: str, args) -> dict:
-    """`--clients` clients for `--seconds`, client i on `models[i % len(models)]`."""
-    import httpx
+    """`--clients` clients for `--seconds`, client i on `models[i % len(models)]`, through one AsyncOpenAI."""
+    import httpx2
+    import openai
 
     log = {"ttft": [], "itl": [], "tokens": 0}
-    limits = httpx.Limits(max_connections=args.clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+    http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=args.clients + 4))
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
+                                  http_client=http) as api:
         start = time.monotonic()
         until = start + args.seconds
-        await asyncio.gather(*(client(http, url, models[i % len(models)], prompt, args, until, log)
+        await asyncio.gather(*(client(api, models[i % len(models)], prompt, args, until, log)
                                for i in range(args.clients)))
         wall = min(time.monotonic(), until) - start
 
