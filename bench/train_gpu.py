@@ -62,6 +62,9 @@ def finish_row(row: dict, args) -> dict:
     shape = cases.SHAPES[row["shape"]]
     per_token = (6 if row["full"] else 4) * matmul_params(shape) + 12 * shape["num_hidden_layers"] * \
         shape["hidden_size"] * row["seq"]
+    counted = row.pop("step_tokens", None)
+    if counted:  # tokens that are not padding, over the timed steps (what uneven data is judged by)
+        row["input_tokens_per_second"] = sum(counted[warmup:warmup + count]) / sum(timed) if timed else float("nan")
     row.update(step_seconds_median=step, tokens_per_second=tokens / step, timed_steps=len(timed),
                mfu=per_token * tokens / step / PEAK_FLOPS, peak_gib=row["peak_memory_bytes"] / 2**30)
     return row
@@ -83,18 +86,21 @@ def compare(rows: list[dict]) -> None:
     for row in rows:
         if "error" in row:
             continue
-        key = lambda r: (r["shape"], r["method"], r["batch"], r["seq"], r.get("checkpointing", False))  # noqa: E731
+        key = lambda r: (r["shape"], r["method"], r["batch"], r["seq"], r.get("checkpointing", False),  # noqa: E731
+                         r.get("uneven", False))
+        rate = lambda r: r.get("input_tokens_per_second", r["tokens_per_second"])  # noqa: E731  (no padding)
         group = [r for r in rows if key(r) == key(row) and "error" not in r and not r.get("profile")]
         ref = next((r for r in group if r["impl"] == STRONGEST[row["full"]]), None)
         if ref:
-            row["speed_vs_strongest"] = row["tokens_per_second"] / ref["tokens_per_second"]
+            row["speed_vs_strongest"] = rate(row) / rate(ref)
             row["memory_vs_strongest"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
         default = next((r for r in group if r["impl"] == "tunelab" and not r.get("set")), None)
         if row.get("set") and default:  # a switch turned off: its effect against tunelab's defaults
             row["speed_vs_tunelab_default"] = row["tokens_per_second"] / default["tokens_per_second"]
             row["memory_vs_tunelab_default"] = row["peak_memory_bytes"] / default["peak_memory_bytes"]
         base = next((r for r in group if r["impl"] == PARITY[row["full"]]), None)
-        if row["impl"] == "tunelab" and base and row["losses"] and base["losses"]:
+        same_batches = base is not None and base.get("packing", True) == row.get("packing", True)
+        if row["impl"] == "tunelab" and same_batches and row["losses"] and base["losses"]:
             n = min(len(row["losses"]), len(base["losses"]))
             rel = [abs(a - b) / abs(b) for a, b in zip(row["losses"][:n], base["losses"][:n])]
             row["loss_parity"] = {"against": base["impl"], "steps": n, "max_rel_diff": max(rel),
@@ -109,7 +115,7 @@ def table(rows: list[dict]) -> str:
             continue
         par = r.get("loss_parity", {}).get("max_rel_diff")
         speed, memory = r.get("speed_vs_strongest", float("nan")), r.get("memory_vs_strongest", float("nan"))
-        lines.append(f"{r['name']:34} {r['tokens_per_second']:9.0f} {r['peak_gib']:7.2f} {r['mfu']:6.3f} "
+        lines.append(f"{r['name']:34} {r.get('input_tokens_per_second', r['tokens_per_second']):9.0f} {r['peak_gib']:7.2f} {r['mfu']:6.3f} "
                      f"{speed:7.2f} {memory:6.2f} {'' if par is None else f'{par:.4f}':>8}")
     return "\n".join(lines)
 

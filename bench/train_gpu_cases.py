@@ -66,6 +66,13 @@ GROUPS = {
     "1b-dora": _peft_group("1b", "dora", 8, 2048),
     "1b-ia3": _peft_group("1b", "ia3", 8, 2048),
     "8b-lora": _peft_group("8b", "lora", 4, 2048),
+    # real data is uneven: padded batches (the references' way) against document-packed ones (no padding)
+    "1b-lora-uneven": [_case("1b-lora-uneven-8x2048-peft-liger-padded", "peft-liger", "1b", "lora", 8, 2048,
+                             uneven=True, packing=False),
+                       _case("1b-lora-uneven-8x2048-tunelab-padded", "tunelab", "1b", "lora", 8, 2048, uneven=True,
+                             packing=False),
+                       _case("1b-lora-uneven-8x2048-tunelab-packed", "tunelab", "1b", "lora", 8, 2048, uneven=True,
+                             packing_mask="document")],
     "8b-lora-ckpt": [_case("8b-lora-4x2048-tunelab-ckpt", "tunelab", "8b", "lora", 4, 2048, checkpointing=True,
                            steps=8, warmup=3, timed=5)],
     # the longest context goal: one step at batch 1, checkpointed block inputs parked in host memory
@@ -80,6 +87,10 @@ GROUPS = {
     "tiny-lora-ablations": _ablations("tiny", "lora", 2, 64, SWITCHES_OFF),
     "tiny-lora": _peft_group("tiny", "lora", 2, 64),
     "tiny-full": _full_group("tiny", 2, 64),
+    "tiny-uneven": [_case("tiny-lora-uneven-2x256-peft-padded", "peft", "tiny", "lora", 2, 256, uneven=True,
+                          packing=False),
+                    _case("tiny-lora-uneven-2x256-tunelab-packed", "tunelab", "tiny", "lora", 2, 256, uneven=True,
+                          packing_mask="document")],
 }
 
 
@@ -101,13 +112,14 @@ def versions() -> dict:
 
 # --- shared assets ------------------------------------------------------------------------------------------
 
-def assets(shape: str, work: Path, tokens: int) -> tuple[Path, Path]:
-    """(model dir, data file) for `shape` under `work`, made on first use."""
-    model_dir, data = work / f"model-{shape}", work / f"data-{shape}.jsonl"
+def assets(shape: str, work: Path, tokens: int, uneven: bool = False) -> tuple[Path, Path]:
+    """(model dir, data file) for `shape` under `work`, made on first use; `uneven`: documents of 64-2,048
+    tokens (log-uniform), as real data is, instead of 1,000-token lines."""
+    model_dir, data = work / f"model-{shape}", work / f"data-{shape}{'-uneven' if uneven else ''}.jsonl"
     if not (model_dir / "config.json").exists():
         make_model(shape, model_dir)
     if not data.exists() or data.stat().st_size < tokens * 4:
-        make_data(shape, data, tokens)
+        make_data(shape, data, tokens, uneven)
     return model_dir, data
 
 
@@ -140,13 +152,16 @@ def make_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>")
 
 
-def make_data(shape: str, path: Path, tokens: int) -> None:
+def make_data(shape: str, path: Path, tokens: int, uneven: bool = False) -> None:
+    import math
     import random
 
-    rng, vocab = random.Random(1), SHAPES[shape]["vocab_size"]
+    rng, vocab, written = random.Random(1), SHAPES[shape]["vocab_size"], 0
     with path.open("w") as f:
-        for _ in range(tokens // 1000 + 2):
-            f.write(json.dumps({"text": " ".join(f"t{rng.randrange(vocab - 1)}" for _ in range(1000))}) + "\n")
+        while written < tokens + 2000:
+            n = int(math.exp(rng.uniform(math.log(64), math.log(2048)))) if uneven else 1000
+            f.write(json.dumps({"text": " ".join(f"t{rng.randrange(vocab - 1)}" for _ in range(n))}) + "\n")
+            written += n
 
 
 # --- the worker ---------------------------------------------------------------------------------------------
@@ -161,10 +176,10 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
     opts = LORA if method in ("lora", "dora") else {}
     cfg = RunConfig(model=str(model_dir), data=str(data), method=method, method_options=opts,
                     output=str(work / f"run-{case['name']}"), seed=0, max_steps=case["steps"],
-                    batch_size=case["batch"], seq_len=case["seq"], packing=True, schedule="constant",
-                    packing_mask="none",  # the references' batches: packed chunks under one causal mask
+                    batch_size=case["batch"], seq_len=case["seq"], packing=case.get("packing", True), schedule="constant",
+                    packing_mask=case.get("packing_mask", "none"),  # default: the references' single causal mask
                     lr=LR[method], val_fraction=0.0, log_every=1, dtype="bfloat16" if cuda else "float32",
-                    device="cuda" if cuda else "cpu", force=True,
+                    device="cuda" if cuda else "cpu", force=True, overwrite=True,
                     gradient_checkpointing=case.get("checkpointing", False), **case.get("set", {}))
     summary = train(cfg, progress=False)
     records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
@@ -173,6 +188,7 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
     from transformers.models.llama import modeling_llama
 
     return {"step_times": [b - a for a, b in zip([0.0, *elapsed], elapsed)], "losses": [r["loss"] for r in records],
+            "step_tokens": [r["tokens"] for r in records],
             "peak_memory_bytes": summary["peak_memory_bytes"], "trainable_params": summary.get("trainable_params"),
             "liger_applied": modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger")}
 
@@ -212,17 +228,19 @@ def run_reference(case: dict, model_dir: Path, data: Path) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ds = load_data(str(data), tok, "causal-lm", case["seq"], packing=True, val_fraction=0.0)
+    ds = load_data(str(data), tok, "causal-lm", case["seq"], packing=case.get("packing", True), val_fraction=0.0)
     sampler = WindowSampler(len(ds.train), 0, case["batch"], 1)
     opt = torch.optim.AdamW(params, lr=LR[case["method"]], weight_decay=0.0, **({"fused": True} if cuda else {}))
     dev = "cuda" if cuda else "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, tokens = [], [], []
     for _ in range(case["steps"]):
         t0 = time.perf_counter()
         (window,) = sampler.next_window()
-        batch = {k: v.to(dev) for k, v in collate([ds.train[i] for i in window], tok.pad_token_id, "causal-lm").items()}
+        host = collate([ds.train[i] for i in window], tok.pad_token_id, "causal-lm")
+        tokens.append(int(host["attention_mask"].sum()))  # non-pad input tokens, as tunelab's records count
+        batch = {k: v.to(dev) for k, v in host.items()}
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         out.loss.backward()
@@ -232,13 +250,14 @@ def run_reference(case: dict, model_dir: Path, data: Path) -> dict:
         losses.append(float(out.loss))  # syncs, as tunelab's loop does once a step
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    return {"step_times": times, "losses": losses, "peak_memory_bytes": peak,
+    return {"step_times": times, "losses": losses, "step_tokens": tokens, "peak_memory_bytes": peak,
             "trainable_params": sum(p.numel() for p in params)}
 
 
 def main() -> None:
     case, work, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    model_dir, data = assets(case["shape"], work, case["steps"] * case["batch"] * case["seq"] + 4096)
+    model_dir, data = assets(case["shape"], work, case["steps"] * case["batch"] * case["seq"] + 4096,
+                             case.get("uneven", False))
     runner = (lambda: run_tunelab(case, model_dir, data, work)) if case["impl"] == "tunelab" else \
         (lambda: run_reference(case, model_dir, data))
     if case.get("profile"):
