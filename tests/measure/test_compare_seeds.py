@@ -27,7 +27,7 @@ def data_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compared(data_files, tiny_dirs, capsys_module=None):
+def compared(data_files, tiny_dirs):
     root, data, prose = data_files
     config = root / "compare.yaml"
     config.write_text(f"model: {tiny_dirs['llama']}\ndata: {data}\nreference_data: {prose}\n"
@@ -51,7 +51,8 @@ def test_seeds_give_means_and_spreads(compared):
         sp = s.spread["val_loss"]
         assert sp.kind == "min-max" and (sp.low, sp.high) == (min(losses), max(losses))
         assert s.val_loss == pytest.approx(sum(losses) / 2)
-        assert (out / "runs" / s.name / "run.json").exists() and (out / "runs" / f"{s.name}.seed-1" / "run.json").exists()
+        assert (out / "runs" / s.name / "run.json").exists()
+        assert (out / "runs" / f"{s.name}.seed-1" / "run.json").exists()
         seed1 = json.loads((out / "runs" / f"{s.name}.seed-1" / "run.json").read_text())
         assert seed1["config"]["seed"] == 1 and seed1["config"]["columns"] == {"prompt": "question",
                                                                                "response": "answer"}

@@ -30,7 +30,8 @@ from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
 from tunelab.interrupts import raising_signals
 from tunelab.measure.lr_search import choose, grid, run_search, search_steps
-from tunelab.measure.workers import _exit_reason, _wait, run_worker  # noqa: F401 (tests use the first two)
+from tunelab.measure.workers import _exit_reason, _wait  # noqa: F401 (tests use them from here)
+from tunelab.measure.workers import run_worker as _run_worker  # one name, which tests may wrap
 from tunelab.measure.compare_reuse import remove_reports, reusable_result
 from tunelab.measure.schema import (Baseline, CompareOptions, CompareResults, Hardware, StrategyResult,
                                     detect_versions)
@@ -152,13 +153,13 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
         ctx.progress = progress
         progress.status("baseline: scoring the base model on its validation data and the reference prose")
         reference = out / "runs" / "_baseline" / "reference.json"
-        ctx.baseline = baseline_record(run_worker("baseline", _baseline_job(opts, reference), reference.parent,
+        ctx.baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent,
                                                   poll=ctx.load.tick))
         ctx.reference = reference if ctx.baseline.reference_perplexity is not None else None
         ctx.steps = budget_steps(opts, ctx.baseline)
         strategies = [_compare_one(ctx, m) for m in methods]
     if ctx.reused:
-        console.print(f"reused finished runs (same config, model and data): {', '.join(ctx.reused)}")
+        console.print(f"reused finished strategies (same config, model and data): {', '.join(ctx.reused)}")
     results = CompareResults(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
         hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=ctx.baseline,
@@ -216,7 +217,7 @@ def _search(ctx: _Context, method, lr: float, options: dict):
                for x in grid(opts, lr)]
 
     def worker(kind, job, job_dir, poll):
-        return run_worker(kind, job, job_dir, poll=lambda: (ctx.load.tick(), poll()), timeout_s=opts.timeout_s)
+        return _run_worker(kind, job, job_dir, poll=lambda: (ctx.load.tick(), poll()), timeout_s=opts.timeout_s)
 
     points = run_search(configs, job_dir, worker, lambda total: ctx.progress.strategy(f"{method.name} lr", total))
     return choose(lr, steps, opts.seed, points)
@@ -240,8 +241,11 @@ def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool) -> 
         shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     with ctx.progress.strategy(label, cfg.max_steps) as bar:
-        worker = run_worker("strategy", job, run_dir, poll=lambda: (ctx.load.tick(), bar.update(follower.new_records())),
-                            timeout_s=opts.timeout_s)
+        def poll():
+            ctx.load.tick()
+            bar.update(follower.new_records())
+
+        worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s)
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     return strategy_record(method, cfg, run_dir, worker, ctx.baseline, opts.warmup_steps_excluded)
 

@@ -4,7 +4,8 @@
 
 KIND is `baseline` (load the base model and the data, score the untouched model on the validation batches and
 the reference prose), `strategy` (train one run of a strategy, then load what it wrote, timing the attach or
-load, and score it on the same reference prose) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is where this worker writes its result JSON.
+load, and score it on the same reference prose) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
+where this worker writes its result JSON.
 """
 
 from __future__ import annotations
