@@ -131,3 +131,12 @@ def test_lr_search_picks_the_clearly_better_lr(tmp_path, tiny_dirs, instruction_
     assert search.chosen_lr == 1e-2
     (slow, fast) = [loss for _, loss in search.curve]
     assert fast < slow - 0.05
+
+
+def test_a_typo_in_the_compare_config_names_the_file_and_key(tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text("seedz: 3\n")
+    assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "'seedz'" in err and "did you mean 'seed" in err
+    assert not (tmp_path / "out").exists()

@@ -181,7 +181,8 @@ def narrow_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
     headers = ["strategy", "val acc" if classification else "val loss", "prose ppl", "memory", "artifact", "tok/s"]
     b = results.baseline
     rows = [["base", _num(b.val_accuracy if classification else b.val_loss, ".3f"),
-             _num(b.reference_perplexity, ".4g"), "-", human_bytes(b.base_bytes), "-"]]
+             f"ppl {b.reference_perplexity:.3g}" if b.reference_perplexity else "-", "-", human_bytes(b.base_bytes),
+             "-"]]
     for s in results.strategies:
         if s.status != "ok":
             rows.append([s.name, "failed", "", "", "", ""])
