@@ -80,7 +80,7 @@ def test_baseline_row(compared):
     assert math.isfinite(b.val_loss) and b.val_perplexity == pytest.approx(math.exp(b.val_loss), rel=1e-4)
     assert b.bias_terms is False and b.train_examples > 0 and b.train_tokens > b.train_examples
     report = (out / "report.md").read_text()
-    assert f"| base (no tuning) | ok | 0 |" in report and f"{b.val_loss:.4f}" in report
+    assert "| base (no tuning) | ok | 0 |" in report and f"{b.val_loss:.4f}" in report
     assert "forgot more of general prose, so higher is worse" in report
 
 
