@@ -13,26 +13,34 @@
 # converted models in $TUNELAB_CACHE. Sizes: at batch 32 x 256 tokens, 3 epochs are 105 steps for SmolLM2
 # (1,095 training pairs) and about 189 for MiniLM (about 2,000 articles); each strategy runs one search worker
 # and 3 seed workers, so one model takes about 5-8 minutes on an H200 (most of it interpreter and model
-# start-up per worker). Run the two models as two commands when each command is limited to 10 minutes.
+# start-up per worker). Each compare stops itself after $COMPARE_LIMIT_S seconds (default 560, under a
+# 10-minute command limit) and exits 3: run the same command again and it continues, reusing every finished
+# run and lr search in runs/compare_h200/<name> (kept between calls on the same machine).
 set -euo pipefail
 which="${1:-all}"
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-src}"
 PY="${PYTHON:-python}"
 results=bench/results
-work="${COMPARE_WORK:-/tmp/tunelab_compare_h200}"
+work="${COMPARE_WORK:-runs/compare_h200}"
+limit="${COMPARE_LIMIT_S:-560}"
 mkdir -p "$results" "$work"
 
 run_one() {  # name, then the compare flags
   local name="$1"; shift
   local out="$work/$name" stem="$results/compare_h200_$name"
+  if [ -f "$stem.json" ] && [ -z "${FORCE:-}" ]; then echo "$stem.json exists (FORCE=1 to run again)"; return; fi
   local cmd=("$PY" -m tunelab.cli compare --device cuda --budget epochs --epochs 3 --seeds 3 --tune-lr
              --lr-grid 0.3,1,3 --tune-fraction 0.2 --batch-size 32 --seq-len 256 --eval-batches 8
              --output "$out" "$@")
-  echo "command: ${cmd[*]}" | tee "$stem.log"
-  local start=$SECONDS
-  "${cmd[@]}" 2>&1 | tee -a "$stem.log"
-  echo "wall: $((SECONDS - start)) s" | tee -a "$stem.log"
+  echo "command: ${cmd[*]}" | tee -a "$stem.log"
+  local start=$SECONDS rc=0
+  timeout --signal=TERM "$limit" "${cmd[@]}" 2>&1 | tee -a "$stem.log" || rc=${PIPESTATUS[0]}
+  echo "wall: $((SECONDS - start)) s (exit $rc)" | tee -a "$stem.log"
+  if [ "$rc" != 0 ]; then
+    echo "$name: stopped (exit $rc); run the same command again to continue (finished runs are reused)" >&2
+    exit 3
+  fi
   cp "$out/results.json" "$stem.json"
   cp "$out/report.md" "$stem"_report.md
   rm -rf "$stem"_plots && cp -r "$out/plots" "$stem"_plots

@@ -107,18 +107,19 @@ def _strategy_worker(job: dict) -> dict:
 
 def _lr_search_worker(job: dict) -> dict:
     """Train each run of the search in turn; a failing lr is recorded and the others still train."""
-    points = []
+    points, prints = [], None
     for run in job["runs"]:
         cfg = RunConfig(**run)
         try:
             summary = train(cfg, progress=False)
+            prints = prints or summary.get("fingerprints")
             loss = summary.get("final_val_loss")
             points.append({"lr": cfg.lr, "val_loss": loss,
                            "error": None if loss is not None else "no validation loss (diverged or no val split)"})
         except Exception as e:
             traceback.print_exc()
             points.append({"lr": cfg.lr, "val_loss": None, "error": _error_line(e)})
-    return {"status": "ok", "points": points}
+    return {"status": "ok", "points": points, "fingerprints": prints}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Each strategy trains once per factor of `lr_grid` (default 0.3, 1, 3) times its 
 `default_lr`), on `tune_fraction` (default 1/4) of the budget's steps, with the first seed, in one worker
 (`compare_worker lr_search`). The lr with the lowest final validation loss trains every seed of the full run.
 An lr whose run fails or diverges counts as worst; when every one fails, the default is kept (with a note).
-A strategy given `--lr-for` is not searched: the user's lr is used.
+A strategy given `--lr-for` is not searched: the user's lr is used. A rerun into the same output dir reuses a
+finished search of the same runs on the same model and data.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 
+from tunelab.measure.compare_reuse import reusable_search
 from tunelab.measure.schema import CompareOptions, LrSearch
 
 
@@ -39,7 +41,11 @@ def run_search(configs: list, job_dir, run_worker, bar_for) -> list[dict]:
     progress bar context; `run_worker(kind, job, dir, poll)` runs the worker."""
     from tunelab.measure.gather import MetricsFollower
 
-    shutil.rmtree(job_dir, ignore_errors=True)  # a search is never reused: its runs are short
+    job = {"runs": [c.model_dump(mode="json") for c in configs]}
+    previous = reusable_search(job_dir, job)  # an earlier compare into the same output dir finished it
+    if previous is not None:
+        return previous["points"]
+    shutil.rmtree(job_dir, ignore_errors=True)
     followers = [MetricsFollower(f"{c.output}/metrics.jsonl") for c in configs]
     steps = configs[0].max_steps
 
@@ -48,8 +54,7 @@ def run_search(configs: list, job_dir, run_worker, bar_for) -> list[dict]:
             bar.update([{**r, "step": r["step"] + i * steps} if "step" in r else r for r in f.new_records()])
 
     with bar_for(steps * len(configs)) as bar:
-        worker = run_worker("lr_search", {"runs": [c.model_dump(mode="json") for c in configs]}, job_dir,
-                            lambda: poll(bar))
+        worker = run_worker("lr_search", job, job_dir, lambda: poll(bar))
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     if worker.get("status") != "ok":
         return [{"lr": c.lr, "val_loss": None, "error": worker.get("error", "search worker failed")}
