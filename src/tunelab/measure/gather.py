@@ -121,7 +121,7 @@ def baseline_record(result: dict) -> Baseline:
 
 
 def _predicted_memory(cfg, notes: list[str]) -> int | None:
-    """`tunelab plan`'s estimate of this run's peak memory on the run's device, where it has one.
+    """`tunelab plan`'s estimate of this run's tensor peak on the run's device, where it has one.
 
     The planner reads only the model's config, and the run's method options as `train --set` reads them
     (every option reaches the planner; the few that change memory but are not modelled are planned at their
@@ -134,8 +134,8 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
     except Exception as e:  # a prediction must never cost the measurements
         notes.append(f"no memory prediction from tunelab plan: {str(e).splitlines()[0] if str(e) else e!r}")
         return None
-    estimate = result.strategies[0]
-    return estimate.total_bytes if estimate.supported else None
+    estimate = result.strategies[0]  # its tensor peak: what the allocator reports (total adds a CUDA allowance)
+    return estimate.peak_tensor_bytes if estimate.supported else None
 
 
 def _read_summary(path: Path, notes: list[str]) -> dict:
