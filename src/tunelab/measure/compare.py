@@ -24,8 +24,9 @@ from tunelab.config import build_config, parse_columns, parse_set
 from tunelab.errors import ConfigError, closest
 from tunelab.jsonio import write_json_atomic
 from tunelab.measure.compare_budget import LoadSampler, auto_options, budget_steps, warnings_for
-from tunelab.measure.gather import (MetricsFollower, aggregate, baseline_record, read_records,  # noqa: F401
-                                    speed_from_metrics, strategy_record)
+from tunelab.measure.gather import (MetricsFollower, _predicted_memory, aggregate,  # noqa: F401 (tests use
+                                    baseline_record, read_records, speed_from_metrics,  # some from here)
+                                    strategy_record)
 from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
 from tunelab.interrupts import raising_signals
