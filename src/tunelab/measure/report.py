@@ -265,10 +265,7 @@ def _details(results: CompareResults) -> list[tuple[str, str]]:
                       f"{cfg.batch_size}, seq_len {cfg.seq_len}, seeds {seeds}; figures over seeds are "
                       f"mean [min, max] for 2 seeds, mean [95% interval] for 3 or more"),
            ("Learning rates", _lr_text(results)),
-           ("Forgetting", f"perplexity on the first {b.reference_sequences} sequences of {cfg.reference_data} "
-                          f"({b.reference_tokens} tokens) with the trained adapter active, against the base "
-                          f"model's {_num(b.reference_perplexity, '.4g')}; a positive change (higher perplexity) "
-                          f"means the model forgot more of general prose, so higher is worse"),
+           ("Forgetting", _forgetting_text(results)),
            ("Baseline", f"the untouched {cfg.model} on the same validation batches: val loss "
                         f"{_num(b.val_loss, '.4f')}, perplexity {_num(b.val_perplexity, '.4g')}, accuracy "
                         f"{_num(b.val_accuracy, '.3f')}")]
@@ -281,6 +278,17 @@ def _details(results: CompareResults) -> list[tuple[str, str]]:
             out.append((f"{s.name} failed", s.error))
         out += [(f"{s.name} note", n) for n in s.notes]
     return out
+
+
+def _forgetting_text(results: CompareResults) -> str:
+    b, cfg = results.baseline, results.config
+    if b.reference_perplexity is None:
+        return "not measured (classification: no prose perplexity)" if cfg.task == "classification" else \
+            "not measured (the reference prose could not be scored)"
+    return (f"perplexity on the first {b.reference_sequences} sequences of {cfg.reference_data} "
+            f"({b.reference_tokens} tokens) with the trained adapter active, against the base model's "
+            f"{b.reference_perplexity:.4g}; a positive change (higher perplexity) means the model forgot more of "
+            f"general prose, so higher is worse")
 
 
 def _load_text(results: CompareResults) -> str:
