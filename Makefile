@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(DEFAULTS_PKGS)
 	touch $@
 
+# every registered strategy, 2 seeds each, sized for a 2-core CPU (bench/compare_demo.yaml; docs/compare.md)
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/tunelab compare --output runs/compare
+	HF_HUB_OFFLINE=1 $(BIN)/tunelab compare --config bench/compare_demo.yaml --output runs/compare
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -230,16 +230,28 @@ def methods() -> None:
 
 @app.command()
 def compare(
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML of compare options; flags override it.")] = None,
     model: Model = None,
     data: Data = None,
     task: Annotated[Optional[str], typer.Option(help="causal-lm or classification.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all registered).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per strategy.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="steps (default), epochs or tokens: which sets the budget.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per run (--budget steps).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs per run (--budget epochs).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(min=1, help="Non-pad input tokens per run (--budget tokens).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Maximum tokens per example.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="First random seed.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per strategy: mean and spread over them.")] = None,
+    tune_lr: Annotated[Optional[bool], typer.Option("--tune-lr/--no-tune-lr", help="Search each strategy's lr first "
+                                                    "(default: on with a GPU).")] = None,
+    lr_grid: Annotated[Optional[str], typer.Option(help="Factors of the default lr to search, e.g. 0.3,1,3.")] = None,
+    tune_fraction: Annotated[Optional[float], typer.Option(help="Share of the budget each searched lr trains.")] = None,
     lr_for: Annotated[Optional[list[str]], typer.Option(help="METHOD=LR learning-rate override (repeatable).")] = None,
     set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE method option (repeatable).")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="Chat template: a Jinja file, or chatml / alpaca.")] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(min=1, help="Validation batches per figure.")] = None,
     reference_data: Annotated[Optional[str], typer.Option(help="General prose for forgetting (default: BBC articles).")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the recommendation, e.g. 24GB.")] = None,
     tasks: Annotated[Optional[int], typer.Option(min=1, help="How many tasks you will serve (K).")] = None,
@@ -248,12 +260,16 @@ def compare(
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
 ) -> None:
     """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
+    from tunelab.config import load_yaml
     from tunelab.measure.compare import build_options, run_compare
 
-    opts = build_options(dict(model=model, data=data, task=task, methods=methods, max_steps=max_steps,
-                              batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
-                              reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
-                              priority=priority, device=device, output=output))
+    values = dict(model=model, data=data, task=task, methods=methods, budget=budget, max_steps=max_steps,
+                  epochs=epochs, tokens=tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, seeds=seeds,
+                  tune_lr=tune_lr, lr_grid=lr_grid, tune_fraction=tune_fraction, lr_for=lr_for,
+                  options_for=set_for, columns=columns, chat_template=chat_template, eval_batches=eval_batches,
+                  reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks, priority=priority,
+                  device=device, output=output)
+    opts = build_options(values, load_yaml(config) if config else None, where=str(config) if config else "compare")
     leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
     run_compare(opts)
 

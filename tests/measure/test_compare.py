@@ -35,7 +35,9 @@ def compared(tmp_path_factory, tiny_dirs):
     prose = write_jsonl(root / "prose.jsonl", [{"text": f"the quick brown fox jumps over the lazy dog {i}. " * 3}
                                                for i in range(12)])
     opts = CompareOptions(model=str(tiny_dirs["llama"]), data=str(data), reference_data=str(prose),
-                          methods=["full", "lora", "ia3", "bitfit"], options_for={"lora": LORA},
+                          methods=["full", "lora", "ia3", "bitfit"],
+                          # bitfit without norms on a model without biases: the strategy that fails
+                          options_for={"lora": LORA, "bitfit": {"include_norms": False}},
                           lr_for={"full": 1e-3}, max_steps=STEPS, batch_size=4, seq_len=32, reference_sequences=8,
                           tasks=10, output=str(root / "out"))
     buf = io.StringIO()
@@ -177,4 +179,5 @@ def test_speed_leaves_out_warmup_steps():
 def test_options_reach_results_json_verbatim(compared):
     _, out, _ = compared
     config = json.loads((out / "results.json").read_text())["config"]
-    assert config["options_for"] == {"lora": LORA} and config["lr_for"] == {"full": 1e-3}
+    assert config["options_for"] == {"lora": LORA, "bitfit": {"include_norms": False}}
+    assert config["lr_for"] == {"full": 1e-3}

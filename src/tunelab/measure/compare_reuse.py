@@ -1,4 +1,4 @@
-"""Rerunning `tunelab compare` into the same `--output`: finished strategies are reused, not retrained.
+"""Rerunning `tunelab compare` into the same `--output`: finished runs and lr searches are reused, not retrained.
 
 A strategy's run dir is reused when its worker finished (`result.json` status ok, `run.json` status
 completed), the job it ran is the job asked for now (same run config, artifact kind and reference file), and
@@ -42,6 +42,21 @@ def reusable_result(run_dir: Path, job: dict) -> dict | None:
     except TunelabError:
         return None
     return result if summary["fingerprints"] == now else None
+
+
+def reusable_search(job_dir: Path, job: dict) -> dict | None:
+    """The result of a finished lr search in `job_dir` that ran `job` on the same model and data, else None."""
+    from tunelab.fingerprint import fingerprints
+
+    result = _object(job_dir / "result.json")
+    if _object(job_dir / "job.json") != job or result.get("status") != "ok" or not result.get("fingerprints"):
+        return None
+    run = job["runs"][0]
+    try:
+        now = fingerprints(run["model"], run["data"])
+    except TunelabError:
+        return None
+    return result if result["fingerprints"] == now else None
 
 
 def remove_reports(out: Path) -> None:

@@ -2,9 +2,10 @@
 
     python -m tunelab.measure.compare_worker KIND JOB RESULT
 
-KIND is `baseline` (load the base model, check the data, score the base model on the reference prose) or
-`strategy` (train one strategy, then load what it wrote, timing the attach or load, and score it on the same
-reference prose). JOB is the JSON the parent wrote; RESULT is where this worker writes its result JSON.
+KIND is `baseline` (load the base model and the data, score the untouched model on the validation batches and
+the reference prose), `strategy` (train one run of a strategy, then load what it wrote, timing the attach or
+load, and score it on the same reference prose) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
+where this worker writes its result JSON.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 
 from tunelab.artifacts import artifact_bytes
 from tunelab.config import RunConfig
-from tunelab.data import load_data
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.jsonio import read_json_object, write_json_atomic
 from tunelab.measure.forgetting import (load_examples, reference_examples, save_examples, score_reference,
                                         target_tokens)
 from tunelab.measure.portability import load_trained
-from tunelab.models import load_model
-from tunelab.train import train
+from tunelab.measure.tensor_peak import tensor_peak_bytes
+from tunelab.methods.bitfit import has_bias_terms
+from tunelab.train import rng, train
+from tunelab.train.evaluate import evaluate
+from tunelab.train.setup import load_model_and_data
+from tunelab.train.summary import finite_or_none
 from tunelab.interrupts import die_with_parent
 
 
@@ -37,7 +41,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     kind, job_path, result_path = argv if argv is not None else sys.argv[1:]
     job = read_json_object(job_path, ConfigError)
     try:
-        result = {"baseline": _baseline_worker, "strategy": _strategy_worker}[kind](job)
+        result = {"baseline": _baseline_worker, "strategy": _strategy_worker, "lr_search": _lr_search_worker}[kind](job)
     except Exception as e:  # recorded, not raised: one failing strategy must not stop the others
 
         traceback.print_exc()
@@ -52,24 +56,40 @@ def _error_line(e: BaseException) -> str:
 
 
 def _baseline_worker(job: dict) -> dict:
-    loaded = load_model(job["model"], job["task"], dtype=job["dtype"], device=job["device"])
-    load_data(job["data"], loaded.tokenizer, job["task"], job["seq_len"])  # bad data stops the compare here
-    result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path)}
-    if job["task"] == "causal-lm":
-        examples = reference_examples(job["reference_data"], loaded.tokenizer, job["seq_len"],
+    """The untouched model: its size, its figures on the runs' validation batches, and the reference prose."""
+    cfg = RunConfig(**job["run"])
+    rng.seed_everything(cfg.seed)  # a classification head is fresh: the same one in every baseline
+    loaded, dataset = load_model_and_data(cfg)  # bad model or data stops the compare here
+    result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path),
+              "bias_terms": has_bias_terms(loaded.model), "train_examples": len(dataset.train),
+              "train_tokens": sum(len(ex["input_ids"]) for ex in dataset.train)}
+    if dataset.val:
+        scores = evaluate(loaded.model, dataset.val, cfg.task, loaded.pad_id, cfg.batch_size,
+                          max_batches=cfg.eval_batches)
+        result.update(val_loss=finite_or_none(scores["loss"]),
+                      val_perplexity=finite_or_none(scores.get("perplexity")),
+                      val_accuracy=finite_or_none(scores.get("accuracy")))
+    if cfg.task == "causal-lm":
+        examples = reference_examples(job["reference_data"], loaded.tokenizer, cfg.seq_len,
                                       job["reference_sequences"])
         save_examples(examples, Path(job["reference_file"]))
-        result.update(reference_perplexity=score_reference(loaded, examples, job["batch_size"]),
+        result.update(reference_perplexity=score_reference(loaded, examples, cfg.batch_size),
                       reference_sequences=len(examples), reference_tokens=target_tokens(examples))
     return result
 
 
 def _strategy_worker(job: dict) -> dict:
+    """Train one run; then (first seed, CPU) its tensor peak; then attach time and forgetting on what it wrote."""
     cfg = RunConfig(**job["run"])
     summary = train(cfg, progress=False)
     if summary.get("status") != "completed":
         return {"status": "failed", "error": summary.get("message", f"training ended {summary.get('status')}")}
     result: dict = {"status": "ok", "notes": []}
+    if job.get("tensor_peak") and "cuda" not in summary.get("peak_memory_source", ""):
+        try:  # after training: its RSS figures are already taken
+            result["tensor_peak_bytes"] = tensor_peak_bytes(cfg)
+        except Exception as e:
+            result["notes"].append(f"tensor peak not measured: {_error_line(e)}")
     try:
         loaded, timing = load_trained(cfg, job["artifact"])
         result.update(timing)
@@ -83,6 +103,23 @@ def _strategy_worker(job: dict) -> dict:
         except Exception as e:
             result["notes"].append(f"forgetting not measured: {_error_line(e)}")
     return result
+
+
+def _lr_search_worker(job: dict) -> dict:
+    """Train each run of the search in turn; a failing lr is recorded and the others still train."""
+    points, prints = [], None
+    for run in job["runs"]:
+        cfg = RunConfig(**run)
+        try:
+            summary = train(cfg, progress=False)
+            prints = prints or summary.get("fingerprints")
+            loss = summary.get("final_val_loss")
+            points.append({"lr": cfg.lr, "val_loss": loss,
+                           "error": None if loss is not None else "no validation loss (diverged or no val split)"})
+        except Exception as e:
+            traceback.print_exc()
+            points.append({"lr": cfg.lr, "val_loss": None, "error": _error_line(e)})
+    return {"status": "ok", "points": points, "fingerprints": prints}
 
 
 if __name__ == "__main__":

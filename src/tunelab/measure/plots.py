@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tunelab.measure.portability import serve_bytes
-from tunelab.measure.schema import CompareResults, StrategyResult
+from tunelab.measure.schema import Baseline, CompareResults, StrategyResult
 
-MB = 1e6
+MB, GB = 1e6, 1e9
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
@@ -34,8 +34,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(strategies: list[StrategyResult], path: Path) -> Path | None:
-    """Training loss per step for every strategy; validation losses as markers of the same colour."""
+def _base_line(ax, value: float | None, label: str) -> None:
+    """The untouched base model's figure as a dashed grey horizontal line."""
+    if value is not None:
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+
+
+def loss_curves(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
+    """Training loss per step for every strategy (first seed); validation losses as markers of the same colour;
+    the base model's validation loss as a dashed line."""
     with_curves = [s for s in strategies if s.loss_curve]
     if not with_curves:
         return None
@@ -47,60 +54,87 @@ def loss_curves(strategies: list[StrategyResult], path: Path) -> Path | None:
         if s.val_curve:
             vs, vl = zip(*s.val_curve)
             ax.plot(vs, vl, "o", color=line.get_color())
+    _base_line(ax, base.val_loss if base else None, "base (no tuning), val")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
 def _scatter(points: list[tuple[str, float, float]], path: Path, title: str, xlabel: str, ylabel: str,
-             logx: bool = False) -> Path | None:
+             logx: bool = False, base_y: float | None = None) -> Path | None:
     if not points:
         return None
     fig, ax = _axes(title, xlabel, ylabel)
     for name, x, y in points:
         ax.scatter([x], [y])
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    _base_line(ax, base_y, "base (no tuning)")
+    if base_y is not None:
+        ax.legend(fontsize="small")
     if logx:
         ax.set_xscale("log")
     return _save(fig, path)
 
 
-def quality_vs_memory(strategies: list[StrategyResult], path: Path) -> Path | None:
-    """Validation loss (lower is better) against peak memory."""
-    pts = [(s.name, s.peak_memory_bytes / MB, s.val_loss) for s in strategies
-           if s.peak_memory_bytes is not None and s.val_loss is not None]
-    return _scatter(pts, path, "Quality against peak memory", "peak memory (MB)", "validation loss (lower is better)")
+def quality_vs_memory(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
+    """Validation loss (lower is better) against memory: the tensor peak where measured, else the peak."""
+    def memory(s):
+        return s.tensor_peak_bytes if s.tensor_peak_bytes is not None else s.peak_memory_bytes
+
+    pts = [(s.name, memory(s) / MB, s.val_loss) for s in strategies if memory(s) is not None and s.val_loss is not None]
+    label = "tensor peak (MB)" if any(s.tensor_peak_bytes for s in strategies) else "peak memory (MB)"
+    return _scatter(pts, path, "Quality against memory", label, "validation loss (lower is better)",
+                    base_y=base.val_loss if base else None)
 
 
-def quality_vs_forgetting(strategies: list[StrategyResult], path: Path) -> Path | None:
+def quality_vs_forgetting(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
     """Validation loss against the change in perplexity on general prose (right = more forgotten)."""
     pts = [(s.name, s.forgetting.delta_percent, s.val_loss) for s in strategies
            if s.forgetting is not None and s.val_loss is not None]
-    return _scatter(pts, path, "Quality against forgetting", "prose perplexity change (%)",
-                    "validation loss (lower is better)")
+    return _scatter(pts, path, "Quality against forgetting", "prose perplexity change (%, right = forgot more)",
+                    "validation loss (lower is better)", base_y=base.val_loss if base else None)
 
 
-def artifact_sizes(strategies: list[StrategyResult], path: Path) -> Path | None:
-    """Bytes on disk of each strategy's artifact, on a log scale."""
+def lr_searches(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
+    """Each strategy's lr search: validation loss against learning rate (log scale), the chosen lr circled."""
+    searched = [s for s in strategies if s.lr_search and any(v is not None for _, v in s.lr_search.curve)]
+    if not searched:
+        return None
+    fig, ax = _axes("Learning-rate search (short runs)", "learning rate (log scale)", "validation loss")
+    for s in searched:
+        pts = [(lr, v) for lr, v in s.lr_search.curve if v is not None]
+        (line,) = ax.plot(*zip(*pts), marker=".", label=s.name)
+        chosen = [v for lr, v in pts if lr == s.lr_search.chosen_lr]
+        if chosen:
+            ax.plot([s.lr_search.chosen_lr], chosen, "o", mfc="none", ms=10, color=line.get_color())
+    _base_line(ax, base.val_loss if base else None, "base (no tuning)")
+    ax.set_xscale("log")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def artifact_sizes(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
+    """MB on disk of each strategy's artifact, on a log scale."""
     sized = [s for s in strategies if s.artifact_bytes]
     if not sized:
         return None
-    fig, ax = _axes("Artifact size (log scale)", "bytes on disk", "")
-    ax.barh([s.name for s in sized], [s.artifact_bytes for s in sized])
+    fig, ax = _axes("Artifact size (log scale)", "MB on disk", "")
+    ax.barh([s.name for s in sized], [s.artifact_bytes / MB for s in sized])
     ax.set_xscale("log")
     return _save(fig, path)
 
 
-def portability_curve(strategies: list[StrategyResult], path: Path, max_tasks: int = 100) -> Path | None:
+def portability_curve(strategies: list[StrategyResult], path: Path, base: Baseline | None = None,
+                      max_tasks: int = 100) -> Path | None:
     """Bytes to serve K tasks, K = 1..max_tasks: K whole models against one base plus K adapters (log-log)."""
     with_p = [s for s in strategies if s.portability is not None]
     if not with_p:
         return None
-    fig, ax = _axes("Serving K tasks", "K (tasks)", "bytes on disk")
+    fig, ax = _axes("Serving K tasks", "K (tasks)", "GB on disk")
     ks = list(range(1, max_tasks + 1))
     for s in with_p:
         p = s.portability
-        ax.plot(ks, [serve_bytes(p.artifact, p.bytes_per_task, p.base_bytes, k) for k in ks], label=s.name)
+        ax.plot(ks, [serve_bytes(p.artifact, p.bytes_per_task, p.base_bytes, k) / GB for k in ks], label=s.name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.legend(fontsize="small")
@@ -109,7 +143,7 @@ def portability_curve(strategies: list[StrategyResult], path: Path, max_tasks: i
 
 PLOTS = {"loss_curves": loss_curves, "quality_vs_memory": quality_vs_memory,
          "quality_vs_forgetting": quality_vs_forgetting, "artifact_size": artifact_sizes,
-         "portability": portability_curve}
+         "portability": portability_curve, "lr_search": lr_searches}
 
 
 def make_plots(results: CompareResults, out_dir: Path) -> dict[str, Path]:
@@ -123,6 +157,6 @@ def make_plots(results: CompareResults, out_dir: Path) -> dict[str, Path]:
     drawn = {}
     with atomic_dir(out_dir) as tmp:
         for name, draw in PLOTS.items():
-            if draw(results.strategies, tmp / f"{name}.png") is not None:
+            if draw(results.strategies, tmp / f"{name}.png", results.baseline) is not None:
                 drawn[name] = out_dir / f"{name}.png"
     return drawn

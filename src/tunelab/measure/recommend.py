@@ -13,9 +13,11 @@ The rule, step by step (docs/compare.md states the same rule; tests/measure/test
    that saves memory but has not learned the task is no answer.
 5. Score each strategy by the priority: quality (higher is better), memory (peak bytes, lower), speed
    (tokens/s, higher), forgetting (prose perplexity after training, lower).
-6. Strategies within `TIE_TOLERANCE` (2%) of the best score are tied. Among them, the one that needs the fewest
-   bytes to serve K tasks (`--tasks K`: K whole models, or one base + K adapters) wins; then the better quality;
-   then the order in which the strategies were compared.
+6. Strategies within `TIE_TOLERANCE` (2%) of the best score are tied; so are strategies whose figure is
+   indistinguishable from the best one's over the seeds (`--seeds N`, N >= 2: their spreads overlap, see
+   `tunelab.measure.stats`). Among the tied, the one that needs the fewest bytes to serve K tasks (`--tasks K`:
+   K whole models, or one base + K adapters) wins; then the better quality; then the order in which the
+   strategies were compared. The reasons name the strategies tied with the pick.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable
 
 from tunelab.measure.portability import human_bytes, serve_bytes
 from tunelab.measure.schema import Priority, Recommendation, StrategyResult
+from tunelab.measure.stats import indistinguishable, spread_text
 
 MIN_QUALITY = 0.90
 TIE_TOLERANCE = 0.02
@@ -98,16 +101,34 @@ def _tied(value: float, best: float, higher_better: bool) -> bool:
     return value <= best + TIE_TOLERANCE * abs(best)
 
 
+def spread_key(priority: Priority, strategies: list[StrategyResult]) -> str:
+    """The figure (a key of `StrategyResult.spread`) whose spread decides ties for `priority`."""
+    if priority == "quality":
+        return "val_accuracy" if _by_accuracy(strategies) else "val_loss"
+    return {"memory": "peak_memory_bytes", "speed": "tokens_per_second", "forgetting": "after_perplexity"}[priority]
+
+
+def tied_with_best(strategies: list[StrategyResult], priority: Priority,
+                   quality: dict[str, float]) -> dict[str, bool]:
+    """Step 6's ties: {strategy: tied with the best score}, by `TIE_TOLERANCE` or by overlapping spreads."""
+    score, higher_better = _score(priority, quality)
+    sign = -1 if higher_better else 1
+    best = min(strategies, key=lambda s: sign * score(s))
+    key = spread_key(priority, strategies)
+    return {s.name: _tied(score(s), score(best), higher_better)
+            or indistinguishable(s.spread.get(key), best.spread.get(key)) for s in strategies}
+
+
 def rank(strategies: list[StrategyResult], priority: Priority, tasks: int,
          quality: dict[str, float]) -> list[StrategyResult]:
     """Steps 5 and 6: the eligible strategies, best first."""
     score, higher_better = _score(priority, quality)
     sign = -1 if higher_better else 1
-    best = min(sign * score(s) for s in strategies) * sign
     order = {s.name: i for i, s in enumerate(strategies)}
+    ties = tied_with_best(strategies, priority, quality)
 
     def key(s: StrategyResult):
-        tied = _tied(score(s), best, higher_better)
+        tied = ties[s.name]
         storage = _or_inf(storage_for(s, tasks))
         first = (0, storage) if tied else (1, sign * score(s))
         return (*first, -quality[s.name], order[s.name])
@@ -138,7 +159,25 @@ def recommend(strategies: list[StrategyResult], priority: Priority = "quality", 
     ranking = rank(eligible, priority, tasks, quality)
     rec.strategy, rec.ranking = ranking[0].name, [s.name for s in ranking]
     rec.reasons = explain(ranking[0], ranking, strategies, quality, tasks)
+    ties = tied_with_best(eligible, priority, quality)
+    rec.tied = [s.name for s in ranking[1:] if ties[s.name]]
+    if rec.tied:
+        rec.reasons.insert(1, tie_reason(ranking[0], [s for s in ranking if s.name in rec.tied], priority, eligible))
     return rec
+
+
+def tie_reason(pick: StrategyResult, tied: list[StrategyResult], priority: Priority,
+               eligible: list[StrategyResult]) -> str:
+    """'lora, dora and adapter are indistinguishable in val_loss at 3 seeds (...)'; the storage rule picked."""
+    key = spread_key(priority, eligible)
+    names = [pick.name] + [s.name for s in tied]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
+    seeds = min((s.spread[key].n for s in [pick, *tied] if key in s.spread), default=1)
+    figures = "; ".join(f"{s.name} {spread_text(s.spread.get(key))}" for s in [pick, *tied] if key in s.spread)
+    how = (f"at {seeds} seeds (spreads overlap, or within {TIE_TOLERANCE:.0%}): {figures}" if seeds >= 2
+           else f"within {TIE_TOLERANCE:.0%} of each other")
+    return (f"{listed} are indistinguishable in {key.replace('_', ' ')} {how}; among them {pick.name} needs "
+            f"the fewest bytes to serve the tasks, then has the better quality")
 
 
 def _reference(pick: StrategyResult, ranking: list[StrategyResult], everything: list[StrategyResult]):

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich import box
 from rich.table import Table
 
 from tunelab.jsonio import write_text_atomic
 from tunelab.measure.plots import make_plots
 from tunelab.measure.portability import human_bytes
 from tunelab.measure.schema import TASK_COUNTS, CompareResults, StrategyResult
+from tunelab.measure.stats import plus_minus, spread_text
 
 # --- live progress -------------------------------------------------------------------------------------
 
@@ -94,27 +96,102 @@ def _serve(s: StrategyResult) -> str:
     return "-" if p is None else " / ".join(human_bytes(p.serve_bytes.get(k)) for k in TASK_COUNTS)
 
 
-def trade_off_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
-    """The headers and rows (strings) of the trade-off table, shared by the terminal, Markdown and HTML."""
-    classification = any(s.val_accuracy is not None for s in results.strategies)
-    predicted = any(s.predicted_memory_bytes is not None for s in results.strategies)
-    headers = ["strategy", "status", "params updated", "peak memory", *(["plan predicts"] * predicted),
-               "artifact", "tokens/s", "train time", "val loss",
-               "val accuracy" if classification else "val perplexity", "forgetting (prose ppl)",
-               "serve " + "/".join(str(k) for k in TASK_COUNTS) + " tasks", "attach / load"]
-    rows = []
-    for s in results.strategies:
-        quality = _num(s.val_accuracy, ".3f") if classification else _num(s.val_perplexity, ".4g")
-        attach = s.portability.attach_seconds if s.portability else None
-        rows.append([s.name, s.status, _params(s), human_bytes(s.peak_memory_bytes),
-                     *([human_bytes(s.predicted_memory_bytes)] * predicted), human_bytes(s.artifact_bytes),
-                     _num(s.tokens_per_second, ".0f"), _seconds(s.wall_seconds), _num(s.val_loss, ".4f"),
-                     quality, _forgetting(s), _serve(s), _seconds(attach)])
-    return headers, rows
+BASE_ROW = "base (no tuning)"
+
+
+def _quality_cell(s: StrategyResult, classification: bool) -> str:
+    key = "val_accuracy" if classification else "val_perplexity"
+    return _with_spread(s, key, getattr(s, key), ".3f" if classification else ".4g")
+
+
+def _with_spread(s: StrategyResult, key: str, value: float | None, fmt: str) -> str:
+    """The mean with its spread over seeds, '2.369 [2.351, 2.387]', or the value alone for one seed."""
+    sp = s.spread.get(key)
+    return spread_text(sp, fmt) if sp is not None and sp.n >= 2 else _num(value, fmt)
 
 
 def _seconds(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g} s"
+
+
+def _lr(s: StrategyResult) -> str:
+    if s.lr is None:
+        return "-"
+    return f"{s.lr:.3g} (searched)" if s.lr_search else f"{s.lr:.3g}"
+
+
+def trade_off_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
+    """The headers and rows (strings) of the full trade-off table, shared by the Markdown and HTML reports and
+    a wide terminal. The first row is the untouched base model; figures over seeds are 'mean [low, high]'."""
+    strategies = results.strategies
+    classification = results.config.task == "classification" or any(s.val_accuracy is not None for s in strategies)
+    tensor = any(s.tensor_peak_bytes is not None and "cuda" not in (s.peak_memory_source or "") for s in strategies)
+    predicted = any(s.predicted_memory_bytes is not None for s in strategies)
+    headers = ["strategy", "status", "params updated", memory_header(results),
+               *(["tensor peak (allocator)"] * tensor), *(["plan predicts (tensor peak)"] * predicted),
+               "artifact", "tokens/s", "train time", "val loss", "val accuracy" if classification else
+               "val perplexity", "forgetting: prose ppl change (+ = worse)",
+               "serve " + "/".join(str(k) for k in TASK_COUNTS) + " tasks", "attach / load", "lr"]
+    rows = [_base_row(results, tensor, predicted, classification)]
+    for s in strategies:
+        attach = s.portability.attach_seconds if s.portability else None
+        rows.append([s.name, s.status, _params(s), human_bytes(s.peak_memory_bytes),
+                     *([human_bytes(s.tensor_peak_bytes)] * tensor), *([_predicted(s)] * predicted),
+                     human_bytes(s.artifact_bytes), _num(s.tokens_per_second, ".0f"), _seconds(s.wall_seconds),
+                     _with_spread(s, "val_loss", s.val_loss, ".4f"), _quality_cell(s, classification),
+                     _forgetting_cell(s), _serve(s), _seconds(attach), _lr(s)])
+    return headers, rows
+
+
+def _predicted(s: StrategyResult) -> str:
+    """The plan's prediction, and its ratio to the measured tensor peak (like with like)."""
+    if s.predicted_memory_bytes is None:
+        return "-"
+    if not s.tensor_peak_bytes:
+        return human_bytes(s.predicted_memory_bytes)
+    return f"{human_bytes(s.predicted_memory_bytes)} ({s.predicted_memory_bytes / s.tensor_peak_bytes:.2f}x)"
+
+
+def _forgetting_cell(s: StrategyResult) -> str:
+    sp = s.spread.get("forgetting_percent")
+    if s.forgetting is None or sp is None or sp.n < 2:
+        return _forgetting(s)
+    return f"{s.forgetting.delta:+.3g} ({sp.mean:+.1f}% [{sp.low:+.1f}, {sp.high:+.1f}])"
+
+
+def _base_row(results: CompareResults, tensor: bool, predicted: bool, classification: bool) -> list[str]:
+    b = results.baseline
+    quality = _num(b.val_accuracy, ".3f") if classification else _num(b.val_perplexity, ".4g")
+    prose = f"ppl {b.reference_perplexity:.4g} (before)" if b.reference_perplexity else "-"
+    return [BASE_ROW, "ok" if b.error is None else "failed", "0", "-", *(["-"] * tensor), *(["-"] * predicted),
+            human_bytes(b.base_bytes), "-", "-", _num(b.val_loss, ".4f"), quality, prose, "-", "-", "-"]
+
+
+def memory_header(results: CompareResults) -> str:
+    """The peak-memory column's label: which quantity it is on this device."""
+    if results.hardware.device == "cuda":
+        return "peak memory (CUDA allocator)"
+    return "peak RSS (OS, minus idle)"
+
+
+def narrow_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
+    """The table for an 80-column terminal: one row per strategy, the figures that decide, mean ±half-spread."""
+    classification = results.config.task == "classification"
+    key = "val_accuracy" if classification else "val_loss"
+    headers = ["strategy", "val acc" if classification else "val loss", "prose ppl", "memory", "artifact", "tok/s"]
+    b = results.baseline
+    rows = [["base", _num(b.val_accuracy if classification else b.val_loss, ".3f"),
+             f"ppl {b.reference_perplexity:.3g}" if b.reference_perplexity else "-", "-", human_bytes(b.base_bytes),
+             "-"]]
+    for s in results.strategies:
+        if s.status != "ok":
+            rows.append([s.name, "failed", "", "", "", ""])
+            continue
+        mem = s.tensor_peak_bytes if s.tensor_peak_bytes is not None else s.peak_memory_bytes
+        rows.append([s.name, plus_minus(s.spread.get(key)) if key in s.spread else _num(getattr(s, key), ".3f"),
+                     f"{s.forgetting.delta_percent:+.1f}%" if s.forgetting else "-", human_bytes(mem),
+                     human_bytes(s.artifact_bytes), _num(s.tokens_per_second, ".0f")])
+    return headers, rows
 
 
 def recommendation_lines(results: CompareResults) -> list[str]:
@@ -131,22 +208,35 @@ def recommendation_lines(results: CompareResults) -> list[str]:
 
 
 def memory_source_note(results: CompareResults) -> str:
-    """Which peak-memory figure the table shows (GPU allocator peak, or OS peak RSS minus idle RSS)."""
+    """Which memory figures the table shows, and what `tunelab plan` is compared against."""
     sources = sorted({s.peak_memory_source for s in results.strategies if s.peak_memory_source})
-    return f"Peak memory source: {', '.join(sources) or 'not measured'}."
+    note = f"Peak memory source: {', '.join(sources) or 'not measured'}."
+    if results.hardware.device != "cuda":
+        note += (" On CPU the OS figure holds the interpreter, libraries and allocator caches too; the tensor "
+                 "peak (weights + the CPU allocator's peak over 2 training steps at full batch x seq_len) is the "
+                 "quantity tunelab plan predicts, and the plan column's ratio is against it.")
+    return note
 
 
 def print_table(results: CompareResults, console) -> None:
-    """Print the trade-off table and the recommendation on a rich console."""
-    headers, rows = trade_off_table(results)
-    table = Table(title="tunelab compare: trade-offs", show_lines=False)
+    """Print the trade-off table and the recommendation on a rich console: the full table on a wide console
+    (200 columns or more), else the narrow view that fits 80 columns (the full one is in the report)."""
+    wide = (console.width or 80) >= 200
+    headers, rows = trade_off_table(results) if wide else narrow_table(results)
+    table = Table(title="tunelab compare: trade-offs", show_lines=False, box=None if not wide else box.HEAVY_HEAD,
+                  padding=(0, 1))
     for h in headers:
         table.add_column(h, justify="left" if h in ("strategy", "status") else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(memory_source_note(results))
-    for line in recommendation_lines(results):
+    if wide:
+        console.print(memory_source_note(results))
+    else:
+        console.print("memory: tensor peak on CPU (what tunelab plan predicts), allocator peak on a GPU; prose ppl: "
+                      "change in perplexity on general prose, + = forgot more; ± half the spread over seeds. "
+                      "Full table: report.md", markup=False, highlight=False)
+    for line in recommendation_lines(results) + [f"warning: {w}" for w in results.warnings]:
         console.print(line, markup=False, highlight=False)
 
 
@@ -160,21 +250,62 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _details(results: CompareResults) -> list[tuple[str, str]]:
-    """(label, text) pairs of run metadata, failures and notes, for both report formats."""
-    hw, cfg = results.hardware, results.config
+    """(label, text) pairs of run metadata, warnings, failures and notes, for both report formats."""
+    hw, cfg, b = results.hardware, results.config, results.baseline
     gpu = f"{hw.gpu_name} ({human_bytes(hw.gpu_memory_bytes)})" if hw.gpu_name else "none"
-    out = [("Hardware", f"{hw.cpu_model}, {hw.cpu_cores} cores, RAM {human_bytes(hw.ram_bytes)}, GPU {gpu}"),
+    given = {"steps": f"--max-steps {cfg.max_steps}", "epochs": f"--epochs {cfg.epochs:g}",
+             "tokens": f"--tokens {cfg.tokens}"}[cfg.budget]
+    seeds = ", ".join(str(cfg.seed + i) for i in range(cfg.seeds))
+    out = [*(("Warning", w) for w in results.warnings),
+           ("Hardware", f"{hw.cpu_model}, {hw.cpu_cores} cores, RAM {human_bytes(hw.ram_bytes)}, GPU {gpu}"),
+           ("Load average", _load_text(results)),
            ("Versions", ", ".join(f"{k} {v}" for k, v in results.versions.items())),
-           ("Budget", f"model {cfg.model}, data {cfg.data}, {cfg.max_steps} steps, batch {cfg.batch_size}, "
-                      f"seq_len {cfg.seq_len}, seed {cfg.seed}"),
-           ("Forgetting", f"perplexity on the first {results.baseline.reference_sequences} sequences of "
-                          f"{cfg.reference_data} ({results.baseline.reference_tokens} tokens), base model "
-                          f"{_num(results.baseline.reference_perplexity, '.4g')}")]
+           ("Budget", f"model {cfg.model}, data {cfg.data}, {results.steps or cfg.max_steps} steps per run "
+                      f"(--budget {cfg.budget}, {given}; {b.train_examples or '?'} training examples), batch "
+                      f"{cfg.batch_size}, seq_len {cfg.seq_len}, seeds {seeds}; figures over seeds are "
+                      f"mean [min, max] for 2 seeds, mean [95% interval] for 3 or more"),
+           ("Learning rates", _lr_text(results)),
+           ("Forgetting", _forgetting_text(results)),
+           ("Baseline", f"the untouched {cfg.model} on the same validation batches: val loss "
+                        f"{_num(b.val_loss, '.4f')}, perplexity {_num(b.val_perplexity, '.4g')}, accuracy "
+                        f"{_num(b.val_accuracy, '.3f')}")]
     for s in results.strategies:
+        if s.lr_search:
+            curve = ", ".join(f"{lr:.3g}: {_num(loss, '.4f')}" for lr, loss in s.lr_search.curve)
+            out.append((f"{s.name} lr search", f"{s.lr_search.steps} steps, seed {s.lr_search.seed}; val loss by "
+                                               f"lr {curve}; chosen {s.lr_search.chosen_lr:.3g}"))
         if s.error:
             out.append((f"{s.name} failed", s.error))
         out += [(f"{s.name} note", n) for n in s.notes]
     return out
+
+
+def _forgetting_text(results: CompareResults) -> str:
+    b, cfg = results.baseline, results.config
+    if b.reference_perplexity is None:
+        return "not measured (classification: no prose perplexity)" if cfg.task == "classification" else \
+            "not measured (the reference prose could not be scored)"
+    return (f"perplexity on the first {b.reference_sequences} sequences of {cfg.reference_data} "
+            f"({b.reference_tokens} tokens) with the trained adapter active, against the base model's "
+            f"{b.reference_perplexity:.4g}; a positive change (higher perplexity) means the model forgot more of "
+            f"general prose, so higher is worse")
+
+
+def _load_text(results: CompareResults) -> str:
+    loads = results.load_average
+    if not loads:
+        return "not recorded"
+    return (f"1-minute load average while timing: mean {sum(loads) / len(loads):.2f}, max {max(loads):.2f} "
+            f"({len(loads)} samples) on {results.hardware.cpu_cores} cores")
+
+
+def _lr_text(results: CompareResults) -> str:
+    if results.tune_lr:
+        return (f"searched per strategy (--tune-lr): factors {results.config.lr_grid} of each method's default "
+                f"lr on {results.config.tune_fraction:g} of the budget; the lowest validation loss trains the "
+                f"full runs (--lr-for values are used as given)")
+    return ("each method's default lr (or --lr-for); not searched (--tune-lr off), so a method that needs another "
+            "lr in this budget may look worse than it is")
 
 
 def write_markdown(results: CompareResults, path: Path, plots: dict[str, Path]) -> Path:

@@ -15,13 +15,15 @@ from typing import Any, Literal
 
 import psutil
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunelab.measure.plan import parse_memory
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TASK_COUNTS = (1, 10, 100)  # the K of "bytes needed to serve K tasks"
 Priority = Literal["quality", "memory", "speed", "forgetting"]
+Budget = Literal["steps", "epochs", "tokens"]
+LR_GRID = (0.3, 1.0, 3.0)  # --tune-lr: factors of each method's default lr that the search tries
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,11 +38,23 @@ class CompareOptions(_Strict):
     task: Literal["causal-lm", "classification"] = "causal-lm"
     methods: list[str] | None = None  # None: every registered method, in registry order
     output: str = "runs/compare"
-    # The shared budget: every strategy trains the same steps on the same batches.
+    columns: dict[str, str] | None = None  # as `train --columns`: tunelab's column name -> the data file's
+    chat_template: str | None = None  # as `train --chat-template`
+    # The shared budget: every strategy trains the same steps on the same batches. `budget` says which of
+    # max_steps / epochs / tokens sets it; epochs and tokens are turned into steps from the training split.
+    budget: Budget = "steps"
     max_steps: int = Field(default=20, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    tokens: int | None = Field(default=None, gt=0)  # non-pad input tokens per strategy (budget tokens)
     batch_size: int = Field(default=4, gt=0)
     seq_len: int = Field(default=64, gt=0)
     seed: int = 0
+    seeds: int = Field(default=1, gt=0)  # every strategy trains with seeds seed, seed+1, ..., seed+seeds-1
+    # The learning-rate search: each strategy tries lr_grid x its lr on tune_fraction of the budget (seed
+    # `seed`), and the lr with the best validation loss trains the full runs. None: on where the device is a GPU.
+    tune_lr: bool | None = None
+    lr_grid: list[float] = Field(default_factory=lambda: list(LR_GRID), min_length=1)
+    tune_fraction: float = Field(default=0.25, gt=0, le=1)
     eval_batches: int | None = Field(default=8, gt=0)  # validation batches for the task-quality figures
     warmup_steps_excluded: int = Field(default=2, ge=0)  # first steps left out of tokens/s (allocation, caches)
     # Per-strategy learning rate (`--lr-for lora=3e-4`) and options (`--set-for lora.r=16`); else the method's default_lr.
@@ -61,6 +75,19 @@ class CompareOptions(_Strict):
     @classmethod
     def _size(cls, v: Any) -> Any:
         return None if v is None else parse_memory(v)
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _positive_factors(cls, v: list[float]) -> list[float]:
+        if any(f <= 0 for f in v):
+            raise ValueError("expected factors of the default lr above 0, such as [0.3, 1, 3]")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _budget_given(self) -> "CompareOptions":
+        if self.budget == "tokens" and self.tokens is None:
+            raise ValueError("budget 'tokens' needs tokens (--tokens N): non-pad input tokens per strategy")
+        return self
 
 
 class Hardware(_Strict):
@@ -116,7 +143,45 @@ class Baseline(_Strict):
     reference_perplexity: float | None = None  # "before" perplexity on the reference prose
     reference_sequences: int = 0
     reference_tokens: int = 0
+    # the untouched model on the same validation batches as every strategy's final figures
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    val_accuracy: float | None = None
+    bias_terms: bool | None = None  # whether the model has bias terms (bitfit trains norm weights if not)
+    train_examples: int | None = None  # the training split, for budgets in epochs or tokens
+    train_tokens: int | None = None  # non-pad input tokens in the training split
     error: str | None = None
+
+
+class Spread(_Strict):
+    """Mean and spread of one figure over seeds: min-max for fewer than 3 values, else a 95% t-interval."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+    kind: Literal["single run", "min-max", "95% interval"]
+
+
+class SeedRun(_Strict):
+    """The figures of one seed of one strategy (what the statistics are computed from)."""
+
+    seed: int
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    run_dir: str | None = None
+    values: dict[str, float | None] = Field(default_factory=dict)  # figure -> value (names as in `spread`)
+
+
+class LrSearch(_Strict):
+    """The learning-rate search of one strategy: each lr tried, its validation loss, and the one chosen."""
+
+    default_lr: float
+    steps: int  # the shortened budget each lr trained
+    seed: int
+    curve: list[tuple[float, float | None]] = Field(default_factory=list)  # (lr, val loss); None: it failed
+    chosen_lr: float
+    errors: dict[str, str] = Field(default_factory=dict)  # lr (as text) -> why it failed
 
 
 class Forgetting(_Strict):
@@ -154,7 +219,10 @@ class StrategyResult(_Strict):
     trainable_percent: float | None = None
     peak_memory_bytes: int | None = None
     peak_memory_source: str | None = None  # e.g. "cuda allocator peak" or "peak RSS minus idle RSS"
-    predicted_memory_bytes: int | None = None  # `tunelab plan`'s estimate of GPU memory, where it has one
+    # the allocator's tensor peak (what `tunelab plan` predicts): CUDA's max_memory_allocated on a GPU; on CPU
+    # weights + the peak of the CPU allocator over 2 training steps at full batch x seq_len (profiler)
+    tensor_peak_bytes: int | None = None
+    predicted_memory_bytes: int | None = None  # `tunelab plan`'s estimate of the tensor peak, where it has one
     tokens_per_second: float | None = None  # warm-up steps excluded
     wall_seconds: float | None = None  # training loop time, warm-up steps excluded
     artifact_bytes: int | None = None
@@ -168,6 +236,10 @@ class StrategyResult(_Strict):
     val_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, val loss)
     run_dir: str | None = None
     notes: list[str] = Field(default_factory=list)  # figures that could not be measured, and why
+    # with several seeds the figures above are means over the seeds that finished; these hold the rest
+    seed_runs: list[SeedRun] = Field(default_factory=list)
+    spread: dict[str, Spread] = Field(default_factory=dict)  # figure -> mean and spread over seeds
+    lr_search: LrSearch | None = None
 
 
 class Recommendation(_Strict):
@@ -180,6 +252,7 @@ class Recommendation(_Strict):
     reasons: list[str] = Field(default_factory=list)
     ranking: list[str] = Field(default_factory=list)  # eligible strategies, best first
     excluded: dict[str, str] = Field(default_factory=dict)  # strategy -> why it was left out
+    tied: list[str] = Field(default_factory=list)  # strategies indistinguishable from the pick (spread or 2%)
 
 
 class CompareResults(_Strict):
@@ -195,6 +268,10 @@ class CompareResults(_Strict):
     strategies: list[StrategyResult]
     recommendation: Recommendation | None = None
     output_dir: str | None = None
+    steps: int | None = None  # the budget in optimizer steps per strategy, whichever way it was given
+    tune_lr: bool = False  # whether the learning rates were searched (else each method's default or --lr-for)
+    load_average: list[float] = Field(default_factory=list)  # 1-minute load average, sampled while timing
+    warnings: list[str] = Field(default_factory=list)  # busy machine, budget too small, ...
 
     def strategy(self, name: str) -> StrategyResult:
         """The record of strategy `name` (KeyError if it was not compared)."""

@@ -83,6 +83,14 @@ def _targets(model: nn.Module, options: BitFitOptions) -> list[tuple[str, nn.Mod
     return found
 
 
+def has_bias_terms(model: nn.Module) -> bool:
+    """Whether bitfit finds bias terms to train in `model` with its default options (no `include_norms`)."""
+    try:
+        return bool(_targets(model, BitFitOptions()))
+    except ConfigError:
+        return False
+
+
 def _nothing_found(model: nn.Module, options: BitFitOptions) -> str:
     """The one-line error when no module qualifies, with what to do about it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__

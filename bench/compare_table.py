@@ -1,0 +1,58 @@
+"""The README's compare table, from a compare's results.json: one row for the untouched base model, one per strategy.
+
+    python bench/compare_table.py bench/results/compare_smollm2_cpu.json
+
+Figures over seeds are means with their spread (min-max for 2 seeds, 95% interval for 3 or more), as in the
+report; memory is the tensor peak on CPU (the quantity `tunelab plan` predicts) with the OS RSS growth beside it,
+or the CUDA allocator peak on a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tunelab.measure.portability import human_bytes  # noqa: E402
+from tunelab.measure.schema import CompareResults  # noqa: E402
+from tunelab.measure.stats import spread_text  # noqa: E402
+
+
+def _cell(s, key: str, value, fmt: str) -> str:
+    sp = s.spread.get(key)
+    if sp is not None and sp.n >= 2:
+        return spread_text(sp, fmt)
+    return "-" if value is None else format(value, fmt)
+
+
+def table(results: CompareResults) -> str:
+    """Markdown rows: strategy, lr, params updated, memory, artifact, tokens/s, val quality, forgetting."""
+    cls = results.config.task == "classification"
+    cuda = results.hardware.device == "cuda"
+    mem = "peak memory (CUDA allocator)" if cuda else "tensor peak / RSS growth"
+    quality = "val accuracy" if cls else "val loss"
+    head = f"| strategy | lr | params updated | {mem} | artifact | tokens/s | {quality} | prose ppl change (+ = worse) |"
+    b = results.baseline
+    base_q = b.val_accuracy if cls else b.val_loss
+    rows = [head, "|" + "---|" * 8,
+            f"| base (no tuning) | - | 0 | - | {human_bytes(b.base_bytes)} | - | "
+            f"{'-' if base_q is None else format(base_q, '.3f')} | ppl {b.reference_perplexity or 0:.4g} |"]
+    for s in results.strategies:
+        if s.status != "ok":
+            rows.append(f"| {s.name} | failed: {s.error} | | | | | | |")
+            continue
+        memory = human_bytes(s.peak_memory_bytes) if cuda else \
+            f"{human_bytes(s.tensor_peak_bytes)} / {human_bytes(s.peak_memory_bytes)}"
+        lr = f"{s.lr:.2g}" + (" (searched)" if s.lr_search else "")
+        pct = f"{s.trainable_percent:.2g}%" if s.trainable_percent is not None else ""
+        forget = _cell(s, "forgetting_percent", s.forgetting.delta_percent if s.forgetting else None, "+.1f")
+        rows.append(f"| {s.name} | {lr} | {s.params_trainable:,} ({pct}) | {memory} | "
+                    f"{human_bytes(s.artifact_bytes)} | {s.tokens_per_second:.0f} | "
+                    f"{_cell(s, 'val_accuracy' if cls else 'val_loss', s.val_accuracy if cls else s.val_loss, '.3f')}"
+                    f" | {forget}{'%' if s.forgetting else ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(CompareResults.model_validate_json(Path(sys.argv[1]).read_text())))
