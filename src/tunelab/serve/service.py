@@ -7,6 +7,7 @@ into `Service.submit` calls and results into OpenAI response bodies.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from tunelab.serve.engine import Engine, GenerationRequest
 from tunelab.serve.errors import BadRequest
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.registry import AdapterRegistry
+from tunelab.serve.responses import TokenText
 
 
 @dataclass
@@ -58,17 +60,40 @@ class Service:
 
     def submit(self, model: str, req: GenerationRequest) -> Future:
         """Queue `req` on adapter or base `model`; the adapter is held until the result is ready."""
-        self.engine.check(req)  # before any adapter loads
+        return self.submit_all(model, [req])[0]
+
+    def submit_all(self, model: str, requests: list[GenerationRequest]) -> list[Future]:
+        """Queue `requests` (the choices of one API request) on adapter or base `model`, all or none; the adapter
+        is held until the last result is ready. A non-resident adapter may wait for a slot (`slot_wait_s`)."""
+        for req in requests:
+            self.engine.check(req)  # before any adapter loads
         key = self.registry.acquire(model)
-        req.adapter = key
+        for req in requests:
+            req.adapter = key
         try:
-            future = self.engine.submit(req)
+            futures = self.engine.submit_all(requests)
         except BaseException:
             self.registry.release(key)
             raise
-        future.add_done_callback(lambda _: self.registry.release(key))
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.registry.release(key)
+
+        for future in futures:
+            future.add_done_callback(done)
         self.engine.metrics.add("tunelab_requests_total")
-        return future
+        return futures
+
+    @functools.cached_property
+    def token_text(self) -> TokenText:
+        """Each token's own text, for logprobs."""
+        return TokenText(self.tokenizer)
 
     def close(self) -> None:
         """Stop the batching loop (queued requests fail with a clear error)."""
