@@ -231,13 +231,13 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
                 try:
                     kind, i, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
                 except TimeoutError:
-                    yield _sse_error(Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
+                    yield _sse_error(service, Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
                     break
                 if kind == "text":
                     yield chunk([shape.delta(i, value, None)])
                     continue
                 if value.exception() is not None:
-                    yield _sse_error(value.exception())
+                    yield _sse_error(service, value.exception())
                     break
                 results[i] = value.result()
                 done = [results[j] for j in sorted(results)] if len(results) == len(futures) else None
@@ -275,9 +275,16 @@ async def _watch_disconnect(request: Request, requests: list[GenerationRequest])
                 req.cancel()
 
 
-def _sse_error(err: BaseException) -> str:
-    body = http_fields(err)[1] if isinstance(err, TunelabError) else _internal(err)
+def _sse_error(service: Service, err: BaseException) -> str:
+    body = _public_fields(service, err)[1] if isinstance(err, TunelabError) else _internal(err)
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _public_fields(service: Service, err: TunelabError) -> tuple[int, dict]:
+    """`http_fields` of `err`, adapters named as clients name them (never by their internal keys)."""
+    status, body = http_fields(err)
+    body["error"]["message"] = service.registry.public_text(body["error"]["message"])
+    return status, body
 
 
 # --- errors ------------------------------------------------------------------------------------------------
@@ -321,7 +328,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TunelabError)
     async def _tunelab(request: Request, exc: TunelabError):
-        status, body = http_fields(exc)
+        status, body = _public_fields(request.app.state.service, exc)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)

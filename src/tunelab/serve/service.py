@@ -20,7 +20,7 @@ from tunelab.models import load_model
 from tunelab.serve.engine import Engine, GenerationRequest
 from tunelab.serve.errors import BadRequest
 from tunelab.serve.metrics import ServeMetrics
-from tunelab.serve.registry import AdapterRegistry
+from tunelab.serve.registry import SLOT_WAIT_S, AdapterRegistry, check_name
 from tunelab.serve.responses import TokenText
 
 
@@ -108,15 +108,22 @@ def base_name_of(spec: str | Path) -> str:
 def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_root: Path | None = None,
                   max_adapters: int = 8, max_rank: int = 64, max_batch_size: int = 16,
                   max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
-                  dtype: str = "auto") -> Service:
+                  dtype: str = "auto", served_model_name: str | None = None,
+                  slot_wait_s: float = SLOT_WAIT_S) -> Service:
     """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
 
     `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
-    own name with no adapter overhead, and no other adapter may be given. Errors are `TunelabError`s naming
-    the adapter or option.
+    own name with no adapter overhead, and no other adapter may be given. `served_model_name`: the name requests
+    give for the base (default: the alias or the directory's name; with `merge`, the merged adapter's name).
+    `slot_wait_s`: how long a request for a non-resident adapter waits for a free slot. `device`, `dtype`: as for
+    `load_model`. Errors are `TunelabError`s naming the adapter or option.
     """
     adapters = dict(adapters or {})
     _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters))
+    if served_model_name is not None:
+        check_name(served_model_name)
+    if not slot_wait_s >= 0:
+        raise ConfigError(f"--slot-wait: expected a number of seconds >= 0, found {slot_wait_s}")
     if merge is not None and (set(adapters) != {merge} or adapter_root is not None):
         raise ConfigError(f"--merge {merge}: expected exactly one --adapter named {merge!r} and no "
                           f"--adapter-root; found adapters {sorted(adapters) or 'none'}")
@@ -124,16 +131,17 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
         raise ConfigError(f"--adapter-root {adapter_root}: not a directory")
     loaded = load_model(str(model), task="causal-lm", device=device, dtype=dtype)
     base = loaded.model.eval().requires_grad_(False)
-    base_name = base_name_of(model)
+    base_name = served_model_name or base_name_of(model)
     lock = threading.RLock()
     metrics = ServeMetrics()
     registry = AdapterRegistry(base, lock, base_name=base_name, adapter_root=adapter_root,
-                               max_adapters=max_adapters, max_rank=max_rank, metrics=metrics)
+                               max_adapters=max_adapters, max_rank=max_rank, metrics=metrics,
+                               slot_wait_s=slot_wait_s)
     for name, path in adapters.items():
         registry.add(name, Path(path))
     if merge is not None:
-        registry.merge_into_base(merge)
-        base_name = merge
+        base_name = served_model_name or merge
+        registry.merge_into_base(merge, base_name)
     engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
                     max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
     engine.start()
