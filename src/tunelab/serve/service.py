@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.data.templates import resolve_chat_template
 from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
 from tunelab.models import load_model
@@ -109,14 +110,15 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
                   max_adapters: int = 8, max_rank: int = 64, max_batch_size: int = 16,
                   max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
                   dtype: str = "auto", served_model_name: str | None = None,
-                  slot_wait_s: float = SLOT_WAIT_S) -> Service:
+                  slot_wait_s: float = SLOT_WAIT_S, chat_template: str | None = None) -> Service:
     """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
 
     `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
     own name with no adapter overhead, and no other adapter may be given. `served_model_name`: the name requests
     give for the base (default: the alias or the directory's name; with `merge`, the merged adapter's name).
     `slot_wait_s`: how long a request for a non-resident adapter waits for a free slot. `device`, `dtype`: as for
-    `load_model`. Errors are `TunelabError`s naming the adapter or option.
+    `load_model`. `chat_template`: a Jinja file or a shipped template's name, for a tokenizer without one.
+    Errors are `TunelabError`s naming the adapter or option.
     """
     adapters = dict(adapters or {})
     _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters))
@@ -129,7 +131,10 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
                           f"--adapter-root; found adapters {sorted(adapters) or 'none'}")
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {adapter_root}: not a directory")
+    template = resolve_chat_template(chat_template) if chat_template is not None else None
     loaded = load_model(str(model), task="causal-lm", device=device, dtype=dtype)
+    if template is not None:
+        loaded.tokenizer.chat_template = template
     base = loaded.model.eval().requires_grad_(False)
     base_name = served_model_name or base_name_of(model)
     lock = threading.RLock()
