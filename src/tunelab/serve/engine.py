@@ -77,8 +77,8 @@ class Engine:
             raise BadRequest(f"top_p: expected a number in (0, 1], found {req.top_p}", param="top_p")
         if not req.prompt_ids:
             raise BadRequest("prompt: expected at least one token, found an empty prompt", param="prompt")
-        bad = next((t for t in req.prompt_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
+        if req.prompt_ids and not 0 <= min(req.prompt_ids) <= max(req.prompt_ids) < self.vocab_size:
+            bad = next(t for t in req.prompt_ids if not 0 <= t < self.vocab_size)
             raise BadRequest(f"prompt: token id {bad} is outside the model's vocabulary (0 to "
                              f"{self.vocab_size - 1})", param="prompt")
         bad = next((t for t in req.logit_bias if not 0 <= t < self.vocab_size), None)
@@ -220,7 +220,7 @@ class Engine:
         # the step's one host sync: every row's argmax, whether its scores are finite (-inf is probability 0),
         # and the logprobs when a row asks for them
         numbers = step_numbers(logits, scores, batch.top_k).tolist()
-        tokens = [row.step(scores[i], logits[i], StepRead(*read_step(numbers[i], batch.top_k)))
+        tokens = [row.step(scores, logits, i, StepRead(*read_step(numbers[i], batch.top_k)))
                   for i, row in enumerate(batch.rows)]
         self._record(batch.rows)
         self.dropped += sum(row.finish_reason == "cancelled" for row in batch.rows)

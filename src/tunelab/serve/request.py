@@ -92,16 +92,16 @@ class Row:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the engine at prefill
         self.queued = time.monotonic()  # for the time to first token
 
-    def step(self, scores: torch.Tensor, raw: torch.Tensor, read: StepRead) -> int:
-        """Choose this row's next token from its `scores` (vocab,) (after penalties; `raw`: before), update its
-        text; return the token.
+    def step(self, scores: torch.Tensor, raw: torch.Tensor, i: int, read: StepRead) -> int:
+        """Choose this row's next token from row `i` of the batch's `scores` (B, vocab) (after penalties; `raw`:
+        before), update its text; return the token.
 
-        `read` holds what is already on the host (the step's one sync). Any error (a row's numbers that cannot be
+        `read` holds what is already on the host (the step's one sync); a greedy row touches no tensor. Any error (a row's numbers that cannot be
         sampled, a failing `on_text`) ends this row alone: its future gets the error and the row leaves the batch
         with the others untouched.
         """
         try:
-            token = self._step(scores, raw, read)
+            token = self._step(scores, raw, i, read)
             if self.finish_reason in ("stop", "length"):
                 settle(self.future, result=self.result())
             return token
@@ -110,7 +110,7 @@ class Row:
             settle(self.future, error=err)
             return 0
 
-    def _step(self, scores: torch.Tensor, raw: torch.Tensor, read: StepRead) -> int:
+    def _step(self, scores: torch.Tensor, raw: torch.Tensor, i: int, read: StepRead) -> int:
         req = self.request
         if req.cancelled.is_set():
             self.finish_reason = "cancelled"
@@ -122,10 +122,10 @@ class Row:
         if not read.finite:
             raise SamplingError("the model's next-token scores for this request are NaN or infinite")
         sampled = req.temperature >= MIN_TEMPERATURE and req.top_p > 0
-        token = next_token(scores, req.temperature, req.top_p, self.gen) if sampled else read.greedy
+        token = next_token(scores[i], req.temperature, req.top_p, self.gen) if sampled else read.greedy
         self.generated += 1
         if self.logprobs is not None:
-            self._log(token, raw, read)
+            self._log(token, raw[i], read)
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return token
