@@ -264,3 +264,20 @@ def test_errors_name_the_adapter_as_the_client_named_it(make_service, base_dir, 
     key = service.registry.acquire("good")
     assert service.registry.public_text(f"adapter {key!r} failed") == "adapter 'good' failed"
     service.registry.release(key)
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(live):
+    _, client = live
+    ask = dict(model="a", prompt=PROMPTS[1], max_tokens=10, temperature=0, logprobs=2)
+    whole = client.completions.create(**ask).choices[0].logprobs
+    pieces = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    assert len(pieces) > 1
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(p, field) for p in pieces), []) == getattr(whole, field), field
+    chat = dict(model="a", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=0,
+                logprobs=True, top_logprobs=2)
+    whole_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [t for c in client.chat.completions.create(**chat, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in whole_chat]

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from tunelab.errors import TunelabError
 from tunelab.serve.errors import Busy, ModelNotFound, http_fields
 from tunelab.serve.guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard
+from tunelab.serve.logits import TokenLogprob
 from tunelab.serve.request import GenerationRequest, GenerationResult
 from tunelab.serve.responses import (
     ChatShape,
@@ -97,12 +98,14 @@ def _model_cards(service: Service) -> list[dict]:
 @dataclass
 class _Prepared:
     """A request's engine requests (`per_prompt` choices per prompt, in choice order), how a result becomes a
-    choice, and the text a choice's answer opens with (echo)."""
+    choice, the text a choice's answer opens with (echo), and how a streamed piece's logprobs read (None: the
+    request asks for none)."""
 
     requests: list[GenerationRequest]
     per_prompt: int
     choice: Callable[[int, GenerationResult], dict]
     opening: Callable[[int], str] = lambda i: ""
+    piece_logprobs: Callable[[int, list[TokenLogprob]], dict] | None = None
 
 
 def _prepare_completion(service: Service, body: CompletionRequest) -> _Prepared:
@@ -132,7 +135,14 @@ def _prepare_completion(service: Service, body: CompletionRequest) -> _Prepared:
                 logprobs = completion_logprobs(ids, result.logprobs, words, offset=len(echoes[i // body.n]))
         return shape.choice(i, opening(i) + result.text, result.finish_reason, logprobs)
 
-    return _Prepared(requests, body.n, choice, opening)
+    offsets = [len(echoes[i // body.n]) for i in range(len(requests))]  # where each choice's next piece starts
+
+    def piece(i: int, entries: list[TokenLogprob]) -> dict:
+        found = completion_logprobs([e.token for e in entries], entries, words, offset=offsets[i])
+        offsets[i] += sum(len(t) for t in found["tokens"])
+        return found
+
+    return _Prepared(requests, body.n, choice, opening, piece if k is not None else None)
 
 
 def _prepare_chat(service: Service, body: ChatCompletionRequest) -> _Prepared:
@@ -146,7 +156,10 @@ def _prepare_chat(service: Service, body: ChatCompletionRequest) -> _Prepared:
         logprobs = chat_logprobs(result.logprobs, service.token_text) if body.logprobs else None
         return ChatShape().choice(i, result.text, result.finish_reason, logprobs)
 
-    return _Prepared(requests, body.n, choice)
+    def piece(i: int, entries: list[TokenLogprob]) -> dict:
+        return chat_logprobs(entries, service.token_text)
+
+    return _Prepared(requests, body.n, choice, piece_logprobs=piece if body.logprobs else None)
 
 
 def _add_probes(app: FastAPI, service: Service) -> None:
@@ -212,6 +225,8 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
     events: asyncio.Queue = asyncio.Queue()
     for i, req in enumerate(plan.requests):
         req.on_text = lambda text, i=i: loop.call_soon_threadsafe(events.put_nowait, ("text", i, text))
+        if plan.piece_logprobs is not None:
+            req.on_logprobs = lambda got, i=i: loop.call_soon_threadsafe(events.put_nowait, ("logprobs", i, got))
     futures = await run_in_threadpool(service.submit_all, body.model, plan.requests)  # errors before: plain errors
     for i, future in enumerate(futures):
         future.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, ("done", i, f)))
@@ -227,14 +242,23 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
                 if plan.opening(i):  # echo: the prompt comes first
                     yield chunk([shape.delta(i, plan.opening(i), None)])
             results: dict[int, GenerationResult] = {}
+            pending: dict[int, list[TokenLogprob]] = {}  # logprobs of the tokens behind a choice's next piece
+
+            def logprobs_of(i: int) -> dict | None:
+                got = pending.pop(i, None)
+                return plan.piece_logprobs(i, got) if got else None
+
             while len(results) < len(futures):
                 try:
                     kind, i, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
                 except TimeoutError:
                     yield _sse_error(service, Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
                     break
+                if kind == "logprobs":
+                    pending.setdefault(i, []).extend(value)
+                    continue
                 if kind == "text":
-                    yield chunk([shape.delta(i, value, None)])
+                    yield chunk([shape.delta(i, value, None, logprobs_of(i))])
                     continue
                 if value.exception() is not None:
                     yield _sse_error(service, value.exception())
@@ -242,7 +266,7 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
                 results[i] = value.result()
                 done = [results[j] for j in sorted(results)] if len(results) == len(futures) else None
                 extra = {"usage": usage(done, plan.per_prompt)} if done and not body.include_usage else {}
-                yield chunk([shape.delta(i, None, results[i].finish_reason)], **extra)
+                yield chunk([shape.delta(i, None, results[i].finish_reason, logprobs_of(i))], **extra)
             if len(results) == len(futures) and body.include_usage:
                 yield chunk([], usage=usage([results[j] for j in sorted(results)], plan.per_prompt))
             yield "data: [DONE]\n\n"

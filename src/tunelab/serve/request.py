@@ -25,7 +25,8 @@ class GenerationRequest:
     0 (score the prompt, generate nothing).
 
     `on_text`, when given, receives the completion's text in pieces as it becomes final (for streaming);
-    it is called on the engine thread and must not block for long. `cancel()` (a client that hung up) drops
+    it is called on the engine thread and must not block for long. `on_logprobs`, with `on_text` and `logprobs`,
+    receives just before each piece (and at the end) the logprobs of the tokens generated since the last piece. `cancel()` (a client that hung up) drops
     the request from the queue, or from its batch at the next decode step.
     """
 
@@ -42,6 +43,7 @@ class GenerationRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     on_text: Callable[[str], None] | None = None
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def cancel(self) -> None:
@@ -90,6 +92,7 @@ class Row:
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the engine at prefill
+        self.logprobs_sent = 0  # how many of `logprobs` went to `on_logprobs`
         self.queued = time.monotonic()  # for the time to first token
 
     def step(self, scores: torch.Tensor, raw: torch.Tensor, i: int, read: StepRead) -> int:
@@ -148,10 +151,16 @@ class Row:
         self.logprobs.append(TokenLogprob(token, logprob, read.top[:self.request.logprobs]))
 
     def _emit(self, final: bool) -> None:
-        if self.request.on_text is not None:
-            chunk = self.text.new_text(final=final)
-            if chunk:
-                self.request.on_text(chunk)
+        req = self.request
+        if req.on_text is None:
+            return
+        chunk = self.text.new_text(final=final)
+        if req.on_logprobs is not None and self.logprobs is not None and (chunk or final):
+            entries, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+            if entries:
+                req.on_logprobs(entries)
+        if chunk:
+            req.on_text(chunk)
 
     def result(self) -> GenerationResult:
         """The finished completion (after any text still held back is handed out)."""

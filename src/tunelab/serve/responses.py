@@ -60,8 +60,8 @@ class TextShape:
     def choice(self, index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def delta(self, index: int, text: str | None, finish: str | None) -> dict:
-        return self.choice(index, text or "", finish)
+    def delta(self, index: int, text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
+        return self.choice(index, text or "", finish, logprobs)
 
     def opening(self, index: int) -> dict | None:
         return None
@@ -76,9 +76,9 @@ class ChatShape:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
 
-    def delta(self, index: int, text: str | None, finish: str | None) -> dict:
+    def delta(self, index: int, text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
         delta = {} if text is None else {"content": text}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self, index: int) -> dict:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -126,8 +126,9 @@ class CompletionRequest(_Params):
         if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
             raise BadRequest("max_tokens: expected at least 1 (0 only to score the prompt, with echo: true and "
                              "logprobs)", param="max_tokens")
-        if self.stream and self.logprobs is not None:
-            raise BadRequest("logprobs: not available with stream: true; ask without streaming", param="logprobs")
+        if self.stream and self.echo and self.logprobs is not None:
+            raise BadRequest("logprobs: with echo, not available with stream: true; ask without streaming",
+                             param="logprobs")
 
 
 class TextPart(_Strict):
@@ -164,8 +165,6 @@ class ChatCompletionRequest(_Params):
         super().check(prompts)
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs: expected only with logprobs: true", param="top_logprobs")
-        if self.stream and self.logprobs:
-            raise BadRequest("logprobs: not available with stream: true; ask without streaming", param="logprobs")
 
     def logprobs_k(self) -> int | None:
         """How many alternatives each token reports (None: no logprobs)."""
