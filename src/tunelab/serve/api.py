@@ -1,4 +1,8 @@
-"""The OpenAI-compatible HTTP API over a `Service`: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible HTTP API over a `Service`: /v1/models, /v1/models/{id}, /v1/completions,
+/v1/chat/completions.
+
+A request becomes one engine request per choice (prompts x `n`), queued together (`Service.submit_all`); its
+response objects are built in `responses.py`.
 
 Request bodies are strict pydantic models (`schema.py`; unknown fields are errors), checked after `guard.Guard`
 (API key, body size and read time); responses and errors have OpenAI's shapes, errors as
