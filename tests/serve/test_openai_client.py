@@ -281,3 +281,44 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(live):
     streamed = [t for c in client.chat.completions.create(**chat, stream=True)
                 if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.model_dump() for t in streamed] == [t.model_dump() for t in whole_chat]
+
+
+def test_scoring_rows_batch_among_themselves_within_the_logits_budget(make_service, tokenizer, monkeypatch):
+    """Echo-scoring rows keep every position's logits: they never share a batch with generating rows, and a
+    scoring batch holds at most SCORING_LOGITS numbers; what they score is what each scores alone."""
+    from serve.helpers import ForwardGate, wait_until
+
+    from tunelab.serve import engine as engine_module
+    from tunelab.serve.engine import GenerationRequest
+
+    service = make_service()
+    engine = service.engine
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:3]]
+
+    def scoring():
+        return [GenerationRequest(ids, max_tokens=0, prompt_logprobs=1) for ids in prompts]
+
+    alone = [engine.generate([r])[0].prompt_logprobs for r in scoring()]
+    width = max(len(ids) for ids in prompts)
+    monkeypatch.setattr(engine_module, "SCORING_LOGITS", 2 * width * engine.vocab_size)  # two rows fit
+    waves = []
+    run_wave = engine._run_wave
+    monkeypatch.setattr(engine, "_run_wave", lambda rows, group: (waves.append((len(rows), group)),
+                                                                   run_wave(rows, group))[1])
+    gate = ForwardGate(engine.model)
+    try:
+        gate.close()
+        lead = engine.submit(GenerationRequest(tokenizer(PROMPTS[4]).input_ids, max_tokens=6))
+        wait_until(lambda: gate.waiting == 1, what="the lead's forward")
+        futures = [engine.submit(r) for r in scoring()]
+        joining = engine.submit(GenerationRequest(tokenizer(PROMPTS[3]).input_ids, max_tokens=3))
+        wait_until(lambda: engine.queue_depth() == 4, what="four queued requests")
+        gate.open()
+        got = [f.result(timeout=60).prompt_logprobs for f in futures]
+        lead.result(timeout=60), joining.result(timeout=60)
+    finally:
+        gate.remove()
+    assert [n for n, group in waves if isinstance(group, tuple)] == [2, 1]
+    for row, want in zip(got, alone):
+        assert row[0] is None and [e.token for e in row[1:]] == [e.token for e in want[1:]]
+        assert [e.logprob for e in row[1:]] == pytest.approx([e.logprob for e in want[1:]], abs=1e-4)

@@ -6,7 +6,8 @@ and decodes them together: one forward per step for the whole batch, with the tr
 adapter's delta. A row leaves the batch at its own EOS, stop string or `max_tokens`, and queued rows join it
 between steps (continuous batching). Adapters whose method cannot give each row its own adapter (see
 `adapter_files.mixed_batch_ok`) are served in waves of their own, with the adapter active for every row and
-no joining; such a wave ends when its last row does.
+no joining; such a wave ends when its last row does. Rows that score their prompt (echo with logprobs) keep every
+position's logits at prefill, so they are batched only with each other, within `SCORING_LOGITS`, and never join.
 
 Forwards hold `lock`, the lock the adapter registry holds while it attaches or removes adapters, so the set of
 adapters only changes between decode steps.
@@ -35,6 +36,10 @@ from tunelab.serve.request import GenerationRequest, GenerationResult, Row, Step
 __all__ = ["Engine", "GenerationRequest", "GenerationResult"]
 
 _MIXED = object()  # the group key of rows that can share a batch through row_adapters
+_SCORING = "scoring"  # first part of the group key of rows that score their prompt (echo + logprobs)
+# a scoring prefill keeps every position's logits, (rows, longest prompt, vocab): at most this many numbers
+# (1 GiB in float32), so one scoring request cannot make a batch of other clients' rows run out of memory
+SCORING_LOGITS = 2**28
 
 
 class Engine:
@@ -147,8 +152,11 @@ class Engine:
         return [row.future.result() for row in rows]
 
     # --- the loop -------------------------------------------------------------------------------------
-    def _group(self, adapter: str | None):
-        return _MIXED if adapter is None or self.mixed_batch(adapter) else adapter
+    def _group(self, req: GenerationRequest):
+        """The batches `req` may share: rows of mixed-batch adapters together, another adapter's alone; rows
+        scoring their prompts only with each other (their prefill keeps every position's logits)."""
+        adapters = _MIXED if req.adapter is None or self.mixed_batch(req.adapter) else req.adapter
+        return (_SCORING, adapters) if req.prompt_logprobs is not None else adapters
 
     def queue_depth(self) -> int:
         """Requests waiting for a place in a batch."""
@@ -165,7 +173,11 @@ class Engine:
             settle(row.future, error=ClientGone("the client disconnected"))
         self.dropped += len(gone)
         self._pending = [r for r in self._pending if r not in gone]
-        taken = [r for r in self._pending if self._group(r.request.adapter) == group][:limit]
+        taken = [r for r in self._pending if self._group(r.request) == group][:limit]
+        if isinstance(group, tuple):  # scoring rows: as many as SCORING_LOGITS allows, at least one
+            longest = itertools.accumulate((len(r.request.prompt_ids) for r in taken), max)
+            taken = [r for n, (r, width) in enumerate(zip(taken, longest))
+                     if n == 0 or (n + 1) * width * self.vocab_size <= SCORING_LOGITS]
         self._pending = [r for r in self._pending if r not in taken]
         return taken
 
@@ -176,7 +188,7 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-                group = self._group(self._pending[0].request.adapter)  # the oldest request leads
+                group = self._group(self._pending[0].request)  # the oldest request leads
                 wave = self._take(group, self.max_batch_size)
             self._run_wave(wave, group)
 
