@@ -162,3 +162,16 @@ def test_real_server_on_a_free_port(make_service, adapter_root):
             assert http.post("/v1/completions", content=b"not json").status_code == 400
     with pytest.raises(httpx.TransportError):  # shut down: nothing listens any more
         httpx.get(url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("content, words", [
+    ([{"type": "text", "text": "\ud800"}], "lone surrogate"),
+    ([{"type": "text", "text": "hi", "extra": 1}], "Extra inputs"),
+    ([{"type": "image_url", "image_url": {"url": "x"}}], "messages"),
+    ([], "at least 1 item"),
+])
+def test_bad_text_parts_are_400s_naming_messages(client, content, words):
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": content}]})
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert err["param"] == "messages" and words in err["message"], err

@@ -88,7 +88,7 @@ class _Params(_Strict):
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         return [GenerationRequest(list(prompt_ids), max_tokens=max_tokens, temperature=self.temperature,
                                   top_p=self.top_p, stop=stops,
-                                  seed=None if self.seed is None else (self.seed + j) % 2**64,
+                                  seed=self.seed if self.seed is None or j == 0 else (self.seed + j) % 2**64,
                                   frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                                   logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                 for j in range(self.n)]
