@@ -256,6 +256,7 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
                 try:
                     kind, i, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
                 except TimeoutError:
+                    _cancel(plan.requests)
                     yield _sse_error(service, Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
                     break
                 if kind == "logprobs":
@@ -264,7 +265,8 @@ async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, requ
                 if kind == "text":
                     yield chunk([shape.delta(i, value, None, logprobs_of(i))])
                     continue
-                if value.exception() is not None:
+                if value.exception() is not None:  # one choice failed: the answer is over, its other rows stop
+                    _cancel(plan.requests)
                     yield _sse_error(service, value.exception())
                     break
                 results[i] = value.result()
@@ -288,8 +290,7 @@ async def _watch_disconnect(request: Request, requests: list[GenerationRequest])
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        for req in requests:
-            req.cancel()
+        _cancel(requests)
 
     watcher = asyncio.ensure_future(watch())
     finished = False
@@ -299,8 +300,12 @@ async def _watch_disconnect(request: Request, requests: list[GenerationRequest])
     finally:
         watcher.cancel()
         if not finished:
-            for req in requests:
-                req.cancel()
+            _cancel(requests)
+
+
+def _cancel(requests: list[GenerationRequest]) -> None:
+    for req in requests:
+        req.cancel()
 
 
 def _sse_error(service: Service, err: BaseException) -> str:

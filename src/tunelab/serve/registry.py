@@ -8,8 +8,9 @@ is read and checked outside the one load lock: a slow or refused name delays no 
 
 At most `max_adapters` are loaded. Each request holds a reference on its adapter from `acquire` to `release`;
 loading one more evicts the least recently used adapter that no request holds. When all are held, the load waits
-for one to be released, at most `slot_wait_s` seconds from the request's arrival, and then refuses with `Busy`. Adapters above `max_rank`, of a method that cannot be served, or whose files are corrupt are
-refused with a message naming the adapter. On the model, adapters carry internal keys (`serve_0`, ...), so
+for one to be released, at most `slot_wait_s` seconds from the request's arrival, and then refuses with `Busy`.
+Adapters above `max_rank`, of a method that cannot be served, or whose files are corrupt are refused with a
+message naming the adapter. On the model, adapters carry internal keys (`serve_0`, ...), so
 public names need not be valid module names.
 """
 

@@ -26,8 +26,9 @@ class GenerationRequest:
 
     `on_text`, when given, receives the completion's text in pieces as it becomes final (for streaming);
     it is called on the engine thread and must not block for long. `on_logprobs`, with `on_text` and `logprobs`,
-    receives just before each piece (and at the end) the logprobs of the tokens generated since the last piece. `cancel()` (a client that hung up) drops
-    the request from the queue, or from its batch at the next decode step.
+    receives just before each piece (and at the end) the logprobs of the tokens generated since the last piece.
+    `cancel()` (a client that hung up) drops the request from the queue, or from its batch at the next decode
+    step.
     """
 
     prompt_ids: list[int]
@@ -99,9 +100,9 @@ class Row:
         """Choose this row's next token from row `i` of the batch's `scores` (B, vocab) (after penalties; `raw`:
         before), update its text; return the token.
 
-        `read` holds what is already on the host (the step's one sync); a greedy row touches no tensor. Any error (a row's numbers that cannot be
-        sampled, a failing `on_text`) ends this row alone: its future gets the error and the row leaves the batch
-        with the others untouched.
+        `read` holds what is already on the host (the step's one sync); a greedy row touches no tensor. Any
+        error (a row's numbers that cannot be sampled, a failing `on_text`) ends this row alone: its future gets
+        the error and the row leaves the batch with the others untouched.
         """
         try:
             token = self._step(scores, raw, i, read)
