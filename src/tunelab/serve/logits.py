@@ -89,17 +89,18 @@ class Controls:
 
 
 def step_numbers(raw: torch.Tensor, scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """What one step brings to the host in one transfer, as float64 (B, 3 + 2k) (token ids are exact in it):
+    """What one step brings to the host in one transfer, as float32 (B, 3 + 2k) (token ids below 2^24, every real
+    vocabulary, are exact in it; float64 is missing on some devices):
     the argmax of `scores`, whether `scores` hold NaN/+inf, and when `top_k` is not None the raw log-probability of
     that argmax then the k most likely tokens' log-probabilities and ids (`raw`: the model's scores (B, V))."""
     bad = (torch.isnan(scores) | torch.isposinf(scores)).any(-1)
     greedy = scores.argmax(-1)
-    cols = [greedy.double(), bad.double()]
+    cols = [greedy.float(), bad.float()]
     if top_k is not None:
         logp = torch.log_softmax(raw.float(), dim=-1)
         top_v, top_i = logp.topk(top_k, dim=-1)  # k = 0: empty (B, 0)
-        cols += [logp.gather(1, greedy[:, None])[:, 0].double()]
-        return torch.cat([torch.stack(cols, 1), top_v.double(), top_i.double()], 1)
+        cols += [logp.gather(1, greedy[:, None])[:, 0]]
+        return torch.cat([torch.stack(cols, 1), top_v, top_i.float()], 1)
     return torch.stack(cols, 1)
 
 
@@ -126,7 +127,7 @@ def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], pr
         start = width - len(prompt)
         logp = torch.log_softmax(logits[i, start:width - 1].float(), dim=-1)  # (n - 1, V): position t -> t + 1
         top_v, top_i = logp.topk(top_k, dim=-1)
-        parts.append(torch.cat([logp.gather(1, ids[i, start + 1:, None]).double(), top_v.double(), top_i.double()], 1))
+        parts.append(torch.cat([logp.gather(1, ids[i, start + 1:, None]), top_v, top_i.float()], 1))
     numbers = torch.cat(parts).tolist() if parts else []
     out, at = [], 0
     for prompt, k in zip(prompts, top_ks):
