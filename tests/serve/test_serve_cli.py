@@ -50,6 +50,7 @@ def test_serve_config_yaml_with_flags_over_it(captured, adapter_root, tmp_path):
     ("model: m\nmax_adapters: 0\n", ["serve.yaml", "max_adapters", "greater than or equal to 1"]),
     ("port: 9000\n", ["serve.yaml", "no model"]),
     ("model: m\nadapters: [a]\n", ["serve.yaml", "adapters", "mapping"]),
+    ("model: m\ndtype: bfloat\n", ["serve.yaml", "dtype", "bfloat16"]),
 ])
 def test_serve_config_errors_name_the_file_and_key(captured, tmp_path, capsys, text, words):
     config = tmp_path / "serve.yaml"

@@ -8,7 +8,7 @@ imports no torch, so a bad file fails at once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +33,7 @@ class ServeConfig(BaseModel):
     slot_wait: float = Field(30.0, ge=0, allow_inf_nan=False)
     merge: str | None = None
     served_model_name: str | None = None
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     chat_template: str | None = None
     api_key: str | None = None
