@@ -307,46 +307,11 @@ def plan(
         Console(width=200).print(render_plan(result))
 
 
-@app.command()
-def serve(
-    model: Annotated[str, typer.Option(help="Base model dir or alias (loaded once, frozen).")],
-    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR of an adapter to load (repeatable).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
-    adapter_root: Annotated[Optional[Path], typer.Option(help="Dir of adapters loaded on demand by name.")] = None,
-    max_adapters: Annotated[int, typer.Option(min=1, help="Most adapters held at once (LRU eviction of idle ones).")] = 8,
-    max_rank: Annotated[int, typer.Option(min=1, help="Refuse adapters of a higher rank.")] = 64,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
-    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
-    merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY", show_envvar=True,
-                                                   help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
-    docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json.")] = False,
-) -> None:
-    """Serve one frozen base with many adapters (mixed-adapter batches) behind an OpenAI-compatible API."""
-    from tunelab.artifacts import check_adapter_dir
-    from tunelab.serve.server import serve as run_server
+from tunelab import cli_serve  # noqa: E402  (the serving commands; their layers import inside them)
 
-    adapters = {}
-    for pair in adapter or []:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--adapter {pair!r}: expected NAME=DIR")
-        adapters[name] = check_adapter_dir(path)
-    _check_listen_address(host, port)
-    run_server(model, adapters, host=host, port=port, adapter_root=adapter_root, max_adapters=max_adapters,
-               max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, merge=merge,
-               api_key=api_key, docs=docs)
-
-
-def _check_listen_address(host: str, port: int) -> None:
-    """`--host` must name an address of this machine's resolver, checked before the model loads."""
-    import socket
-
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"--host {host!r}: not an address to listen on ({e.strerror or e})") from None
+app.command()(cli_serve.serve)
+app.command()(cli_serve.generate)
+app.command()(cli_serve.chat)
 
 
 def main(argv: list[str] | None = None) -> int:

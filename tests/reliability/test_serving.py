@@ -129,7 +129,7 @@ def test_case26_busy_adapter_survives_eviction_and_in_flight_is_unaffected(make_
 
 
 def test_case26_all_adapters_busy_is_a_clear_503(make_service, adapter_root, tokenizer):
-    service = make_service(adapter_root=adapter_root, max_adapters=1)
+    service = make_service(adapter_root=adapter_root, max_adapters=1, slot_wait_s=0)  # no wait for a slot
     client = TestClient(create_app(service))
     in_flight, gate = _gated_request(service, "a", tokenizer(PROMPTS[0]).input_ids, 5)
     r = client.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2})

@@ -111,11 +111,21 @@ def test_chat_streaming_opens_with_the_role(client):
 
 @pytest.mark.parametrize("body, status, param, words", [
     ({"model": "a"}, 400, "prompt", "Field required"),
-    ({"model": "a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"model": "a", "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
+    ({"model": "a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "0 only to score the prompt"),
     ({"model": "a", "prompt": "x", "max_tokens": 65}, 400, "max_tokens", "expected 1 to 64"),
     ({"model": "a", "prompt": "x", "temprature": 1}, 400, "temprature", "Extra inputs"),
     ({"model": "a", "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
-    ({"model": "a", "prompt": "x", "n": 2}, 400, "n", "Input should be 1"),
+    ({"model": "a", "prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ({"model": "a", "prompt": ["x"] * 5, "n": 30}, 400, "n", "at most 128"),
+    ({"model": "a", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+    ({"model": "a", "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias", "should match pattern"),
+    ({"model": "a", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias", "outside the model's vocab"),
+    ({"model": "a", "prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias", "less than or equal to 100"),
+    ({"model": "a", "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty", "less than or equal to 2"),
+    ({"model": "a", "prompt": [1, 999999]}, 400, "prompt", "outside the model's vocabulary"),
+    ({"model": "a", "prompt": []}, 400, "prompt", "at least 1 item"),
+    ({"model": "a", "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ({"model": "a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4 items"),
     ({"model": "nope", "prompt": "x"}, 404, "model", "'nope'"),
     ({"model": "../a", "prompt": "x"}, 400, "model", "'..'"),
@@ -152,3 +162,16 @@ def test_real_server_on_a_free_port(make_service, adapter_root):
             assert http.post("/v1/completions", content=b"not json").status_code == 400
     with pytest.raises(httpx.TransportError):  # shut down: nothing listens any more
         httpx.get(url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("content, words", [
+    ([{"type": "text", "text": "\ud800"}], "lone surrogate"),
+    ([{"type": "text", "text": "hi", "extra": 1}], "Extra inputs"),
+    ([{"type": "image_url", "image_url": {"url": "x"}}], "messages"),
+    ([], "at least 1 item"),
+])
+def test_bad_text_parts_are_400s_naming_messages(client, content, words):
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": content}]})
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert err["param"] == "messages" and words in err["message"], err

@@ -50,7 +50,7 @@ def test_least_recently_used_idle_adapter_is_evicted(make_service, adapter_root)
 
 
 def test_all_adapters_held_means_busy(make_service, adapter_root):
-    service = make_service(adapter_root=adapter_root, max_adapters=1)
+    service = make_service(adapter_root=adapter_root, max_adapters=1, slot_wait_s=0)  # no wait for a slot
     key = service.registry.acquire("a")
     with pytest.raises(Busy) as err:
         service.registry.acquire("b")

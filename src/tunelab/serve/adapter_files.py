@@ -13,6 +13,7 @@ exactly its own adapter, so a method that ignores `row_adapters` is batched alon
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,12 @@ def _serving_method(name: str, method: str, files_method: str) -> str:
     return files_method
 
 
-def public_message(err: Exception, path: Path, name: str) -> str:
-    """The error's first line with the adapter's directory shown as its public name (no server paths leak)."""
+def public_message(err: Exception, path: Path, name: str, key: str | None = None) -> str:
+    """The error's first line with the adapter's directory, and its internal `key` on the model (`serve_3`),
+    shown as the public name the client gave (no server paths or internal keys leak)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text.replace(str(path.resolve()), name).replace(str(path), name)
+    text = text.replace(str(path.resolve()), name).replace(str(path), name)
+    return re.sub(rf"\b{re.escape(key)}\b", lambda _: name, text) if key else text
 
 
 @torch.inference_mode()

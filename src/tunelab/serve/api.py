@@ -1,4 +1,8 @@
-"""The OpenAI-compatible HTTP API over a `Service`: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible HTTP API over a `Service`: /v1/models, /v1/models/{id}, /v1/completions,
+/v1/chat/completions.
+
+A request becomes one engine request per choice (prompts x `n`), queued together (`Service.submit_all`); its
+response objects are built in `responses.py`.
 
 Request bodies are strict pydantic models (`schema.py`; unknown fields are errors), checked after `guard.Guard`
 (API key, body size and read time); responses and errors have OpenAI's shapes, errors as
@@ -13,8 +17,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,9 +28,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import TunelabError
-from tunelab.serve.engine import GenerationRequest, GenerationResult
-from tunelab.serve.errors import Busy, http_fields
+from tunelab.serve.errors import Busy, ModelNotFound, http_fields
 from tunelab.serve.guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard
+from tunelab.serve.logits import TokenLogprob
+from tunelab.serve.request import GenerationRequest, GenerationResult
+from tunelab.serve.responses import (
+    ChatShape,
+    TextShape,
+    chat_logprobs,
+    completion_logprobs,
+    envelope,
+    usage,
+)
 from tunelab.serve.schema import ChatCompletionRequest, CompletionRequest
 from tunelab.serve.service import Service
 
@@ -52,30 +66,104 @@ def create_app(service: Service, *, api_key: str | None = None, docs: bool = Fal
     @app.get("/v1/models")
     async def models() -> dict:
         """The base model and the adapters loaded now."""
-        base = {"id": service.base_name, "object": "model", "created": service.created, "owned_by": "tunelab",
-                "root": service.base_name, "parent": None}
-        adapters = [{"id": a.name, "object": "model", "created": service.created, "owned_by": "tunelab",
-                     "root": service.base_name, "parent": service.base_name, "method": a.method,
-                     "served_as": a.served_as}
-                    for a in service.registry.loaded()]
-        return {"object": "list", "data": [base, *adapters]}
+        return {"object": "list", "data": _model_cards(service)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        """One model of `/v1/models`: the base or a loaded adapter; 404 otherwise."""
+        card = next((c for c in _model_cards(service) if c["id"] == model_id), None)
+        if card is None:
+            served = ", ".join(c["id"] for c in _model_cards(service))
+            raise ModelNotFound(f"model {model_id!r} not found; loaded now: {served}")
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        def prepare() -> GenerationRequest:
-            return body.generation(service.encode_prompt(body.prompt), body.max_tokens or 16)  # OpenAI's default
-
-        return await _respond(service, body.model, prepare, body.stream, _TextShape(), request)
+        return await _respond(service, body, lambda: _prepare_completion(service, body), TextShape(), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        def prepare() -> GenerationRequest:
-            ids = service.encode_chat([m.model_dump() for m in body.messages])
-            return body.generation(ids, body.max_tokens or body.max_completion_tokens or _room(service, len(ids)))
-
-        return await _respond(service, body.model, prepare, body.stream, _ChatShape(), request)
+        return await _respond(service, body, lambda: _prepare_chat(service, body), ChatShape(), request)
 
     return app
+
+
+def _model_cards(service: Service) -> list[dict]:
+    """The model objects of the base, then of each loaded adapter (most recently used first)."""
+    base = {"id": service.base_name, "object": "model", "created": service.created, "owned_by": "tunelab",
+            "root": service.base_name, "parent": None}
+    adapters = [{"id": a.name, "object": "model", "created": service.created, "owned_by": "tunelab",
+                 "root": service.base_name, "parent": service.base_name, "method": a.method,
+                 "served_as": a.served_as}
+                for a in service.registry.loaded()]
+    return [base, *adapters]
+
+
+@dataclass
+class _Prepared:
+    """A request's engine requests (`per_prompt` choices per prompt, in choice order), how a result becomes a
+    choice, the text a choice's answer opens with (echo), and how a streamed piece's logprobs read (None: the
+    request asks for none)."""
+
+    requests: list[GenerationRequest]
+    per_prompt: int
+    choice: Callable[[int, GenerationResult], dict]
+    opening: Callable[[int], str] = lambda i: ""
+    piece_logprobs: Callable[[int, list[TokenLogprob]], dict] | None = None
+
+
+def _prepare_completion(service: Service, body: CompletionRequest) -> _Prepared:
+    """Tokenize each prompt; `n` engine requests per prompt."""
+    prompts = body.prompts()
+    body.check(len(prompts))
+    k, shape, words = body.logprobs, TextShape(), service.token_text
+    requests, echoes = [], []
+    for prompt in prompts:
+        ids = service.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        echoes.append(prompt if isinstance(prompt, str) else service.tokenizer.decode(ids))
+        requests += body.generations(ids, 16 if body.max_tokens is None else body.max_tokens,  # OpenAI's default
+                                     logprobs=k, prompt_logprobs=k if body.echo else None)
+
+    def opening(i: int) -> str:
+        return echoes[i // body.n] if body.echo else ""
+
+    def choice(i: int, result: GenerationResult) -> dict:
+        logprobs = None
+        if k is not None:
+            req = requests[i]
+            ids = [e.token for e in result.logprobs]
+            if body.echo:
+                logprobs = completion_logprobs(req.prompt_ids + ids, result.prompt_logprobs + result.logprobs,
+                                               words)
+            else:
+                logprobs = completion_logprobs(ids, result.logprobs, words, offset=len(echoes[i // body.n]))
+        return shape.choice(i, opening(i) + result.text, result.finish_reason, logprobs)
+
+    offsets = [len(echoes[i // body.n]) for i in range(len(requests))]  # where each choice's next piece starts
+
+    def piece(i: int, entries: list[TokenLogprob]) -> dict:
+        found = completion_logprobs([e.token for e in entries], entries, words, offset=offsets[i])
+        offsets[i] += sum(len(t) for t in found["tokens"])
+        return found
+
+    return _Prepared(requests, body.n, choice, opening, piece if k is not None else None)
+
+
+def _prepare_chat(service: Service, body: ChatCompletionRequest) -> _Prepared:
+    """Render the messages with the chat template; `n` engine requests."""
+    body.check()
+    ids = service.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    max_tokens = body.max_tokens or body.max_completion_tokens or _room(service, len(ids))
+    requests = body.generations(ids, max_tokens, logprobs=body.logprobs_k())
+
+    def choice(i: int, result: GenerationResult) -> dict:
+        logprobs = chat_logprobs(result.logprobs, service.token_text) if body.logprobs else None
+        return ChatShape().choice(i, result.text, result.finish_reason, logprobs)
+
+    def piece(i: int, entries: list[TokenLogprob]) -> dict:
+        return chat_logprobs(entries, service.token_text)
+
+    return _Prepared(requests, body.n, choice, piece_logprobs=piece if body.logprobs else None)
 
 
 def _add_probes(app: FastAPI, service: Service) -> None:
@@ -113,117 +201,96 @@ def _room(service: Service, prompt_tokens: int) -> int:
     return max(room, 1)
 
 
-# --- response shapes ---------------------------------------------------------------------------------------
-
-class _TextShape:
-    """OpenAI's text completion objects."""
-
-    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def delta(self, text: str | None, finish: str | None) -> dict:
-        return self.choice(text or "", finish)
-
-    def opening(self) -> dict | None:
-        return None
-
-
-class _ChatShape:
-    """OpenAI's chat completion objects."""
-
-    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-
-    def delta(self, text: str | None, finish: str | None) -> dict:
-        delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    def opening(self) -> dict:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-
-
-def _envelope(rid: str, model: str, obj: str) -> dict:
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model}
-
-
-def _usage(result: GenerationResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
-async def _respond(service: Service, model: str, prepare, stream: bool, shape, request: Request):
-    """Tokenize and queue the request off the event loop (an adapter may load), then await its result."""
+async def _respond(service: Service, body, prepare: Callable[[], _Prepared], shape, request: Request):
+    """Tokenize and queue the request off the event loop (an adapter may load, or wait for a slot), then await
+    every choice's result."""
     rid = f"{shape.prefix}-{uuid.uuid4().hex[:24]}"
-    req = await run_in_threadpool(prepare)
-    if stream:
-        return await _stream(service, model, req, shape, rid, request)
-    future = await run_in_threadpool(service.submit, model, req)
-    async with _watch_disconnect(request, req):
+    plan = await run_in_threadpool(prepare)
+    if body.stream:
+        return await _stream(service, body, plan, shape, rid, request)
+    futures = await run_in_threadpool(service.submit_all, body.model, plan.requests)
+    async with _watch_disconnect(request, plan.requests):
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), REQUEST_TIMEOUT_S)
+            results = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), REQUEST_TIMEOUT_S)
         except TimeoutError:
-            req.cancel()
             raise Busy(f"the request did not finish within {REQUEST_TIMEOUT_S:.0f} s; retry later") from None
-    return {**_envelope(rid, model, shape.object), "choices": [shape.choice(result.text, result.finish_reason)],
-            "usage": _usage(result)}
+    return {**envelope(rid, body.model, shape.object),
+            "choices": [plan.choice(i, result) for i, result in enumerate(results)],
+            "usage": usage(results, plan.per_prompt)}
 
 
-async def _stream(service: Service, model: str, req: GenerationRequest, shape, rid: str,
-                  request: Request) -> StreamingResponse:
-    """Server-sent events: one chunk per piece of final text, a last chunk with finish_reason, `[DONE]`.
+async def _stream(service: Service, body, plan: _Prepared, shape, rid: str, request: Request) -> StreamingResponse:
+    """Server-sent events: per choice, pieces of final text as they come and a chunk with its finish_reason; then
+    the usage (a chunk of its own with `stream_options.include_usage`, else on the last finishing chunk), `[DONE]`.
 
-    A client that hangs up cancels the request: the engine drops its row at the next decode step.
+    A client that hangs up cancels the request: the engine drops its rows at the next decode step.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    req.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))
-    future = await run_in_threadpool(service.submit, model, req)  # errors before generation are plain errors
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f)))
+    for i, req in enumerate(plan.requests):
+        req.on_text = lambda text, i=i: loop.call_soon_threadsafe(events.put_nowait, ("text", i, text))
+        if plan.piece_logprobs is not None:
+            req.on_logprobs = lambda got, i=i: loop.call_soon_threadsafe(events.put_nowait, ("logprobs", i, got))
+    futures = await run_in_threadpool(service.submit_all, body.model, plan.requests)  # errors before: plain errors
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, ("done", i, f)))
 
-    def chunk(choice: dict, **extra) -> str:
-        body = {**_envelope(rid, model, shape.chunk_object), "choices": [choice], **extra}
-        return f"data: {json.dumps(body)}\n\n"
+    def chunk(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**envelope(rid, body.model, shape.chunk_object), 'choices': choices, **extra})}\n\n"
 
     async def lines():
-        async with _watch_disconnect(request, req):
-            if shape.opening() is not None:  # chat streams open with the assistant role
-                yield chunk(shape.opening())
-            while True:
+        async with _watch_disconnect(request, plan.requests):
+            for i in range(len(plan.requests)):
+                if shape.opening(i) is not None:  # chat streams open with the assistant role
+                    yield chunk([shape.opening(i)])
+                if plan.opening(i):  # echo: the prompt comes first
+                    yield chunk([shape.delta(i, plan.opening(i), None)])
+            results: dict[int, GenerationResult] = {}
+            pending: dict[int, list[TokenLogprob]] = {}  # logprobs of the tokens behind a choice's next piece
+
+            def logprobs_of(i: int) -> dict | None:
+                got = pending.pop(i, None)
+                return plan.piece_logprobs(i, got) if got else None
+
+            while len(results) < len(futures):
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
+                    kind, i, value = await asyncio.wait_for(events.get(), REQUEST_TIMEOUT_S)
                 except TimeoutError:
-                    yield _sse_error(Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
+                    _cancel(plan.requests)
+                    yield _sse_error(service, Busy(f"no output within {REQUEST_TIMEOUT_S:.0f} s"))
                     break
-                if kind == "text":
-                    yield chunk(shape.delta(value, None))
+                if kind == "logprobs":
+                    pending.setdefault(i, []).extend(value)
                     continue
-                err = value.exception()
-                if err is not None:
-                    yield _sse_error(err)
+                if kind == "text":
+                    yield chunk([shape.delta(i, value, None, logprobs_of(i))])
+                    continue
+                if value.exception() is not None:  # one choice failed: the answer is over, its other rows stop
+                    _cancel(plan.requests)
+                    yield _sse_error(service, value.exception())
                     break
-                result = value.result()
-                yield chunk(shape.delta(None, result.finish_reason), usage=_usage(result))
-                break
+                results[i] = value.result()
+                done = [results[j] for j in sorted(results)] if len(results) == len(futures) else None
+                extra = {"usage": usage(done, plan.per_prompt)} if done and not body.include_usage else {}
+                yield chunk([shape.delta(i, None, results[i].finish_reason, logprobs_of(i))], **extra)
+            if len(results) == len(futures) and body.include_usage:
+                yield chunk([], usage=usage([results[j] for j in sorted(results)], plan.per_prompt))
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 @contextlib.asynccontextmanager
-async def _watch_disconnect(request: Request, req: GenerationRequest):
-    """While inside, a client that hangs up cancels `req`; leaving early (an error, a cancelled stream) does too.
+async def _watch_disconnect(request: Request, requests: list[GenerationRequest]):
+    """While inside, a client that hangs up cancels `requests`; leaving early (an error, a cancelled stream, a
+    failed choice) does too.
 
     After the body, the ASGI `receive` answers only when the client disconnects (or the response is done).
     """
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        req.cancel()
+        _cancel(requests)
 
     watcher = asyncio.ensure_future(watch())
     finished = False
@@ -233,12 +300,24 @@ async def _watch_disconnect(request: Request, req: GenerationRequest):
     finally:
         watcher.cancel()
         if not finished:
-            req.cancel()
+            _cancel(requests)
 
 
-def _sse_error(err: BaseException) -> str:
-    body = http_fields(err)[1] if isinstance(err, TunelabError) else _internal(err)
+def _cancel(requests: list[GenerationRequest]) -> None:
+    for req in requests:
+        req.cancel()
+
+
+def _sse_error(service: Service, err: BaseException) -> str:
+    body = _public_fields(service, err)[1] if isinstance(err, TunelabError) else _internal(err)
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _public_fields(service: Service, err: TunelabError) -> tuple[int, dict]:
+    """`http_fields` of `err`, adapters named as clients name them (never by their internal keys)."""
+    status, body = http_fields(err)
+    body["error"]["message"] = service.registry.public_text(body["error"]["message"])
+    return status, body
 
 
 # --- errors ------------------------------------------------------------------------------------------------
@@ -282,7 +361,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TunelabError)
     async def _tunelab(request: Request, exc: TunelabError):
-        status, body = http_fields(exc)
+        status, body = _public_fields(request.app.state.service, exc)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)

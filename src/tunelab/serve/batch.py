@@ -13,17 +13,23 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tunelab.serve.logits import Controls
+
 
 @dataclass
 class Batch:
     """Rows decoding together. `ids` (B, L) is what the next forward feeds: the prompts, then one token per row;
-    `mask` (B, S + L) covers the cache's S positions and `ids`; `pos` (B, L) are the position ids of `ids`."""
+    `mask` (B, S + L) covers the cache's S positions and `ids`; `pos` (B, L) are the position ids of `ids`.
+    `controls`: the rows' penalties and biases (None: no row has any); `top_k`: how many alternatives the step
+    reports with each token's logprob (None: no row asks for logprobs)."""
 
     rows: list
     ids: torch.Tensor
     mask: torch.Tensor
     pos: torch.Tensor
     cache: DynamicCache
+    controls: Controls | None = None
+    top_k: int | None = None
 
 
 def prefill_batch(rows: list, prompts: list[list[int]], pad_id: int, device, config) -> Batch:
@@ -40,13 +46,18 @@ def prefill_batch(rows: list, prompts: list[list[int]], pad_id: int, device, con
 
 def next_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
     """After a forward: keep rows `keep` (finished ones leave the cache too) and feed each its new token."""
+    controls = batch.controls
     if len(keep) < len(batch.rows):
         sel = torch.tensor(keep, device=batch.mask.device)
         batch.cache.batch_select_indices(sel)
         batch.mask, batch.pos = batch.mask[sel], batch.pos[sel]
+        controls = controls.select(sel) if controls is not None else None
     ids = torch.tensor([[tokens[i]] for i in keep], device=batch.mask.device)  # (B', 1)
+    if controls is not None:
+        controls.observe(ids)  # the penalties count generated tokens
     mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=-1)  # (B', S + 1)
-    return Batch([batch.rows[i] for i in keep], ids, mask, batch.pos[:, -1:] + 1, batch.cache)
+    return Batch([batch.rows[i] for i in keep], ids, mask, batch.pos[:, -1:] + 1, batch.cache, controls,
+                 batch.top_k)
 
 
 def can_merge(batch: Batch) -> bool:
@@ -67,5 +78,7 @@ def merge(a: Batch, b: Batch, config) -> Batch:
                torch.cat([pad(la.values, width - len_a, 1), pad(lb.values, width - len_b, 1)]))
               for la, lb in zip(a.cache.layers, b.cache.layers)]  # keys/values: (B, heads, S, head_dim)
     mask = torch.cat([pad(a.mask, width - len_a, 0), pad(b.mask, width - len_b, 0)])  # (Ba + Bb, width)
+    tops = [k for k in (a.top_k, b.top_k) if k is not None]
     return Batch(a.rows + b.rows, torch.cat([a.ids, b.ids]), mask, torch.cat([a.pos, b.pos]),
-                 DynamicCache(layers, config=config))
+                 DynamicCache(layers, config=config),
+                 Controls.concat(a.controls, len(a.rows), b.controls, len(b.rows)), max(tops) if tops else None)

@@ -6,7 +6,8 @@ and decodes them together: one forward per step for the whole batch, with the tr
 adapter's delta. A row leaves the batch at its own EOS, stop string or `max_tokens`, and queued rows join it
 between steps (continuous batching). Adapters whose method cannot give each row its own adapter (see
 `adapter_files.mixed_batch_ok`) are served in waves of their own, with the adapter active for every row and
-no joining; such a wave ends when its last row does.
+no joining; such a wave ends when its last row does. Rows that score their prompt (echo with logprobs) keep every
+position's logits at prefill, so they are batched only with each other, within `SCORING_LOGITS`, and never join.
 
 Forwards hold `lock`, the lock the adapter registry holds while it attaches or removes adapters, so the set of
 adapters only changes between decode steps.
@@ -21,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
@@ -29,118 +29,17 @@ from tunelab.methods.base import adapter_state
 from tunelab.models import pad_token_id
 from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
 from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
+from tunelab.serve.logits import Controls, prompt_logprobs, read_step, step_numbers
 from tunelab.serve.metrics import ServeMetrics
-from tunelab.serve.sampling import (
-    MIN_TEMPERATURE,
-    SamplingError,
-    StopText,
-    next_token,
-    row_generator,
-)
+from tunelab.serve.request import GenerationRequest, GenerationResult, Row, StepRead, settle
+
+__all__ = ["Engine", "GenerationRequest", "GenerationResult"]
 
 _MIXED = object()  # the group key of rows that can share a batch through row_adapters
-
-
-@dataclass
-class GenerationRequest:
-    """One completion to generate: prompt token ids, the adapter (None: base) and sampling parameters.
-
-    `on_text`, when given, receives the completion's text in pieces as it becomes final (for streaming);
-    it is called on the engine thread and must not block for long. `cancel()` (a client that hung up) drops
-    the request from the queue, or from its batch at the next decode step.
-    """
-
-    prompt_ids: list[int]
-    adapter: str | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    on_text: Callable[[str], None] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-
-    def cancel(self) -> None:
-        """Stop generating this request (thread-safe); its future then fails with `ClientGone`."""
-        self.cancelled.set()
-
-
-@dataclass
-class GenerationResult:
-    """A finished completion. `finish_reason` is "stop" (EOS or a stop string) or "length" (max_tokens).
-
-    `token_ids` excludes the EOS token; `completion_tokens` counts every generated token, EOS included.
-    """
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class _Row:
-    """The decoding state of one request inside a wave."""
-
-    def __init__(self, request: GenerationRequest, future: Future, tokenizer, eos_ids: set[int]):
-        self.request, self.future, self.tokenizer, self.eos_ids = request, future, tokenizer, eos_ids
-        self.token_ids: list[int] = []
-        self.generated = 0
-        self.text = StopText(request.stop)
-        self.gen = row_generator(request.seed)
-        self.finish_reason: str | None = None
-        self.queued = time.monotonic()  # for the time to first token
-
-    def step(self, logits: torch.Tensor, greedy: int, finite: bool = True) -> int:
-        """Choose this row's next token from its logits (vocab,), update its text; return the token.
-
-        `greedy` is their argmax and `finite` whether they hold no NaN/+inf, both already on the host (the step's
-        one sync). Any error (a row's numbers that cannot be sampled, a failing `on_text`) ends this row alone:
-        its future gets the error and the row leaves the batch with the others untouched.
-        """
-        try:
-            token = self._step(logits, greedy, finite)
-            if self.finish_reason in ("stop", "length"):
-                _settle(self.future, result=self.result())
-            return token
-        except Exception as err:
-            self.finish_reason = "error"
-            _settle(self.future, error=err)
-            return 0
-
-    def _step(self, logits: torch.Tensor, greedy: int, finite: bool) -> int:
-        req = self.request
-        if req.cancelled.is_set():
-            self.finish_reason = "cancelled"
-            _settle(self.future, error=ClientGone("the client disconnected"))
-            return 0
-        if not finite:
-            raise SamplingError("the model's next-token scores for this request are NaN or infinite")
-        sampled = req.temperature >= MIN_TEMPERATURE and req.top_p > 0
-        token = next_token(logits, req.temperature, req.top_p, self.gen) if sampled else greedy
-        self.generated += 1
-        if token in self.eos_ids:
-            self.finish_reason = "stop"
-            return token
-        self.token_ids.append(token)
-        self.text.update(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
-        if self.text.stopped:
-            self.finish_reason = "stop"
-        elif self.generated >= req.max_tokens:
-            self.finish_reason = "length"
-        self._emit(final=self.finish_reason is not None)
-        return token
-
-    def _emit(self, final: bool) -> None:
-        if self.request.on_text is not None:
-            chunk = self.text.new_text(final=final)
-            if chunk:
-                self.request.on_text(chunk)
-
-    def result(self) -> GenerationResult:
-        self._emit(final=True)
-        return GenerationResult(self.token_ids, self.text.text, self.finish_reason or "length",
-                                len(self.request.prompt_ids), self.generated)
+_SCORING = "scoring"  # first part of the group key of rows that score their prompt (echo + logprobs)
+# a scoring prefill keeps every position's logits, (rows, longest prompt, vocab): at most this many numbers
+# (1 GiB in float32), so one scoring request cannot make a batch of other clients' rows run out of memory
+SCORING_LOGITS = 2**28
 
 
 class Engine:
@@ -155,10 +54,11 @@ class Engine:
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
         self.context_length = _context_length(model)
+        self.vocab_size = _vocab_size(model)
         self.pad_id = pad_token_id(tokenizer, model)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._pending: list[_Row] = []
+        self._pending: list[Row] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -182,8 +82,17 @@ class Engine:
             raise BadRequest(f"top_p: expected a number in (0, 1], found {req.top_p}", param="top_p")
         if not req.prompt_ids:
             raise BadRequest("prompt: expected at least one token, found an empty prompt", param="prompt")
-        if not 1 <= req.max_tokens <= self.max_tokens_limit:
-            raise BadRequest(f"max_tokens: expected 1 to {self.max_tokens_limit} (the server limit), "
+        if req.prompt_ids and not 0 <= min(req.prompt_ids) <= max(req.prompt_ids) < self.vocab_size:
+            bad = next(t for t in req.prompt_ids if not 0 <= t < self.vocab_size)
+            raise BadRequest(f"prompt: token id {bad} is outside the model's vocabulary (0 to "
+                             f"{self.vocab_size - 1})", param="prompt")
+        bad = next((t for t in req.logit_bias if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"logit_bias: token id {bad} is outside the model's vocabulary (0 to "
+                             f"{self.vocab_size - 1})", param="logit_bias")
+        least = 0 if req.prompt_logprobs is not None else 1  # scoring a prompt may generate nothing
+        if not least <= req.max_tokens <= self.max_tokens_limit:
+            raise BadRequest(f"max_tokens: expected {least} to {self.max_tokens_limit} (the server limit), "
                              f"found {req.max_tokens}", param="max_tokens")
         total = len(req.prompt_ids) + req.max_tokens
         if self.context_length and total > self.context_length:
@@ -193,14 +102,20 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> Future:
         """Queue `req` and return a Future of its `GenerationResult` (or of the error that stopped it)."""
-        self.check(req)
-        future: Future = Future()
+        return self.submit_all([req])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Future]:
+        """Queue `requests` together (all or none: the queue must have room for every one); their Futures."""
+        for req in requests:
+            self.check(req)
+        futures = [Future() for _ in requests]
         with self._cv:
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting, the server limit; retry later")
-            self._pending.append(_Row(req, future, self.tokenizer, self.eos_ids))
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting and the server holds at most "
+                                f"{self.max_queue}; retry later")
+            self._pending.extend(Row(r, f, self.tokenizer, self.eos_ids) for r, f in zip(requests, futures))
             self._cv.notify()
-        return future
+        return futures
 
     @property
     def alive(self) -> bool:
@@ -232,30 +147,37 @@ class Engine:
         rows = []
         for req in requests:
             self.check(req)
-            rows.append(_Row(req, Future(), self.tokenizer, self.eos_ids))
+            rows.append(Row(req, Future(), self.tokenizer, self.eos_ids))
         self._run_wave(rows, group=None)
         return [row.future.result() for row in rows]
 
     # --- the loop -------------------------------------------------------------------------------------
-    def _group(self, adapter: str | None):
-        return _MIXED if adapter is None or self.mixed_batch(adapter) else adapter
+    def _group(self, req: GenerationRequest):
+        """The batches `req` may share: rows of mixed-batch adapters together, another adapter's alone; rows
+        scoring their prompts only with each other (their prefill keeps every position's logits)."""
+        adapters = _MIXED if req.adapter is None or self.mixed_batch(req.adapter) else req.adapter
+        return (_SCORING, adapters) if req.prompt_logprobs is not None else adapters
 
     def queue_depth(self) -> int:
         """Requests waiting for a place in a batch."""
         with self._cv:
             return len(self._pending)
 
-    def _take(self, group, limit: int) -> list[_Row]:
+    def _take(self, group, limit: int) -> list[Row]:
         """Up to `limit` queued rows of `group`, oldest first, out of the queue (call with `_cv` held).
 
         Requests cancelled while queued leave the queue here, failed with `ClientGone`.
         """
         gone = [r for r in self._pending if r.request.cancelled.is_set()]
         for row in gone:
-            _settle(row.future, error=ClientGone("the client disconnected"))
+            settle(row.future, error=ClientGone("the client disconnected"))
         self.dropped += len(gone)
         self._pending = [r for r in self._pending if r not in gone]
-        taken = [r for r in self._pending if self._group(r.request.adapter) == group][:limit]
+        taken = [r for r in self._pending if self._group(r.request) == group][:limit]
+        if isinstance(group, tuple):  # scoring rows: as many as SCORING_LOGITS allows, at least one
+            longest = itertools.accumulate((len(r.request.prompt_ids) for r in taken), max)
+            taken = [r for n, (r, width) in enumerate(zip(taken, longest))
+                     if n == 0 or (n + 1) * width * self.vocab_size <= SCORING_LOGITS]
         self._pending = [r for r in self._pending if r not in taken]
         return taken
 
@@ -266,11 +188,11 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-                group = self._group(self._pending[0].request.adapter)  # the oldest request leads
+                group = self._group(self._pending[0].request)  # the oldest request leads
                 wave = self._take(group, self.max_batch_size)
             self._run_wave(wave, group)
 
-    def _run_wave(self, rows: list[_Row], group) -> None:
+    def _run_wave(self, rows: list[Row], group) -> None:
         """Decode `rows` (and rows of `group` that join) to the end; each row's future gets its result or error."""
         next(self.waves)
         wave = list(rows)  # grows as rows join
@@ -286,24 +208,38 @@ class Engine:
         finally:
             self.running = 0
 
-    def _start(self, rows: list[_Row]) -> Batch | None:
+    def _start(self, rows: list[Row]) -> Batch | None:
         """Prefill `rows` and choose their first tokens; the batch is then ready for its first decode step."""
-        batch = prefill_batch(rows, [r.request.prompt_ids for r in rows], self.pad_id, _device(self.model),
-                              self.model.config)
-        return self._advance(batch, self._forward(batch))
+        requests = [r.request for r in rows]
+        device = _device(self.model)
+        batch = prefill_batch(rows, [r.prompt_ids for r in requests], self.pad_id, device, self.model.config)
+        batch.controls = Controls.for_requests(requests, self.vocab_size, device)
+        tops = [r.logprobs for r in requests if r.logprobs is not None]
+        batch.top_k = max(tops) if tops else None
+        scoring = [i for i, r in enumerate(requests) if r.prompt_logprobs is not None]
+        logits = self._forward(batch, every_position=bool(scoring))  # (B, V), or (B, L, V) when scoring
+        if scoring:
+            scored = prompt_logprobs(logits, batch.ids, scoring, [requests[i].prompt_ids for i in scoring],
+                                     [requests[i].prompt_logprobs for i in scoring])
+            for i, found in zip(scoring, scored):
+                rows[i].prompt_logprobs = found
+            logits = logits[:, -1, :]
+        return self._advance(batch, logits)
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         """Each row picks its next token from `logits` (B, vocab); finished, failed and cancelled rows leave."""
-        # the step's one host sync: every row's argmax and whether its scores are finite (-inf is probability 0)
-        bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
-        greedy, bad = torch.stack([logits.argmax(-1), bad.long()]).tolist()
-        tokens = [row.step(logits[i], greedy[i], not bad[i]) for i, row in enumerate(batch.rows)]
+        scores = logits if batch.controls is None else batch.controls.apply(logits)
+        # the step's one host sync: every row's argmax, whether its scores are finite (-inf is probability 0),
+        # and the logprobs when a row asks for them
+        numbers = step_numbers(logits, scores, batch.top_k).tolist()
+        tokens = [row.step(scores, logits, i, StepRead(*read_step(numbers[i], batch.top_k)))
+                  for i, row in enumerate(batch.rows)]
         self._record(batch.rows)
         self.dropped += sum(row.finish_reason == "cancelled" for row in batch.rows)
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
         return next_step(batch, tokens, keep) if keep else None
 
-    def _record(self, rows: list[_Row]) -> None:
+    def _record(self, rows: list[Row]) -> None:
         """Metrics of one step: the batch size, first tokens (time since queueing), finished rows' tokens."""
         m = self.metrics
         m.observe("tunelab_batch_rows", len(rows))
@@ -315,7 +251,7 @@ class Engine:
                 m.add("tunelab_prompt_tokens_total", len(row.request.prompt_ids))
                 m.add("tunelab_completion_tokens_total", row.generated)
 
-    def _join(self, batch: Batch, group, wave: list[_Row]) -> Batch:
+    def _join(self, batch: Batch, group, wave: list[Row]) -> Batch:
         """Continuous batching: queued rows of a mixed-adapter `group` join the running batch between steps."""
         room = self.max_batch_size - len(batch.rows)
         if group is not _MIXED or room <= 0 or not self._pending or not can_merge(batch):
@@ -341,8 +277,9 @@ class Engine:
             return True
         return first is not None and phase in self.stack_one_adapter and self.mixed_batch(first)
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        """One forward of the batch with each row's adapter; returns the last position's logits (B, vocab)."""
+    def _forward(self, batch: Batch, every_position: bool = False) -> torch.Tensor:
+        """One forward of the batch with each row's adapter; returns the last position's logits (B, vocab), or
+        every position's (B, L, vocab) when `every_position` (a prefill that scores its prompts)."""
         names = [row.request.adapter for row in batch.rows]
         used = tuple(sorted({n for n in names if n is not None}))
         with self.lock:
@@ -352,29 +289,26 @@ class Engine:
             state.row_adapters = list(names) if self._routed(names, phase) else None
             try:
                 out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos,
-                                 use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache})
+                                 use_cache=True, logits_to_keep=0 if every_position else 1,
+                                 **{self._cache_kw: batch.cache})
             finally:
                 state.row_adapters, state.active = None, ()
-        return out.logits[:, -1, :]
+        return out.logits if every_position else out.logits[:, -1, :]
 
 
-def _fail(rows: list[_Row], err: Exception) -> None:
+def _fail(rows: list[Row], err: Exception) -> None:
     for row in rows:
-        _settle(row.future, error=err)
-
-
-def _settle(future: Future, *, result=None, error: Exception | None = None) -> None:
-    """Give `future` its result or error unless it already has one."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+        settle(row.future, error=err)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _vocab_size(model) -> int:
+    """The width of the model's logits (the output embedding's rows; the config's vocab_size without one)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def _context_length(model) -> int | None:

@@ -7,9 +7,10 @@ before anything is opened. A root adapter is then read through descriptors into 
 is read and checked outside the one load lock: a slow or refused name delays no load of another name.
 
 At most `max_adapters` are loaded. Each request holds a reference on its adapter from `acquire` to `release`;
-loading one more evicts the least recently used adapter that no request holds, or refuses with `Busy` when
-all are held. Adapters above `max_rank`, of a method that cannot be served, or whose files are corrupt are
-refused with a message naming the adapter. On the model, adapters carry internal keys (`serve_0`, ...), so
+loading one more evicts the least recently used adapter that no request holds. When all are held, the load waits
+for one to be released, at most `slot_wait_s` seconds from the request's arrival, and then refuses with `Busy`.
+Adapters above `max_rank`, of a method that cannot be served, or whose files are corrupt are refused with a
+message naming the adapter. On the model, adapters carry internal keys (`serve_0`, ...), so
 public names need not be valid module names.
 """
 
@@ -45,6 +46,8 @@ from tunelab.serve.metrics import ServeMetrics
 log = logging.getLogger("tunelab.serve")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME_CHARS = 256
+_KEY = re.compile(r"\bserve_[0-9]+\b")  # the keys `_keys` makes
+SLOT_WAIT_S = 30.0  # how long a load may wait for a held adapter to be released (--slot-wait)
 
 
 @dataclass
@@ -87,8 +90,9 @@ class AdapterRegistry:
     """
 
     def __init__(self, model, lock: threading.RLock, *, base_name: str, adapter_root: Path | None = None,
-                 max_adapters: int = 8, max_rank: int = 64, metrics: ServeMetrics | None = None):
-        self.model, self.lock, self.base_name = model, lock, base_name
+                 max_adapters: int = 8, max_rank: int = 64, metrics: ServeMetrics | None = None,
+                 slot_wait_s: float = SLOT_WAIT_S):
+        self.model, self.lock, self.base_name, self.slot_wait_s = model, lock, base_name, slot_wait_s
         self.metrics = metrics or ServeMetrics()
         self.metrics.gauge("tunelab_adapters_resident", "adapters loaded on the base now",
                            lambda: sum(1 for a in list(self._known.values()) if a.key))
@@ -96,6 +100,7 @@ class AdapterRegistry:
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._known: dict[str, Adapter] = {}  # every adapter given at start or loaded once, by public name
         self._meta = threading.Lock()  # guards refs, last_used, key and _known
+        self._freed = threading.Condition(self._meta)  # notified when an adapter's last hold is released
         self._load_lock = threading.Lock()  # one attach at a time: never two loads racing for the last slot
         self._name_locks: dict[str, tuple[threading.Lock, int]] = {}  # per name: its lock and how many wait on it
         self._clock = itertools.count(1)
@@ -125,6 +130,7 @@ class AdapterRegistry:
             return None
         if (key := self._hold(name)) is not None:
             return key
+        deadline = time.monotonic() + self.slot_wait_s
         # the files are read and checked before the load lock, one request per name at a time: a slow or
         # refused name delays no load of another name, and a burst of first requests reads its files once
         with self._one_per_name(name):
@@ -133,8 +139,10 @@ class AdapterRegistry:
             with self._source(name) as (adapter, files):
                 servable = inspect_adapter(name, files, max_rank=self.max_rank, max_bytes=self._base_bytes)
                 check_finite(name, files)
-                with self._load_lock:
-                    self._make_room()
+                if not self._load_lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                    raise self._busy(name)
+                try:
+                    self._make_room(name, deadline)
                     start = time.monotonic()
                     self._attach(adapter, servable, files)
                     self.metrics.observe("tunelab_adapter_load_seconds", time.monotonic() - start)
@@ -143,6 +151,8 @@ class AdapterRegistry:
                         self._known[name] = adapter
                         adapter.refs, adapter.last_used = 1, next(self._clock)
                     return adapter.key
+                finally:
+                    self._load_lock.release()
 
     def release(self, key: str | None) -> None:
         """Give back a hold taken by `acquire` (None, the base, is a no-op)."""
@@ -151,11 +161,19 @@ class AdapterRegistry:
         with self._meta:
             adapter = next(a for a in self._known.values() if a.key == key)
             adapter.refs -= 1
+            if adapter.refs == 0:
+                self._freed.notify_all()
 
     def loaded(self) -> list[Adapter]:
         """The loaded adapters, most recently used first."""
         with self._meta:
             return sorted((a for a in self._known.values() if a.key), key=lambda a: -a.last_used)
+
+    def public_text(self, text: str) -> str:
+        """`text` with every internal adapter key (`serve_3`) replaced by the adapter's public name."""
+        with self._meta:
+            names = {a.key: a.name for a in self._known.values() if a.key}
+        return _KEY.sub(lambda m: names.get(m.group(), m.group()), text)
 
     def mixed_batch(self, key: str) -> bool:
         """Whether the adapter with model key `key` can share a batch with other adapters' rows."""
@@ -173,8 +191,9 @@ class AdapterRegistry:
             key, adapter.key = adapter.key, None
         self._detach(key)
 
-    def merge_into_base(self, name: str) -> None:
-        """Fold loaded adapter `name` into the base weights and drop it; the base is then served as `name`."""
+    def merge_into_base(self, name: str, served_as: str | None = None) -> None:
+        """Fold loaded adapter `name` into the base weights and drop it; the base is then served as `served_as`
+        (default: `name`)."""
         adapter = self._known[name]
         if not get_method(adapter.served_as).mergeable:
             raise ConfigError(f"--merge {name}: method '{adapter.method}' cannot be merged into the base "
@@ -183,7 +202,7 @@ class AdapterRegistry:
             merge_and_unload(self.model, adapter.key)
         with self._meta:
             self._known.clear()
-            self.base_name = name
+            self.base_name = served_as or name
 
     # --- internals --------------------------------------------------------------------------------------
     def _hold(self, name: str) -> str | None:
@@ -228,22 +247,29 @@ class AdapterRegistry:
         with adapter_copy(self.adapter_root, name, max_bytes=self._base_bytes) as files:
             yield Adapter(name, self.adapter_root / name), files
 
-    def _make_room(self) -> None:
-        """Evict the least recently used idle adapter when all slots are taken; `Busy` when none is idle."""
-        with self._meta:
-            loaded = [a for a in self._known.values() if a.key]
-            if len(loaded) < self.max_adapters:
-                return
-            idle = [a for a in loaded if a.refs == 0]
-            if not idle:
-                raise Busy(f"all {self.max_adapters} adapter slots (--max-adapters) are in use by running "
-                           "requests; retry later")
+    def _make_room(self, name: str, deadline: float) -> None:
+        """Evict the least recently used idle adapter when all slots are taken; when none is idle, wait for one
+        until `deadline` (time.monotonic), then refuse with `Busy` naming adapter `name`."""
+        with self._freed:
+            while True:
+                loaded = [a for a in self._known.values() if a.key]
+                if len(loaded) < self.max_adapters:
+                    return
+                idle = [a for a in loaded if a.refs == 0]
+                if idle:
+                    break
+                if not self._freed.wait(max(deadline - time.monotonic(), 0)):  # False: the time is up
+                    raise self._busy(name)
             victim = min(idle, key=lambda a: a.last_used)
             key, victim.key = victim.key, None  # from here no request can take it
             if not victim.given:
                 del self._known[victim.name]
         self._detach(key)
         self.metrics.add("tunelab_adapter_evictions_total")
+
+    def _busy(self, name: str) -> Busy:
+        return Busy(f"adapter {name!r}: all {self.max_adapters} adapter slots (--max-adapters) are in use by "
+                    f"running requests, after a wait of {self.slot_wait_s:g} s (--slot-wait); retry later")
 
     def _attach(self, adapter: Adapter, servable: Servable, files: Path) -> None:
         """Load the adapter's weights from `files` onto the model under a fresh key; probe mixed-batch support."""
@@ -256,7 +282,7 @@ class AdapterRegistry:
                     self._detach(key)
                 except Exception:
                     log.exception("adapter %r: could not remove what a failed load left on the model", adapter.name)
-                reason = public_message(err, files, adapter.name)
+                reason = public_message(err, files, adapter.name, key)
                 if not isinstance(err, TunelabError):
                     reason = f"{type(err).__name__}: {reason}"
                 raise AdapterRejected(f"adapter {adapter.name!r}: cannot be loaded ({reason})") from None

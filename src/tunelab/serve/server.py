@@ -23,6 +23,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tunelab.serve.api import create_app
 from tunelab.serve.guard import is_loopback
+from tunelab.serve.registry import SLOT_WAIT_S
 from tunelab.serve.service import build_service
 
 log = logging.getLogger("tunelab.serve")
@@ -77,7 +78,9 @@ def uvicorn_config(app, host: str, port: int, log_level: str):
 def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", port: int = 8000,
           adapter_root: Path | None = None, max_adapters: int = 8, max_rank: int = 64,
           max_batch_size: int = 16, max_tokens_limit: int = 512, merge: str | None = None,
-          api_key: str | None = None, docs: bool = False) -> None:
+          api_key: str | None = None, docs: bool = False, served_model_name: str | None = None,
+          dtype: str = "auto", device: str = "auto", slot_wait_s: float = SLOT_WAIT_S,
+          chat_template: str | None = None) -> None:
     """Serve `model` (local HF dir or alias) with `adapters` (name -> adapter dir) until interrupted.
 
     Args:
@@ -93,6 +96,10 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
         api_key: every `/v1` route needs `Authorization: Bearer API_KEY`; None: the `TUNELAB_API_KEY`
             environment variable, if set. Without a key on a non-loopback `host`, one warning line is logged.
         docs: serve `/docs`, `/redoc` and `/openapi.json`.
+        served_model_name: the name requests give for the base (default: the alias or the directory's name).
+        dtype, device: as for `load_model` (`auto`: bfloat16 on a GPU that has it, else float32; CUDA if present).
+        slot_wait_s: how long a request for a non-resident adapter waits for a slot when all are held (then 503).
+        chat_template: a Jinja file, or a template shipped with tunelab, for a base whose tokenizer has none.
 
     Bad arguments or adapters raise `TunelabError`s naming them before the server listens.
     """
@@ -102,7 +109,8 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
                     "anyone who can reach it may generate and load adapters", host, API_KEY_ENV)
     service = build_service(model, adapters, adapter_root=adapter_root, max_adapters=max_adapters,
                             max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit,
-                            merge=merge)
+                            merge=merge, served_model_name=served_model_name, dtype=dtype, device=device,
+                            slot_wait_s=slot_wait_s, chat_template=chat_template)
     try:
         uvicorn.Server(uvicorn_config(create_app(service, api_key=api_key, docs=docs), host, port, "info")).run()
     finally:

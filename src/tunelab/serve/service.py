@@ -7,19 +7,22 @@ into `Service.submit` calls and results into OpenAI response bodies.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.data.templates import resolve_chat_template
 from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
 from tunelab.models import load_model
 from tunelab.serve.engine import Engine, GenerationRequest
 from tunelab.serve.errors import BadRequest
 from tunelab.serve.metrics import ServeMetrics
-from tunelab.serve.registry import AdapterRegistry
+from tunelab.serve.registry import SLOT_WAIT_S, AdapterRegistry, check_name
+from tunelab.serve.responses import TokenText
 
 
 @dataclass
@@ -58,17 +61,40 @@ class Service:
 
     def submit(self, model: str, req: GenerationRequest) -> Future:
         """Queue `req` on adapter or base `model`; the adapter is held until the result is ready."""
-        self.engine.check(req)  # before any adapter loads
+        return self.submit_all(model, [req])[0]
+
+    def submit_all(self, model: str, requests: list[GenerationRequest]) -> list[Future]:
+        """Queue `requests` (the choices of one API request) on adapter or base `model`, all or none; the adapter
+        is held until the last result is ready. A non-resident adapter may wait for a slot (`slot_wait_s`)."""
+        for req in requests:
+            self.engine.check(req)  # before any adapter loads
         key = self.registry.acquire(model)
-        req.adapter = key
+        for req in requests:
+            req.adapter = key
         try:
-            future = self.engine.submit(req)
+            futures = self.engine.submit_all(requests)
         except BaseException:
             self.registry.release(key)
             raise
-        future.add_done_callback(lambda _: self.registry.release(key))
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.registry.release(key)
+
+        for future in futures:
+            future.add_done_callback(done)
         self.engine.metrics.add("tunelab_requests_total")
-        return future
+        return futures
+
+    @functools.cached_property
+    def token_text(self) -> TokenText:
+        """Each token's own text, for logprobs."""
+        return TokenText(self.tokenizer)
 
     def close(self) -> None:
         """Stop the batching loop (queued requests fail with a clear error)."""
@@ -83,32 +109,44 @@ def base_name_of(spec: str | Path) -> str:
 def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_root: Path | None = None,
                   max_adapters: int = 8, max_rank: int = 64, max_batch_size: int = 16,
                   max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
-                  dtype: str = "auto") -> Service:
+                  dtype: str = "auto", served_model_name: str | None = None,
+                  slot_wait_s: float = SLOT_WAIT_S, chat_template: str | None = None) -> Service:
     """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
 
     `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
-    own name with no adapter overhead, and no other adapter may be given. Errors are `TunelabError`s naming
-    the adapter or option.
+    own name with no adapter overhead, and no other adapter may be given. `served_model_name`: the name requests
+    give for the base (default: the alias or the directory's name; with `merge`, the merged adapter's name).
+    `slot_wait_s`: how long a request for a non-resident adapter waits for a free slot. `device`, `dtype`: as for
+    `load_model`. `chat_template`: a Jinja file or a shipped template's name, for a tokenizer without one.
+    Errors are `TunelabError`s naming the adapter or option.
     """
     adapters = dict(adapters or {})
     _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters))
+    if served_model_name is not None:
+        check_name(served_model_name)
+    if not slot_wait_s >= 0:
+        raise ConfigError(f"--slot-wait: expected a number of seconds >= 0, found {slot_wait_s}")
     if merge is not None and (set(adapters) != {merge} or adapter_root is not None):
         raise ConfigError(f"--merge {merge}: expected exactly one --adapter named {merge!r} and no "
                           f"--adapter-root; found adapters {sorted(adapters) or 'none'}")
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {adapter_root}: not a directory")
+    template = resolve_chat_template(chat_template) if chat_template is not None else None
     loaded = load_model(str(model), task="causal-lm", device=device, dtype=dtype)
+    if template is not None:
+        loaded.tokenizer.chat_template = template
     base = loaded.model.eval().requires_grad_(False)
-    base_name = base_name_of(model)
+    base_name = served_model_name or base_name_of(model)
     lock = threading.RLock()
     metrics = ServeMetrics()
     registry = AdapterRegistry(base, lock, base_name=base_name, adapter_root=adapter_root,
-                               max_adapters=max_adapters, max_rank=max_rank, metrics=metrics)
+                               max_adapters=max_adapters, max_rank=max_rank, metrics=metrics,
+                               slot_wait_s=slot_wait_s)
     for name, path in adapters.items():
         registry.add(name, Path(path))
     if merge is not None:
-        registry.merge_into_base(merge)
-        base_name = merge
+        base_name = served_model_name or merge
+        registry.merge_into_base(merge, base_name)
     engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
                     max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
     engine.start()
