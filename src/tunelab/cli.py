@@ -22,6 +22,7 @@ import typer
 from tunelab.errors import ConfigError, TunelabError, closest
 from tunelab.interrupts import Interrupted, leaves, message, raising_signals
 
+_ARGV: list[str] = []  # the command line `main` ran (what `train --nproc` passes on to torchrun)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
                   "and measure the trade-offs on your own model, data and hardware.")
@@ -76,9 +77,17 @@ def train(
     eval_batches: Annotated[Optional[int], typer.Option(help="Validate on at most N batches.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing",
                                                     help="Concatenate examples into seq-len chunks.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Train on N processes of this machine (one per GPU) "
+                                                         "through torchrun.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Under torchrun: auto, fsdp (FSDP2) or ddp.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
+
+    if nproc is not None:
+        from tunelab.launch import run_torchrun
+
+        raise typer.Exit(run_torchrun(nproc, _ARGV))
 
     file_values = load_yaml(config) if config else {}
     options = {**file_values.get("method_options", {}), **parse_set(set_)}
@@ -90,7 +99,7 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
-                     eval_batches=eval_batches, packing=packing)
+                     eval_batches=eval_batches, packing=packing, strategy=strategy)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
@@ -101,6 +110,8 @@ def train(
 
 
 def _print_summary(summary: dict, output: str) -> None:
+    if summary.get("rank"):  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if summary.get("status") == "interrupted":  # SIGTERM: checkpoint saved, exit 0
         typer.echo(summary.get("message", "interrupted; resume with --resume"), err=True)
         return
@@ -326,6 +337,7 @@ def _check_listen_address(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, not only before the subcommand
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
@@ -340,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a rank stopped by another rank's failure: that rank says why
+            print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return e.exit_code
     except (typer.Exit, typer.Abort) as e:
         return getattr(e, "exit_code", 130)
@@ -356,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(e, "format_message") or debug:  # not a CLI usage error (click's, vendored or not)
             raise
         return _usage_error(e)
+
+
+def _rank_prefix() -> str:
+    """'rank R: ' in a process started by torchrun (its environment says so), else ''."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
 
 
 def _usage_error(e: Exception) -> int:
