@@ -105,7 +105,10 @@ def train(
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
     from tunelab.train import train as run_training
 
+    from tunelab.train.distributed import shutdown
+
     summary = run_training(cfg, progress=not quiet)
+    shutdown()  # under torchrun: leave the process group once the run is done
     _print_summary(summary, cfg.output)
 
 

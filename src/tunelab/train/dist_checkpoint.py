@@ -38,6 +38,9 @@ log = logging.getLogger("tunelab.train")
 
 SHARDS = "dcp"
 OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the trainable parameters only, as one process saves
+# loading sets the trainable parameters alone (the frozen base is not in the checkpoint); `dcp.load` has
+# already refused a checkpoint that lacks any of them
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def is_sharded(path: Path) -> bool:
@@ -104,7 +107,7 @@ def load(world: World, path: Path, t: Trainables, optimizer, scheduler) -> Train
     try:
         dcp.load(state, checkpoint_id=path / SHARDS)
         set_state_dict(t.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=OPTIONS)
+                       options=LOAD_OPTIONS)
         scheduler.load_state_dict(meta["scheduler"])
         rank_file = path / f"rank-{world.rank}.json"
         rng.restore(json.loads((rank_file if rank_file.is_file() else path / "rank-0.json").read_text())["rng"])

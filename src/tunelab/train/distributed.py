@@ -129,7 +129,7 @@ def wrap(world: World, model: nn.Module, strategy: str, bf16: bool) -> None:
         # could not be broadcast anyway); buffers are constants (rotary tables)
         world.forward_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if cuda else None, init_sync=False,
-            broadcast_buffers=False)
+            forward_sync_buffers=False)
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -267,7 +267,7 @@ def gather_ints(world: World, value: int) -> list[int]:
     return [int(v) for v in out]
 
 
-def shutdown(world: World) -> None:
-    """Leave the process group (after the last collective)."""
-    if world.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (after its last collective)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -57,8 +57,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         if world.enabled and dist.is_peer_failure(e):
             raise PeerFailed(f"stopped: another rank failed ({(str(e).strip().splitlines() or [''])[0]})") from None
         raise
-    dist.shutdown(world)
-    return summary
+    return summary  # the process group stays for a next run in this process; the CLI leaves it at exit
 
 
 def _train_locked(cfg: RunConfig, out: Path, progress: bool, world: dist.World, held: contextlib.ExitStack) -> dict:
