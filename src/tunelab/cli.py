@@ -113,7 +113,7 @@ def train(
 
 
 def _print_summary(summary: dict, output: str) -> None:
-    if summary.get("rank"):  # a rank other than 0 under torchrun: rank 0 reports
+    if "rank" in summary:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if summary.get("status") == "interrupted":  # SIGTERM: checkpoint saved, exit 0
         typer.echo(summary.get("message", "interrupted; resume with --resume"), err=True)

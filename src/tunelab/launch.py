@@ -29,6 +29,9 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
 def run_torchrun(nproc: int, argv: list[str]) -> int:
     """Run torchrun on `tunelab ARGV` with `nproc` processes; returns the exit code to leave with."""
+    import os
+
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it when created
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

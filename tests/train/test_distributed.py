@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,3 +157,26 @@ def test_bad_input_on_one_rank_stops_both_with_one_line(runs):
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < LIMIT
     assert not (out / "run.json").exists()
+
+
+def test_sigterm_checkpoints_on_every_rank_and_exits_0(runs):
+    """A scheduler's SIGTERM to the whole job (launcher and ranks): one agreed step, one checkpoint, exit 0."""
+    _, reference, cfg = runs["lora-fsdp"]
+    out = Path(str(reference) + "-term")
+    args = cli_args(cfg | {"output": str(out), "max_steps": 400, "save_every": 1000})
+    job = subprocess.Popen([sys.executable, "-m", "tunelab", "train", "--nproc", "2", "--quiet", *args], env=env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           start_new_session=True)
+    deadline = time.monotonic() + LIMIT
+    while len(losses(out) if (out / "metrics.jsonl").exists() else []) < 2 and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=LIMIT)
+    assert job.returncode == 0, stderr[-2000:]
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0] == f"step-{len(losses(out))}"
+    assert sorted(p.name for p in (out / "checkpoints" / steps[0]).iterdir()) == [
+        "COMPLETE", "dcp", "rank-0.json", "rank-1.json", "state.json"]
+    said = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
+    assert len(set(said)) == 1 and len(said) <= 2 and "Traceback" not in stderr  # rank 0's (log and CLI) only

@@ -90,7 +90,7 @@ def _train_locked(cfg: RunConfig, out: Path, progress: bool, world: dist.World, 
     finally:
         metrics.close()
     if outcome.signal_name is not None:
-        return interrupted(cfg, state, outcome)
+        return interrupted(cfg, state, outcome, world)
     return finish(run, state, outcome, loop.elapsed(), time.perf_counter() - started)
 
 
@@ -132,13 +132,15 @@ def find_resume_checkpoint(cfg: RunConfig, out: Path, root: Path) -> Path:
     return path
 
 
-def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome) -> dict:
-    """SIGTERM: the summary of a run stopped cleanly; SIGINT: raise `TrainingInterrupted`."""
+def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome, world: dist.World) -> dict:
+    """SIGTERM: the summary of a run stopped cleanly; SIGINT: raise `TrainingInterrupted`. Rank 0 alone says so."""
     message = (f"stopped by {outcome.signal_name} at step {state.step}; checkpoint saved to {outcome.checkpoint}; "
                f"continue with --resume")
     if outcome.signal_name == "SIGINT":
         raise TrainingInterrupted(message, step=state.step, checkpoint=outcome.checkpoint,
                                   signal_name=outcome.signal_name)
+    if not world.is_main:
+        return {"status": "interrupted", "rank": world.rank, "step": state.step}
     log.warning(message)
     return {"status": "interrupted", "signal": outcome.signal_name, "step": state.step,
             "checkpoint": outcome.checkpoint, "method": cfg.method, "message": message}
