@@ -458,4 +458,4 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
     totals = [by_method(plan(cfg, batch_size=1, seq_len=1024, methods=["full"], nproc=n))["full"].total_bytes
               for n in (1, 2, 8)]
-    assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 4
+    assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 2
