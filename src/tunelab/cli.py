@@ -250,6 +250,7 @@ def compare(
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
 ) -> None:
     """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
     from tunelab.measure.compare import build_options, run_compare
@@ -257,7 +258,7 @@ def compare(
     opts = build_options(dict(model=model, data=data, task=task, methods=methods, max_steps=max_steps,
                               batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
                               reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
-                              priority=priority, device=device, output=output))
+                              priority=priority, device=device, output=output, nproc=nproc))
     leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
     run_compare(opts)
 
