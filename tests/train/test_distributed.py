@@ -180,3 +180,27 @@ def test_sigterm_checkpoints_on_every_rank_and_exits_0(runs):
         "COMPLETE", "dcp", "rank-0.json", "rank-1.json", "state.json"]
     said = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
     assert len(set(said)) == 1 and len(said) <= 2 and "Traceback" not in stderr  # rank 0's (log and CLI) only
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_rank_shares_cover_the_window_in_order_with_equal_counts(size):
+    from tunelab.train.distributed import World, rank_share
+
+    window = [[0, 1], [2, 3], [4]]  # a short last window: 5 examples in micro-batches of 2
+    shares = [rank_share(window, 2, World(rank=r, size=size)) for r in range(size)]
+    assert [i for share in shares for micro in share for i in micro] == [0, 1, 2, 3, 4]
+    assert len({len(share) for share in shares}) == 1  # the same number of forward passes on every rank
+    assert all(len(micro) <= 2 for share in shares for micro in share)
+
+
+def test_launcher_arguments_and_qlora_refusal():
+    from tunelab.errors import ConfigError
+    from tunelab.launch import torchrun_argv
+    from tunelab.train.distributed import choose_strategy
+
+    assert torchrun_argv(4, ["train", "--nproc", "4", "--method", "lora", "--nproc=4"]) == [
+        "--standalone", "--nproc-per-node", "4", "-m", "tunelab", "train", "--method", "lora"]
+    with pytest.raises(ConfigError, match="qlora's NF4 base weights cannot be sharded by FSDP2.*--strategy ddp"):
+        choose_strategy("fsdp", torch.nn.Linear(2, 2), "qlora")
+    assert choose_strategy("auto", torch.nn.Linear(2, 2), "qlora") == "ddp"
+    assert choose_strategy("auto", torch.nn.Linear(2, 2), "lora") == "ddp"  # small: replicated
