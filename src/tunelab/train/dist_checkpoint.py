@@ -7,8 +7,9 @@
 - `rank-R.json`: the RNG states of rank R (dropout masks differ by rank);
 - `state.json`: as in one process (`train/state.py`), plus `world_size`, `strategy` and the scheduler state.
 
-The rules of `train/checkpoint.py` hold: every rank writes into `.tmp-step-N-PID` (PID: rank 0's), then rank 0
-fsyncs every file, writes the `COMPLETE` marker with the size and sha256 of each, and renames the directory.
+The rules of `train/checkpoint.py` hold: every rank writes into `.tmp-step-N-PID` (PID: rank 0's) and fsyncs
+its own files (DCP's writer does for the shards), then rank 0 fsyncs every file again, writes the `COMPLETE`
+marker with the size and sha256 of each, and renames the directory.
 The directory must be on a file system every rank sees (one node, or a shared file system across nodes).
 
 Resume is exact on the same world size. On another world size DCP reshards the parameters and the optimizer
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from tunelab.config import RunConfig
 from tunelab.errors import ArtifactError
+from tunelab.jsonio import fsync_path
 from tunelab.train import checkpoint, rng
 from tunelab.train.batches import DataPosition
 from tunelab.train.distributed import World, barrier, broadcast_from_main, main_only
@@ -71,6 +73,7 @@ def save(world: World, root: Path, t: Trainables, optimizer, scheduler, state: T
     try:
         dcp.save(_state(t.model, optimizer), checkpoint_id=tmp / SHARDS)
         _write_json(tmp / f"rank-{world.rank}.json", {"rng": rng.capture()})
+        fsync_path(tmp / f"rank-{world.rank}.json")  # by its writer: on a shared file system that is what counts
         barrier(world)
     except BaseException:
         if world.is_main:

@@ -20,6 +20,7 @@ of each optimizer step's window, for the models to forward through, and to agree
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 import os
 import signal
@@ -127,9 +128,12 @@ def wrap(world: World, model: nn.Module, strategy: str, bf16: bool) -> None:
         cuda = next(model.parameters()).is_cuda
         # every rank loaded the same weights and seeded the same adapter init: no broadcast needed (NF4 bases
         # could not be broadcast anyway); buffers are constants (rotary tables)
-        world.forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if cuda else None, init_sync=False,
-            forward_sync_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.13 renamed broadcast_buffers (deprecated there) to forward_sync_buffers
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        world.forward_model = ddp(model, device_ids=[torch.cuda.current_device()] if cuda else None,
+                                  init_sync=False, **{no_sync: False})
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
