@@ -49,12 +49,14 @@ def temp_dir(root: Path, step: int, pid: int | None = None) -> Path:
     return root / f"{TMP_PREFIX}step-{step}-{pid or os.getpid()}"
 
 
-def save_checkpoint(root: Path, step: int, writers: dict[str, Writer], *, filled: Path | None = None) -> Path:
+def save_checkpoint(root: Path, step: int, writers: dict[str, Writer], *, filled: Path | None = None,
+                    hashed: dict[str, dict] | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically and return its final path.
 
     `writers` maps each file name to a function that writes that file at the given path. `filled`: a temp dir
     (`temp_dir(root, step, pid)`) into which other processes, the ranks of a distributed run, already wrote
-    files; those are fsynced and listed in the marker beside the writers' files. On an OSError (disk full
+    files; those are fsynced and listed in the marker beside the writers' files (`hashed`: the records of those
+    their writers already took, `file_record`, by path relative to the temp dir). On an OSError (disk full
     included) the temp dir is removed, earlier checkpoints are untouched, and a `ResourceError` naming the path
     is raised.
     """
@@ -62,7 +64,7 @@ def save_checkpoint(root: Path, step: int, writers: dict[str, Writer], *, filled
     final = root / f"step-{step}"
     tmp = filled or temp_dir(root, step)
     try:
-        _write_tmp(tmp, step, writers, fresh=filled is None)
+        _write_tmp(tmp, step, writers, fresh=filled is None, hashed=hashed or {})
         _move_into_place(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,7 +83,13 @@ def write_bytes(path: Path, data: bytes) -> None:
         f.flush()
 
 
-def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer], fresh: bool = True) -> None:
+def file_record(path: Path) -> dict:
+    """What the `COMPLETE` marker says of one file: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer], fresh: bool = True,
+               hashed: dict[str, dict] | None = None) -> None:
     delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
     if fresh:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,14 +97,15 @@ def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer], fresh: bool = T
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):  # written by other processes (`filled`)
         fsync_path(path)
-        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        name = path.relative_to(tmp).as_posix()
+        files[name] = (hashed or {}).get(name) or file_record(path)
     for sub in sorted(p for p in tmp.rglob("*") if p.is_dir()):
         fsync_path(sub)
     for name, write in writers.items():
         path = tmp / name
         write(path)
         fsync_path(path)
-        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[name] = file_record(path)
         if delay:
             time.sleep(delay)
     marker = tmp / MARKER

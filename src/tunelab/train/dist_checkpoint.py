@@ -33,7 +33,7 @@ from tunelab.errors import ArtifactError
 from tunelab.jsonio import fsync_path
 from tunelab.train import checkpoint, rng
 from tunelab.train.batches import DataPosition
-from tunelab.train.distributed import World, barrier, broadcast_from_main, main_only
+from tunelab.train.distributed import World, broadcast_from_main, gather_to_main, main_only
 from tunelab.train.state import TrainState, Trainables, read_meta, state_meta
 
 log = logging.getLogger("tunelab.train")
@@ -74,7 +74,7 @@ def save(world: World, root: Path, t: Trainables, optimizer, scheduler, state: T
         dcp.save(_state(t.model, optimizer), checkpoint_id=tmp / SHARDS)
         _write_json(tmp / f"rank-{world.rank}.json", {"rng": rng.capture()})
         fsync_path(tmp / f"rank-{world.rank}.json")  # by its writer: on a shared file system that is what counts
-        barrier(world)
+        hashed = gather_to_main(world, _own_records(tmp, world))  # every rank hashes its own shards, at once
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -84,11 +84,21 @@ def save(world: World, root: Path, t: Trainables, optimizer, scheduler, state: T
 
     def publish() -> str:
         writers = {"state.json": lambda path: _write_json(path, meta)}
-        final = checkpoint.save_checkpoint(root, state.step, writers, filled=tmp)
+        records = {name: record for part in hashed for name, record in part.items()}
+        final = checkpoint.save_checkpoint(root, state.step, writers, filled=tmp, hashed=records)
         checkpoint.apply_retention(root, cfg.keep_last)
         return str(final)
 
     return Path(main_only(world, publish))
+
+
+def _own_records(tmp: Path, world: World) -> dict[str, dict]:
+    """`COMPLETE` records of the files this rank wrote: its DCP shards (`__R_*.distcp`, rank 0 also the
+    `.metadata`) and `rank-R.json`."""
+    own = [*(tmp / SHARDS).glob(f"__{world.rank}_*.distcp"), tmp / f"rank-{world.rank}.json"]
+    if world.is_main:
+        own.append(tmp / SHARDS / ".metadata")
+    return {p.relative_to(tmp).as_posix(): checkpoint.file_record(p) for p in own if p.is_file()}
 
 
 def load(world: World, path: Path, t: Trainables, optimizer, scheduler) -> TrainState:

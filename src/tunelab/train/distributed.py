@@ -177,12 +177,6 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def barrier(world: World) -> None:
-    """Wait for every rank (a no-op on one process)."""
-    if world.enabled:
-        dist.barrier()
-
-
 def broadcast_from_main(world: World, value):
     """Rank 0's `value` on every rank (a picklable object)."""
     if not world.enabled:
@@ -260,6 +254,15 @@ def consolidate(world: World, model: nn.Module, trainable_only: bool) -> None:
                 module._parameters[key] = whole[id(p)]
         if isinstance(module, FSDPModule):
             module.__class__ = type(module).__bases__[1]  # FSDP2 made the class (FSDPModule, original)
+
+
+def gather_to_main(world: World, value) -> list:
+    """`value` of every rank, in rank order, on rank 0 (a picklable object); `[]` on the other ranks."""
+    if not world.enabled:
+        return [value]
+    out: list | None = [None] * world.size if world.is_main else None
+    dist.gather_object(value, out, dst=0)
+    return out or []
 
 
 def gather_ints(world: World, value: int) -> list[int]:
