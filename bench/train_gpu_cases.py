@@ -176,7 +176,8 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
     opts = LORA if method in ("lora", "dora") else {}
     cfg = RunConfig(model=str(model_dir), data=str(data), method=method, method_options=opts,
                     output=str(work / f"run-{case['name']}"), seed=0, max_steps=case["steps"],
-                    batch_size=case["batch"], seq_len=case["seq"], packing=case.get("packing", True), schedule="constant",
+                    batch_size=case["batch"], grad_accum=case.get("accum", 1), seq_len=case["seq"],
+                    packing=case.get("packing", True), schedule="constant",
                     packing_mask=case.get("packing_mask", "none"),  # default: the references' single causal mask
                     lr=LR[method], val_fraction=0.0, log_every=1, dtype="bfloat16" if cuda else "float32",
                     device="cuda" if cuda else "cpu", force=True, overwrite=True,
@@ -189,7 +190,9 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
 
     return {"step_times": [b - a for a, b in zip([0.0, *elapsed], elapsed)], "losses": [r["loss"] for r in records],
             "step_tokens": [r["tokens"] for r in records],
-            "peak_memory_bytes": summary["peak_memory_bytes"], "trainable_params": summary.get("trainable_params"),
+            "peak_memory_bytes": summary.get("peak_memory_bytes"), "trainable_params": summary.get("trainable_params"),
+            "peak_memory_per_rank": summary.get("peak_memory_per_rank"), "world_size": summary.get("world_size", 1),
+            "strategy": summary.get("strategy"), "tokens_per_second": summary.get("tokens_per_second"),
             "liger_applied": modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger")}
 
 

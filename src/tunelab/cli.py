@@ -22,6 +22,7 @@ import typer
 from tunelab.errors import ConfigError, TunelabError, closest
 from tunelab.interrupts import Interrupted, leaves, message, raising_signals
 
+_ARGV: list[str] = []  # the command line `main` ran (what `train --nproc` passes on to torchrun)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Adapt pre-trained transformers with any fine-tuning strategy, "
                   "and measure the trade-offs on your own model, data and hardware.")
@@ -84,9 +85,17 @@ def train(
     packing_mask: Annotated[Optional[str], typer.Option(
         help="With --packing: document (attention stays inside each document; the default where the method "
              "allows it) or none.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Train on N processes of this machine (one per GPU) "
+                                                         "through torchrun.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Under torchrun: auto, fsdp (FSDP2) or ddp.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
+
+    if nproc is not None:
+        from tunelab.launch import run_torchrun
+
+        raise typer.Exit(run_torchrun(nproc, _ARGV))
 
     file_values = load_yaml(config) if config else {}
     options = {**file_values.get("method_options", {}), **parse_set(set_)}
@@ -99,18 +108,23 @@ def train(
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
                      eval_batches=eval_batches, packing=packing, packing_mask=packing_mask,
-                     checkpoint_every=checkpoint_every,
-                     offload_activations=offload_activations)
+                     checkpoint_every=checkpoint_every, offload_activations=offload_activations,
+                     strategy=strategy)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
     from tunelab.train import train as run_training
 
+    from tunelab.train.distributed import shutdown
+
     summary = run_training(cfg, progress=not quiet)
+    shutdown()  # under torchrun: leave the process group once the run is done
     _print_summary(summary, cfg.output)
 
 
 def _print_summary(summary: dict, output: str) -> None:
+    if "rank" in summary:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if summary.get("status") == "interrupted":  # SIGTERM: checkpoint saved, exit 0
         typer.echo(summary.get("message", "interrupted; resume with --resume"), err=True)
         return
@@ -258,6 +272,7 @@ def compare(
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
 ) -> None:
     """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
     from tunelab.config import load_yaml
@@ -268,7 +283,7 @@ def compare(
                   tune_lr=tune_lr, lr_grid=lr_grid, tune_fraction=tune_fraction, lr_for=lr_for,
                   options_for=set_for, columns=columns, chat_template=chat_template, eval_batches=eval_batches,
                   reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks, priority=priority,
-                  device=device, output=output)
+                  device=device, output=output, nproc=nproc)
     opts = build_options(values, load_yaml(config) if config else None, where=str(config) if config else "compare")
     leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
     run_compare(opts)
@@ -289,6 +304,7 @@ def plan(
     set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE option of one method "
                                                               "(repeatable; wins over --set).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="GPUs of an FSDP2 run: predict the peak of each GPU.")] = 1,
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
@@ -300,7 +316,8 @@ def plan(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
-                       options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen)
+                       options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen,
+                       nproc=nproc)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:
@@ -317,6 +334,7 @@ app.command()(cli_serve.chat)
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, not only before the subcommand
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
@@ -331,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a rank stopped by another rank's failure: that rank says why
+            print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return e.exit_code
     except (typer.Exit, typer.Abort) as e:
         return getattr(e, "exit_code", 130)
@@ -347,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(e, "format_message") or debug:  # not a CLI usage error (click's, vendored or not)
             raise
         return _usage_error(e)
+
+
+def _rank_prefix() -> str:
+    """'rank R: ' in a process started by torchrun (its environment says so), else ''."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
 
 
 def _usage_error(e: Exception) -> int:

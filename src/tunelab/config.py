@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
     device: str = "auto"
     trust_remote_code: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
+    # under torchrun (docs: README "Several GPUs"): how the model is spread over the ranks, and how long a
+    # collective may wait for a rank before the run stops
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    dist_timeout: float = Field(default=600.0, gt=0)
     resume: bool = False
     force: bool = False  # resume even though a result-affecting key changed
     overwrite: bool = False  # replace an earlier run's outputs (its checkpoints, run.json) by this fresh run's

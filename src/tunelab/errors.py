@@ -32,6 +32,14 @@ class ResourceError(TunelabError):
     """Out of memory, disk full, or a numeric failure (NaN/inf) during a run."""
 
 
+class PeerFailed(TunelabError):
+    """Another rank of a distributed run failed or vanished: that rank reports the cause; this one stops
+    without a line of its own (`quiet`)."""
+
+    exit_code = 1
+    quiet = True
+
+
 def closest(key: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest choice to `key`, or '' when nothing is close."""
     match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)

@@ -433,3 +433,29 @@ def test_predicted_peak_within_5_percent_of_a_measured_cpu_step(method, ckpt, fu
     predicted = by_method(plan(config, batch_size=b, seq_len=s, dtype="float32", device="cpu",
                                gradient_checkpointing=ckpt, methods=[method], fused_loss=fused))[method]
     assert predicted.peak_tensor_bytes == pytest.approx(measured_peak(model, b, s, fused=fused), rel=0.05)
+
+
+def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
+    """FSDP2 on N GPUs: 1/N of weights, gradients and AdamW states, plus the gathered root group (embeddings,
+    final norm, head) and two blocks, plus one block's gradient and its fp32 copy (`measure/plan_fsdp.py`)."""
+    one = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora"]))
+    two = plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora", "qlora"],
+               nproc=2)
+    est = by_method(two)
+    outside = 2 * V * H + H  # untied embeddings and head, final norm
+    block = (hand_llama_params() - outside) / L
+    gathered = (outside + 2 * block) * 2
+    assert two.nproc == 2 and est["full"].params_trainable == one["full"].params_trainable
+    assert est["full"].weights_bytes == round(one["full"].weights_bytes / 2 + gathered + block * (2 + 4))
+    assert est["full"].optimizer_bytes == pytest.approx(one["full"].optimizer_bytes / 2, abs=8)
+    assert est["full"].gradients_bytes == pytest.approx(one["full"].gradients_bytes / 2, abs=4)
+    assert est["full"].activations_bytes == one["full"].activations_bytes  # one GPU's micro-batch
+    assert est["lora"].optimizer_bytes == pytest.approx(one["lora"].optimizer_bytes / 2, abs=8)
+    assert not est["qlora"].supported and "FSDP2" in est["qlora"].notes[-1]
+    # two blocks of two are the whole model: sharding a tiny model saves nothing; an 8B one it does
+    assert est["full"].total_bytes > one["full"].total_bytes
+    cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
+    totals = [by_method(plan(cfg, batch_size=1, seq_len=1024, methods=["full"], nproc=n))["full"].total_bytes
+              for n in (1, 2, 8)]
+    assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 2

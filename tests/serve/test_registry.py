@@ -112,3 +112,20 @@ def test_start_adapters_are_checked(make_service, adapter_root, base_dir, tmp_pa
         make_service({"soft": adapter_root / "soft"}, merge="soft")
     with pytest.raises(ConfigError, match="--merge a: expected exactly one --adapter"):
         make_service({"a": adapter_root / "a", "b": adapter_root / "b"}, merge="a")
+
+
+def test_the_mixed_batch_probe_accepts_a_small_lora_in_bfloat16(tokenizer):
+    """Rounding of a bf16 batched forward must not make a small adapter look like one that ignores its rows."""
+    from conftest import build_tiny
+
+    from tunelab.methods import get_method
+    from tunelab.serve.adapter_files import mixed_batch_ok
+
+    model = build_tiny("llama", tokenizer).to(torch.bfloat16).eval()
+    lora = get_method("lora")
+    lora.inject(model, lora.Options(r=4, target_modules="all-linear"), "a")
+    with torch.no_grad():
+        for key, p in lora.parameters(model, "a").items():
+            if ".lora_B." in key:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    assert mixed_batch_ok(model.requires_grad_(False), "lora", "a")

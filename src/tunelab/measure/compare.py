@@ -246,7 +246,7 @@ def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool) -> 
             ctx.load.tick()
             bar.update(follower.new_records())
 
-        worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s)
+        worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s, nproc=opts.nproc)
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     return strategy_record(method, cfg, run_dir, worker, ctx.baseline, opts.warmup_steps_excluded)
 

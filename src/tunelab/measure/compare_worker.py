@@ -46,6 +46,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
         result = {"status": "failed", "error": _error_line(e), "user_error": isinstance(e, TunelabError)}
+    if "rank" in result:  # a rank other than 0 of a torchrun launch (`compare --nproc`): rank 0 reports
+        return 0 if result["status"] == "ok" else 1
     write_json_atomic(Path(result_path), result)  # the parent reads it only after this process exits
     return 0 if result["status"] == "ok" else 1
 
@@ -82,6 +84,8 @@ def _strategy_worker(job: dict) -> dict:
     """Train one run; then (first seed, CPU) its tensor peak; then attach time and forgetting on what it wrote."""
     cfg = RunConfig(**job["run"])
     summary = train(cfg, progress=False)
+    if "rank" in summary:  # not rank 0 of `compare --nproc`: its part of the training is done
+        return {"status": "ok" if summary.get("status") == "completed" else "failed", "rank": summary["rank"]}
     if summary.get("status") != "completed":
         return {"status": "failed", "error": summary.get("message", f"training ended {summary.get('status')}")}
     result: dict = {"status": "ok", "notes": []}

@@ -36,6 +36,7 @@ from tunelab.measure.plan_formulas import (
     optimizer_step_temp,
     runtime,
 )
+from tunelab.measure.plan_fsdp import sharded
 from tunelab.measure.plan_methods import TERMS, Strategy, build_strategy
 from tunelab.measure.plan_model import ModelInfo, describe_model
 from tunelab.methods import get_method
@@ -82,6 +83,7 @@ class PlanResult(BaseModel):
     dtype: str
     device: str
     gradient_checkpointing: bool
+    nproc: int = 1  # GPUs the model is sharded over (FSDP2); every figure is per GPU
     gpu_memory_bytes: int | None
     options: dict[str, dict[str, Any]]  # each planned method's own options, as validated
     strategies: list[StrategyEstimate]
@@ -247,7 +249,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
-         fused_loss: bool = True) -> PlanResult:
+         fused_loss: bool = True, nproc: int = 1) -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -268,6 +270,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
             bitfit).
         task: causal-lm or classification; default from the config.
         fused_loss: the run's `fused_loss` switch (the loss without full logits; on by default).
+        nproc: GPUs of an FSDP2 run (`train --nproc N --strategy fsdp`): every figure is then per GPU, with
+            `batch_size` the micro-batch of one GPU (`plan_fsdp`).
 
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
@@ -277,6 +281,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         raise ConfigError(f"{key} = {value}: expected a positive integer")
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
+    if nproc < 1:
+        raise ConfigError(f"nproc = {nproc}: expected a positive integer")
     dtype_name, param_bytes = resolve_dtype(dtype, device)
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     chosen = _methods(methods)
@@ -285,8 +291,10 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     rt = runtime(device, param_bytes, fused_loss)
     estimates = []
     for method in chosen:
-        st = build_strategy(method, info, opts[method], rt)
+        whole = build_strategy(method, info, opts[method], rt)
+        st = sharded(whole, info, nproc)
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
+        est.params_trainable = whole.params_trainable  # the model's, not one GPU's share
         if budget is not None:
             est.fits = est.supported and est.total_bytes <= budget
             est.max_batch_size = (largest_batch(st, info, rt, seq_len, gradient_checkpointing, budget)
@@ -295,7 +303,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     return PlanResult(
         model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
         batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
-        gradient_checkpointing=gradient_checkpointing, gpu_memory_bytes=budget,
+        gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory_bytes=budget,
         options={m: o.model_dump() for m, o in opts.items()}, strategies=estimates, notes=_plan_notes(info),
     )
 
@@ -313,7 +321,8 @@ def render_plan(result: PlanResult):
     """A rich Table of `result`: one row per strategy, sizes in GiB (artifact in MiB), notes as its caption."""
     title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
-             f"{', gradient checkpointing' if result.gradient_checkpointing else ''}")
+             f"{', gradient checkpointing' if result.gradient_checkpointing else ''}"
+             f"{f', FSDP2 on {result.nproc} GPUs (per GPU)' if result.nproc > 1 else ''}")
     notes = [f"{e.method}: {note}" for e in result.strategies for note in e.notes] + list(result.notes)
     table = Table(title=title, caption="\n".join(notes) or None)
     columns = ["method", "trainable", "weights", "grads", "AdamW", "activations", "logits", "total GiB",

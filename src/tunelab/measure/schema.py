@@ -70,6 +70,7 @@ class CompareOptions(_Strict):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     timeout_s: float | None = Field(default=None, gt=0)  # per strategy; a strategy past it is recorded as failed
+    nproc: int = Field(default=1, gt=0)  # processes (GPUs) each strategy trains on, through torchrun
 
     @field_validator("gpu_memory", mode="before")
     @classmethod

@@ -20,14 +20,21 @@ from tunelab.jsonio import read_json_object
 WORKER_MODULE = "tunelab.measure.compare_worker"  # `python -m tunelab.measure.compare_worker KIND JOB RESULT`
 
 
-def run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float | None = None) -> dict:
-    """Run one worker in a fresh interpreter and return its result dict (status 'failed' with an error if it died)."""
+def run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float | None = None,
+               nproc: int = 1) -> dict:
+    """Run one worker in a fresh interpreter and return its result dict (status 'failed' with an error if it died).
+
+    `nproc` > 1: the worker runs on that many processes under torchrun (the strategy trains on all of them,
+    rank 0 writes the result); their parent is then torchrun's agent, not this process.
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path, result_path = job_dir / "job.json", job_dir / "result.json"
     job_path.write_text(json.dumps(job, indent=1))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", WORKER_MODULE, kind, str(job_path), str(result_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", PARENT_PID_ENV: str(os.getpid())}
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launch, "-m", WORKER_MODULE, kind, str(job_path), str(result_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           PARENT_PID_ENV: str(os.getpid()) if nproc == 1 else ""}
     with open(job_dir / "worker.log", "w") as log:
         # its own process group: a Ctrl-C at the terminal reaches the parent, which then kills the whole group
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)

@@ -13,6 +13,8 @@ exactly its own adapter, so a method that ignores `row_adapters` is batched alon
 
 from __future__ import annotations
 
+import logging
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from tunelab.methods.base import adapter_state
 from tunelab.serve.errors import AdapterRejected
 
 _PROBE_TOKENS = 6
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,14 @@ def mixed_batch_ok(model, method: str, key: str) -> bool:
         return False
     finally:
         state.active, state.row_adapters = (), None
-    # a method ignoring row_adapters errs by the whole effect on one row; batching noise is far below 5% of it
-    effect = float((alone - base).abs().max())
-    tol = 0.05 * effect + 1e-5
-    ok = (mixed[0] - alone).abs().max() <= tol and (mixed[1] - base).abs().max() <= tol
+    # a method ignoring row_adapters errs by the whole effect on one row; each row must lie much nearer its own
+    # answer than the other one. The L2 distance over every logit, not the largest entry: in bf16 the rounding
+    # of a batched forward reaches a few percent of a small adapter's largest change (an adapter refused by a
+    # max-entry test was then batched alone and a mixed load ran one adapter at a time)
+    effect = float(torch.linalg.vector_norm(alone - base))
+    ok = max(float(torch.linalg.vector_norm(mixed[0] - alone)),
+             float(torch.linalg.vector_norm(mixed[1] - base))) <= 0.25 * effect
+    if effect > 1e-4 and not ok:
+        log.warning("adapter %r: a mixed batch did not give each row its own adapter; its requests are batched "
+                    "alone", key)
     return bool(effect > 1e-4 and ok)

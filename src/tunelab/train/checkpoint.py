@@ -44,18 +44,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, writers: dict[str, Writer]) -> Path:
+def temp_dir(root: Path, step: int, pid: int | None = None) -> Path:
+    """Where checkpoint `step` is written before its rename; `pid` (default: this process) names the writer."""
+    return root / f"{TMP_PREFIX}step-{step}-{pid or os.getpid()}"
+
+
+def save_checkpoint(root: Path, step: int, writers: dict[str, Writer], *, filled: Path | None = None,
+                    hashed: dict[str, dict] | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically and return its final path.
 
-    `writers` maps each file name to a function that writes that file at the given path. On an OSError
-    (disk full included) the temp dir is removed, earlier checkpoints are untouched, and a `ResourceError`
-    naming the path is raised.
+    `writers` maps each file name to a function that writes that file at the given path. `filled`: a temp dir
+    (`temp_dir(root, step, pid)`) into which other processes, the ranks of a distributed run, already wrote
+    files; those are fsynced and listed in the marker beside the writers' files (`hashed`: the records of those
+    their writers already took, `file_record`, by path relative to the temp dir). On an OSError (disk full
+    included) the temp dir is removed, earlier checkpoints are untouched, and a `ResourceError` naming the path
+    is raised.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f"{TMP_PREFIX}step-{step}-{os.getpid()}"
+    tmp = filled or temp_dir(root, step)
     try:
-        _write_tmp(tmp, step, writers)
+        _write_tmp(tmp, step, writers, fresh=filled is None, hashed=hashed or {})
         _move_into_place(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,16 +83,29 @@ def write_bytes(path: Path, data: bytes) -> None:
         f.flush()
 
 
-def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer]) -> None:
+def file_record(path: Path) -> dict:
+    """What the `COMPLETE` marker says of one file: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_tmp(tmp: Path, step: int, writers: dict[str, Writer], fresh: bool = True,
+               hashed: dict[str, dict] | None = None) -> None:
     delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):  # written by other processes (`filled`)
+        fsync_path(path)
+        name = path.relative_to(tmp).as_posix()
+        files[name] = (hashed or {}).get(name) or file_record(path)
+    for sub in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        fsync_path(sub)
     for name, write in writers.items():
         path = tmp / name
         write(path)
         fsync_path(path)
-        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[name] = file_record(path)
         if delay:
             time.sleep(delay)
     marker = tmp / MARKER

@@ -43,12 +43,18 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
     head = get() if callable(get) else None
     if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or hasattr(head, "lora_A"):
         return None
-    if "forward" in vars(head) or type(head.weight) is not nn.Parameter:
+    if "forward" in vars(head) or (type(head.weight) is not nn.Parameter and not _fsdp_sharded(head.weight)):
         return None  # a forward of its own (an NF4 head) or a weight of another tensor type computes its own way
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 0, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
     return head
+
+
+def _fsdp_sharded(weight: torch.Tensor) -> bool:
+    """An FSDP2-sharded parameter (a DTensor): in the model's forward FSDP2 gathers it, and the root group (the
+    head's) stays gathered until backward, so the fused loss reads the whole weight after the forward."""
+    return type(weight).__name__ == "DTensor"
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ from tunelab.data import collate
 from tunelab.errors import ResourceError
 from tunelab.methods import precision
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import dist_checkpoint
+from tunelab.train import distributed as dist
 from tunelab.train.batches import WindowSampler
 from tunelab.train.evaluate import evaluate, to_device
 from tunelab.train.loss import batch_loss_sum, count_input_tokens, count_targets
@@ -67,7 +69,7 @@ def autocast_for(run: Run):
 
 def accumulate_window(model, batches: list[dict], task: str, *, autocast=contextlib.nullcontext,
                       poison: bool = False, fused: bool = False, liger: bool = False,
-                      counts: tuple[int, int] | None = None) -> WindowResult:
+                      counts: tuple[int, int] | None = None, world_size: int = 1) -> WindowResult:
     """Forward and backward every micro-batch of one window, normalised by the window's target count.
 
     Each micro-batch's gradient is d(loss_sum / window_targets), so after the window the gradients equal
@@ -75,9 +77,11 @@ def accumulate_window(model, batches: list[dict], task: str, *, autocast=context
     whatever the split into micro-batches. `poison` makes the loss NaN (a test hook); `fused` computes causal-lm
     losses without full logits (`fused_loss`; with `liger`, Liger-Kernel's kernel where installed); `counts`
     (targets, input tokens), counted on the host before the batches moved, spares a device sync per count.
+    On `world_size` ranks, `counts` are the whole window's and `batches` this rank's share: the gradient
+    reduction averages over ranks, so each rank divides by targets / world_size (`train/distributed.py`).
     """
     task_targets, tokens = counts if counts is not None else window_counts(batches, task)
-    denom = max(task_targets, 1)
+    denom = max(task_targets, 1) / world_size
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for batch in batches:
         with autocast():
@@ -105,6 +109,8 @@ class Loop:
 
     def __init__(self, run: Run, state: TrainState, metrics: MetricsLog, bar: ProgressBar, flag: StopFlag):
         self.run, self.state, self.metrics, self.bar, self.flag = run, state, metrics, bar, flag
+        self.world = run.world
+        self.agreed_stop = False  # under torchrun: some rank got a stop signal (agreed on at each step)
         self.cfg = run.cfg
         self.params = trainable_parameters(run.optimizer)
         self.sampler = WindowSampler(len(run.dataset.train), self.cfg.seed, self.cfg.batch_size,
@@ -126,8 +132,8 @@ class Loop:
         self.run.optimizer.zero_grad(set_to_none=True)
         while self.state.step < self.run.total_steps:
             self.step()
-            if self.flag.signum is not None:
-                self.outcome.signal_name = self.flag.name
+            if self.agreed_stop if self.world.enabled else self.flag.signum is not None:
+                self.outcome.signal_name = self.flag.name or "SIGTERM"  # a rank the signal missed
                 saved = self._saved_step == self.state.step  # save_every may have saved this very step
                 self.outcome.checkpoint = str(self.checkpoint_root() / f"step-{self.state.step}" if saved
                                               else self.save())
@@ -138,6 +144,8 @@ class Loop:
         """One optimizer step, then logging, evaluation and checkpointing when due."""
         t0 = time.perf_counter()
         step = self.state.step + 1
+        if self.world.enabled:
+            dist.failure_hook(self.world, step)
         batches, counts = self.next_batches()
         result = self.forward_backward(batches, step, counts)
         grad_norm, lr = self.update(result, step)
@@ -152,17 +160,29 @@ class Loop:
 
     def next_batches(self) -> tuple[list[dict], tuple[int, int]]:
         """The next window's collated micro-batches on the run's device, and their counts (taken on the host)."""
-        train = self.run.dataset.train
-        host = [collate([train[i] for i in mb], self.run.pad_id, self.cfg.task) for mb in self.sampler.next_window()]
+        train, window = self.run.dataset.train, self.sampler.next_window()
+        if self.world.enabled:
+            return self.rank_batches(window)
+        host = [collate([train[i] for i in mb], self.run.pad_id, self.cfg.task) for mb in window]
         return [to_device(b, self.run.device) for b in host], window_counts(host, self.cfg.task)
+
+    def rank_batches(self, window: list[list[int]]) -> tuple[list[dict], tuple[int, int]]:
+        """This rank's micro-batches of `window` (padding ones without targets), and the whole window's counts."""
+        train, pad, task = self.run.dataset.train, self.run.pad_id, self.cfg.task
+        counts = window_counts([collate([train[i] for mb in window for i in mb], pad, task)], task)
+        host = [collate([train[i] for i in mb], pad, task) if mb else
+                dist.without_targets(collate([train[window[0][0]]], pad, task))
+                for mb in dist.rank_share(window, self.cfg.batch_size, self.world)]
+        return [to_device(b, self.run.device) for b in host], counts
 
     def forward_backward(self, batches: list[dict], step: int, counts: tuple[int, int] | None = None) -> WindowResult:
         """`accumulate_window`, with out-of-memory turned into a `ResourceError` that says what to change."""
         try:
             with precision.cast_inputs(not self.cfg.adapter_autocast):
-                return accumulate_window(self.run.model, batches, self.cfg.task,
+                return accumulate_window(self.world.forward_model or self.run.model, batches, self.cfg.task,
                                          autocast=lambda: autocast_for(self.run), poison=step == self.nan_at,
-                                         fused=self.cfg.fused_loss, liger=self.cfg.liger_kernels, counts=counts)
+                                         fused=self.cfg.fused_loss, liger=self.cfg.liger_kernels, counts=counts,
+                                         world_size=self.world.size)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
@@ -182,8 +202,7 @@ class Loop:
         lr = sched.get_last_lr()[0]
         max_norm = self.cfg.max_grad_norm or math.inf  # inf: measure the norm without clipping
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        # one host sync a step, for both values the NaN policy needs (and the log reads)
-        loss_value, grad_norm = torch.stack([result.loss_sum.float(), norm.float().to(result.loss_sum.device)]).tolist()
+        loss_value, grad_norm = self.step_values(result, norm)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             opt.step()
         elif self.cfg.nan_policy == "skip":
@@ -197,6 +216,16 @@ class Loop:
         opt.zero_grad(set_to_none=True)
         sched.step()
         return grad_norm, lr
+
+    def step_values(self, result: WindowResult, norm: torch.Tensor) -> tuple[float, float]:
+        """(loss sum, gradient norm) of the step, in one host sync; under torchrun the loss sum is the whole
+        window's (put back in `result`), and the ranks agree here whether a stop signal arrived."""
+        if not self.world.enabled:
+            return tuple(torch.stack([result.loss_sum.float(), norm.float().to(result.loss_sum.device)]).tolist())
+        loss_value, stops = dist.sum_across(self.world, [result.loss_sum.detach(), float(self.flag.signum is not None)])
+        self.agreed_stop = stops > 0
+        result.loss_sum = torch.tensor(loss_value)
+        return loss_value, float(dist.full_value(norm))
 
     def log(self, step: int, result: WindowResult, grad_norm: float, lr: float) -> None:
         record = {"step": step, "loss": result.loss, "lr": lr, "tokens": result.tokens,
@@ -221,6 +250,11 @@ class Loop:
     def save(self) -> Path:
         """Write checkpoint `step-N` atomically, then apply retention; returns its path."""
         self.state.elapsed = self.elapsed()
+        if self.world.enabled:
+            path = dist_checkpoint.save(self.world, self.checkpoint_root(), self.run.trainables, self.run.optimizer,
+                                        self.run.scheduler, self.state, self.cfg)
+            self._saved_step = self.state.step
+            return path
         writers = checkpoint_writers(self.run.trainables, self.run.optimizer, self.run.scheduler, self.state,
                                      self.cfg)
         path = ckpt.save_checkpoint(self.checkpoint_root(), self.state.step, writers)

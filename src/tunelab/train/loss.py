@@ -62,7 +62,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, 
     if fused and task == "causal-lm":
         from tunelab.train.fused_loss import fusable_head, fused_causal_lm_loss_sum
 
-        head = fusable_head(model)
+        head = fusable_head(getattr(model, "module", model))  # a DDP wrapper's model holds the head
         if head is not None:
             return fused_causal_lm_loss_sum(model, head, forward_inputs(batch), batch["labels"], liger=liger)
     out = model(**forward_inputs(batch))

@@ -59,6 +59,16 @@ class MetricsLog:
             pass
 
 
+class NullMetrics:
+    """The metrics log of a rank other than 0 under torchrun: rank 0 alone writes `metrics.jsonl`."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Every record of a `metrics.jsonl`."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -10,13 +11,15 @@ from pathlib import Path
 from tunelab.artifacts import save_artifact
 from tunelab.artifacts.recovery import recover
 from tunelab.config import RunConfig
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, PeerFailed, TunelabError
 from tunelab.fingerprint import check_unchanged, fingerprints
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import dist_checkpoint
+from tunelab.train import distributed as dist
 from tunelab.train.evaluate import evaluate
 from tunelab.train.loop import CHECKPOINTS, Loop, LoopOutcome
 from tunelab.train.memory import peak_memory, reset_peak
-from tunelab.train.metrics import MetricsLog, read_metrics
+from tunelab.train.metrics import MetricsLog, NullMetrics, read_metrics
 from tunelab.train.progress import ProgressBar
 from tunelab.train.rundir import refuse_finished, run_lock
 from tunelab.train.setup import Run, build_run
@@ -35,29 +38,51 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
     result is bit-identical to an uninterrupted run). A SIGTERM saves a checkpoint and returns
     `{"status": "interrupted", ...}`; a SIGINT saves one and raises `TrainingInterrupted`.
 
+    Started by torchrun, every rank calls this (`train/distributed.py`): rank 0 alone holds the run dir and
+    writes metrics, progress, run.json and the artifact; a failure of another rank stops this one with
+    `PeerFailed` (that rank reports the cause).
+
     Returns:
         The run summary that is also written to `cfg.output/run.json` (`status` "completed").
     """
-    out = Path(cfg.output)
-    with run_lock(out, resume=cfg.resume):  # one writer per run dir, for the life of the run
-        return _train_locked(cfg, out, progress)
+    world = dist.init_world(cfg.device, cfg.dist_timeout)
+    if world.enabled:
+        cfg = cfg.model_copy(update={"device": dist.rank_device(world, cfg.device)})
+    try:
+        with contextlib.ExitStack() as held:
+            summary = _train_locked(cfg, Path(cfg.output), progress, world, held)
+    except TunelabError:
+        raise
+    except Exception as e:
+        if world.enabled and dist.is_peer_failure(e):
+            raise PeerFailed(f"stopped: another rank failed ({(str(e).strip().splitlines() or [''])[0]})") from None
+        raise
+    return summary  # the process group stays for a next run in this process; the CLI leaves it at exit
 
 
-def _train_locked(cfg: RunConfig, out: Path, progress: bool) -> dict:
+def _train_locked(cfg: RunConfig, out: Path, progress: bool, world: dist.World, held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
-    resume_from = prepare_output(cfg, out, out / CHECKPOINTS)
-    prints = fingerprints(cfg.model, cfg.data)
-    run = build_run(cfg)
+
+    def check_output() -> tuple[Path | None, dict]:
+        held.enter_context(run_lock(out, resume=cfg.resume))  # one writer per run dir, for the life of the run
+        return prepare_output(cfg, out, out / CHECKPOINTS), fingerprints(cfg.model, cfg.data)
+
+    resume_from, prints = dist.main_only(world, check_output)
+    run = build_run(cfg, world)
     state = TrainState()
     if resume_from is not None:
-        check_unchanged(read_meta(resume_from).get("fingerprints"), prints, cfg.model, cfg.data, str(resume_from),
-                        cfg.force)
-        state = load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device)
+        dist.main_only(world, lambda: check_unchanged(read_meta(resume_from).get("fingerprints"), prints, cfg.model,
+                                                      cfg.data, str(resume_from), cfg.force))
+        state = (dist_checkpoint.load(world, resume_from, run.trainables, run.optimizer, run.scheduler)
+                 if world.enabled else
+                 load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device))
     state.fingerprints = prints
     reset_peak(run.device)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    metrics = (MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume_from else None) if world.is_main
+               else NullMetrics())
     try:
-        with stop_signals() as flag, ProgressBar(run.total_steps, state.step, progress) as bar:
+        with stop_signals(repeat_kills=not world.enabled) as flag, \
+                ProgressBar(run.total_steps, state.step, progress and world.is_main) as bar:
             if resume_from is not None:
                 bar.say(f"resuming from {resume_from} (step {state.step} of {run.total_steps})")
             loop = Loop(run, state, metrics, bar, flag)
@@ -65,7 +90,7 @@ def _train_locked(cfg: RunConfig, out: Path, progress: bool) -> dict:
     finally:
         metrics.close()
     if outcome.signal_name is not None:
-        return interrupted(cfg, state, outcome)
+        return interrupted(cfg, state, outcome, world)
     return finish(run, state, outcome, loop.elapsed(), time.perf_counter() - started)
 
 
@@ -107,13 +132,15 @@ def find_resume_checkpoint(cfg: RunConfig, out: Path, root: Path) -> Path:
     return path
 
 
-def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome) -> dict:
-    """SIGTERM: the summary of a run stopped cleanly; SIGINT: raise `TrainingInterrupted`."""
+def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome, world: dist.World) -> dict:
+    """SIGTERM: the summary of a run stopped cleanly; SIGINT: raise `TrainingInterrupted`. Rank 0 alone says so."""
     message = (f"stopped by {outcome.signal_name} at step {state.step}; checkpoint saved to {outcome.checkpoint}; "
                f"continue with --resume")
     if outcome.signal_name == "SIGINT":
         raise TrainingInterrupted(message, step=state.step, checkpoint=outcome.checkpoint,
                                   signal_name=outcome.signal_name)
+    if not world.is_main:
+        return {"status": "interrupted", "rank": world.rank, "step": state.step}
     log.warning(message)
     return {"status": "interrupted", "signal": outcome.signal_name, "step": state.step,
             "checkpoint": outcome.checkpoint, "method": cfg.method, "message": message}
@@ -137,6 +164,10 @@ def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: flo
     """Save the artifact, then write run.json (its presence marks a finished run); returns the summary."""
     cfg, out = run.cfg, Path(run.cfg.output)
     result = final_eval(run, outcome)
+    peaks = dist.gather_ints(run.world, peak_memory(run.device)[0])
+    dist.consolidate(run.world, run.model, trainable_only=run.trainables.method.artifact == "adapter")
+    if not run.world.is_main:
+        return {"status": "completed", "rank": run.world.rank, "steps": state.step}
     artifact_bytes = save_artifact(run.model, run.loaded.tokenizer, cfg.adapter_name, out / "artifact",
                                    base_model=cfg.model, label_names=run.dataset.label_names)
     peak, source = peak_memory(run.device)
@@ -165,6 +196,9 @@ def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: flo
         "device": str(run.device),
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
     }
+    if run.world.enabled:  # the peak that must fit is the largest rank's
+        summary |= {"world_size": run.world.size, "strategy": run.world.strategy, "peak_memory_bytes": max(peaks),
+                    "peak_memory_per_rank": peaks}
     report = run.trainables.method.memory_report(run.model, cfg.adapter_name)
     if report is not None:  # methods that change how the base is stored (qlora: NF4 bytes saved)
         summary["memory_report"] = report

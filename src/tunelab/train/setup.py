@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from tunelab.methods.base import Method, adapter_module_prefixes, adapter_state,
 from tunelab.models import LoadedModel, load_model, read_config, resolve_spec
 from tunelab.models import load_tokenizer as read_tokenizer
 from tunelab.modules import linear_like, name_matches
-from tunelab.train import rng
+from tunelab.train import distributed, rng
 from tunelab.train.activations import enable_gradient_checkpointing  # noqa: F401  (re-exported)
 from tunelab.train.batches import total_steps
 from tunelab.train.memory import rss_bytes
@@ -39,6 +39,7 @@ class Run:
     lr: float
     total_steps: int
     idle_rss_bytes: int
+    world: distributed.World = field(default_factory=distributed.World)
 
     @property
     def model(self) -> nn.Module:
@@ -53,12 +54,14 @@ class Run:
         return self.loaded.pad_id
 
 
-def build_run(cfg: RunConfig) -> Run:
+def build_run(cfg: RunConfig, world: distributed.World | None = None) -> Run:
     """Load the model and data, inject the method's adapter, and build the optimizer and schedule.
 
     The seed is set before the model loads and before injection, so fresh heads and adapter weights are the
-    same in every run with this config (a resume then overwrites them from the checkpoint).
+    same in every run with this config (a resume then overwrites them from the checkpoint). Under torchrun
+    (`world.enabled`) the model is sharded or replicated before the optimizer sees its parameters.
     """
+    world = world or distributed.World()
     idle_rss = rss_bytes()
     rng.seed_everything(cfg.seed)
     method = get_method(cfg.method)
@@ -78,13 +81,27 @@ def build_run(cfg: RunConfig) -> Run:
     if cfg.gradient_checkpointing:
         offload = cfg.offload_activations and torch.device(loaded.device).type == "cuda"
         enable_gradient_checkpointing(model, every=cfg.checkpoint_every, offload=offload)
+    if world.enabled:
+        spread(world, cfg, loaded, method, trainables)
     lr = resolve_lr(cfg, method)
     groups = method.param_groups(model, cfg.adapter_name, lr, cfg.weight_decay)
     if trainables.extra:
         groups.append({"params": list(trainables.extra.values()), "lr": lr, "weight_decay": cfg.weight_decay})
     steps = total_steps(cfg, len(dataset.train))
     optimizer = build_optimizer(groups, cfg, torch.device(loaded.device))
-    return Run(cfg, loaded, dataset, trainables, optimizer, build_scheduler(optimizer, cfg, steps), lr, steps, idle_rss)
+    return Run(cfg, loaded, dataset, trainables, optimizer, build_scheduler(optimizer, cfg, steps), lr, steps, idle_rss,
+               world)
+
+
+def spread(world: distributed.World, cfg: RunConfig, loaded: LoadedModel, method: Method, t: Trainables) -> None:
+    """Shard (FSDP2) or replicate (DDP) the model over the ranks; trainables found before now are refreshed,
+    since FSDP2 puts a sharded parameter in place of each one."""
+    strategy = distributed.choose_strategy(cfg.strategy, loaded.model, method.name)
+    bf16 = torch.device(loaded.device).type == "cuda" and loaded.dtype == torch.bfloat16
+    distributed.wrap(world, loaded.model, strategy, bf16)
+    params = dict(loaded.model.named_parameters())
+    t.extra = {q: params[q] for q in t.extra}
+    log.info("rank %d of %d: %s", world.rank, world.size, strategy)
 
 
 def check_every_target_matched(model: nn.Module, options, touched: list[str]) -> None:

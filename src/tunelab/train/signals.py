@@ -28,16 +28,23 @@ class TrainingInterrupted(TunelabError):
 
 
 class StopFlag:
-    """Which stop signal arrived, if any (set by the handlers, read at each step boundary)."""
+    """Which stop signal arrived, if any (set by the handlers, read at each step boundary).
 
-    def __init__(self) -> None:
+    `repeat_kills`: a second signal stops the process at once. Off under torchrun, whose agent passes on a
+    SIGTERM that the ranks may already have received from the job's scheduler: the checkpoint must finish.
+    """
+
+    def __init__(self, repeat_kills: bool = True) -> None:
         self.signum: int | None = None
+        self.repeat_kills = repeat_kills
 
     @property
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and not self.repeat_kills:
+            return
         if self.signum is not None:  # second signal: stop now, as the default handler would
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
@@ -46,9 +53,9 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[StopFlag]:
+def stop_signals(repeat_kills: bool = True) -> Iterator[StopFlag]:
     """Install SIGTERM/SIGINT handlers for the block (main thread only) and restore the old ones after."""
-    flag = StopFlag()
+    flag = StopFlag(repeat_kills)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return

@@ -70,7 +70,17 @@ def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, c
     """The files of a checkpoint of the run as it is now, as {file name: writer}."""
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
-    meta = {
+    meta_bytes = json.dumps(state_meta(t, state, cfg)).encode()
+    return {
+        "trainable.safetensors": _tensor_writer(t.parameters()),
+        "optimizer.pt": lambda path: checkpoint.write_bytes(path, buf.getvalue()),
+        "state.json": lambda path: checkpoint.write_bytes(path, meta_bytes),
+    }
+
+
+def state_meta(t: Trainables, state: TrainState, cfg: RunConfig) -> dict:
+    """What `state.json` holds: counters, data position, RNG states, and what a resume checks."""
+    return {
         "step": state.step,
         "position": state.position.to_json(),
         "nan_skipped": state.nan_skipped,
@@ -82,12 +92,6 @@ def checkpoint_writers(t: Trainables, optimizer, scheduler, state: TrainState, c
         "result_values": cfg.result_values(),
         "fingerprints": state.fingerprints,
         "saved_at": time.time(),
-    }
-    meta_bytes = json.dumps(meta).encode()
-    return {
-        "trainable.safetensors": _tensor_writer(t.parameters()),
-        "optimizer.pt": lambda path: checkpoint.write_bytes(path, buf.getvalue()),
-        "state.json": lambda path: checkpoint.write_bytes(path, meta_bytes),
     }
 
 

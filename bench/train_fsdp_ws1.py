@@ -1,0 +1,68 @@
+"""The cost of the distributed path on one GPU: tunelab's loop under torchrun with world size 1 and FSDP2
+(`fully_shard` per block, bf16 mixed precision, fp32 reduce) against the plain one-process loop, on the same
+model, data, batches and settings (bench/train_gpu_cases.py: a Llama-shaped 1B built from a config, packed
+random tokens, constant learning rate). The target: FSDP2 at world size 1 costs at most 5% tokens/s.
+
+    PYTHONPATH=src python3 bench/train_fsdp_ws1.py --out bench/results/train_fsdp_ws1_h200.json
+    PYTHONPATH=src python3 bench/train_fsdp_ws1.py --tiny     # CPU smoke test (gloo), seconds
+
+Reported per case (1b-lora, 1b-full): tokens/s of each path (median step after `--warmup`), the overhead
+1 - fsdp / plain, peak memory of each, and the loss parity over all steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_dist_common as common  # noqa: E402
+import train_gpu_cases as cases  # noqa: E402
+
+
+def specs(tiny: bool, steps: int) -> list[dict]:
+    shape, batch, seq = ("tiny", 2, 64) if tiny else ("1b", 8, 2048)
+    return [common.case(f"{shape}-{m}-{batch}x{seq}", shape, m, batch, seq, steps) for m in ("lora", "full")]
+
+
+def measure(spec: dict, args, work: Path) -> dict:
+    plain = common.run_case({**spec, "name": spec["name"] + "-plain"}, work, None, args.case_timeout)
+    fsdp = common.run_case({**spec, "name": spec["name"] + "-fsdp-ws1", "set": {"strategy": "fsdp"}}, work, 1,
+                           args.case_timeout)
+    row = {"case": spec["name"], "method": spec["method"], "batch": spec["batch"], "seq": spec["seq"]}
+    if "error" in plain or "error" in fsdp:
+        return row | {"plain_error": plain.get("error"), "fsdp_error": fsdp.get("error")}
+    tokens = spec["batch"] * spec["seq"]
+    a, b = common.throughput(plain, tokens, args.warmup), common.throughput(fsdp, tokens, args.warmup)
+    return row | {
+        "plain": a | {"peak_memory_bytes": plain["peak_memory_bytes"]},
+        "fsdp_ws1": b | {"peak_memory_bytes": fsdp["peak_memory_bytes"], "strategy": fsdp["strategy"],
+                         "world_size": fsdp["world_size"]},
+        "overhead": 1 - b["tokens_per_second"] / a["tokens_per_second"],
+        "within_5_percent": b["tokens_per_second"] >= 0.95 * a["tokens_per_second"],
+        "loss_parity": common.loss_parity(plain["losses"], fsdp["losses"], spec["steps"]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (gloo): a smoke test")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--work", default="/tmp/tunelab-bench")
+    p.add_argument("--case-timeout", type=int, default=400)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    work = Path(args.work)
+    rows = [measure(spec, args, work) for spec in specs(args.tiny, args.steps)]
+    payload = {"command": " ".join(["python3", "bench/train_fsdp_ws1.py", *sys.argv[1:]]),
+               "environment": cases.versions(), "settings": vars(args), "rows": rows}
+    if args.out:
+        common.write(Path(args.out), payload)
+    else:
+        common.write(work / "train_fsdp_ws1.json", payload)
+
+
+if __name__ == "__main__":
+    main()
