@@ -180,8 +180,9 @@ def run_tunelab(case: dict, model_dir: Path, data: Path, work: Path) -> dict:
                     packing=case.get("packing", True), schedule="constant",
                     packing_mask=case.get("packing_mask", "none"),  # default: the references' single causal mask
                     lr=LR[method], val_fraction=0.0, log_every=1, dtype="bfloat16" if cuda else "float32",
-                    device="cuda" if cuda else "cpu", force=True, overwrite=True,
-                    gradient_checkpointing=case.get("checkpointing", False), **case.get("set", {}))
+                    device="cuda" if cuda else "cpu", force=True,
+                    gradient_checkpointing=case.get("checkpointing", False),
+                    **{"overwrite": True, **case.get("set", {})})  # a case may set its own
     summary = train(cfg, progress=False)
     records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
