@@ -81,7 +81,7 @@ def train(
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
 
     file_values = load_yaml(config) if config else {}
-    options = {**file_values.get("method_options", {}), **parse_set(set_)}
+    options = parse_set(set_)  # merged over the file's method_options by build_config
     overrides = dict(model=model, data=data, task=task, method=method, max_steps=max_steps, epochs=epochs,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, seed=seed,
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
@@ -362,10 +362,20 @@ def _usage_error(e: Exception) -> int:
     """Print a CLI usage error as one line; an unknown option gets the closest valid one."""
     option = getattr(e, "option_name", None)
     if option and hasattr(e, "possibilities"):
-        print(f"error: unknown option {option}{closest(option, e.possibilities or [])}", file=sys.stderr)
+        hint = closest(option, _options_of(e) or e.possibilities or [])
+        ctx = getattr(e, "ctx", None)
+        if not hint and ctx is not None:
+            hint = f" for '{ctx.command_path}' (its options: {ctx.command_path} --help)"
+        print(f"error: unknown option {option}{hint}", file=sys.stderr)
     else:
         print(f"error: {e.format_message().splitlines()[0]}", file=sys.stderr)
     return 2
+
+def _options_of(e: Exception) -> list[str]:
+    """Every long option of the command a usage error came from (the CLI library offers only its own guesses)."""
+    command = getattr(getattr(e, "ctx", None), "command", None)
+    return [o for p in getattr(command, "params", ()) for o in getattr(p, "opts", ()) if o.startswith("--")]
+
 
 if __name__ == "__main__":
     sys.exit(main())

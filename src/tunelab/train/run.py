@@ -114,7 +114,7 @@ def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome) -> dict
     if outcome.signal_name == "SIGINT":
         raise TrainingInterrupted(message, step=state.step, checkpoint=outcome.checkpoint,
                                   signal_name=outcome.signal_name)
-    log.warning(message)
+    log.info(message)  # the caller shows `message` (the CLI prints it once); a warning here printed it twice
     return {"status": "interrupted", "signal": outcome.signal_name, "step": state.step,
             "checkpoint": outcome.checkpoint, "method": cfg.method, "message": message}
 
