@@ -76,6 +76,8 @@ def train(
     eval_batches: Annotated[Optional[int], typer.Option(help="Validate on at most N batches.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing",
                                                     help="Concatenate examples into seq-len chunks.")] = None,
+    report_to: Annotated[Optional[str], typer.Option(help="Trackers beside metrics.jsonl: tensorboard, wandb "
+                                                          "(comma-separated), all or none.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
@@ -90,7 +92,7 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
-                     eval_batches=eval_batches, packing=packing)
+                     eval_batches=eval_batches, packing=packing, report_to=report_to)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")

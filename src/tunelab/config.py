@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError, closest
 from tunelab.methods import get_method
+from tunelab.tracking import parse_report_to
 from tunelab.validation import check_keys, parse_model
 from tunelab.yamlio import load_no_alias
 
@@ -63,6 +64,7 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     columns: dict[str, str] | None = None  # tunelab's column name -> the data file's (`prompt: question`)
     chat_template: str | None = None  # a shipped template name (chatml, alpaca) or a Jinja file
+    report_to: list[str] = Field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb
     eval_every: int | None = Field(default=None, gt=0)
     eval_batches: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)
@@ -94,6 +96,14 @@ class RunConfig(BaseModel):
                 raise ValueError(f"unknown column {key!r}{closest(key, DATA_COLUMNS)}; expected one of "
                                  f"{', '.join(DATA_COLUMNS)}")
         return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v):
+        try:
+            return parse_report_to(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("report_to: ")) from None
 
     def method_opts(self, where: str = "--set"):
         """The method's validated options object (`--set` values; `where` names their source in errors)."""

@@ -20,6 +20,7 @@ from tunelab.train.metrics import MetricsLog, read_metrics
 from tunelab.train.progress import ProgressBar
 from tunelab.train.rundir import refuse_finished, run_lock
 from tunelab.train.setup import Run, build_run
+from tunelab.tracking import open_trackers
 from tunelab.train.signals import TrainingInterrupted, stop_signals
 from tunelab.train.state import TrainState, check_config, load_checkpoint, read_meta
 from tunelab.jsonio import write_json_atomic
@@ -55,7 +56,9 @@ def _train_locked(cfg: RunConfig, out: Path, progress: bool) -> dict:
         state = load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device)
     state.fingerprints = prints
     reset_peak(run.device)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    resume_step = state.step if resume_from else None
+    trackers = open_trackers(cfg.report_to, out, cfg.model_dump(mode="json"), resume_step)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, trackers=trackers)
     try:
         with stop_signals() as flag, ProgressBar(run.total_steps, state.step, progress) as bar:
             if resume_from is not None:
