@@ -20,12 +20,9 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tracking-data") / "pairs.jsonl"
-    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+@pytest.fixture
+def pairs(instruction_jsonl):
+    return instruction_jsonl
 
 
 def _cfg(tiny_dirs, pairs, out, **values) -> RunConfig:
