@@ -124,28 +124,36 @@ def eval_(
     max_examples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Report loss and perplexity (or accuracy) of a base model, with or without an adapter."""
     from tunelab.evaluation import evaluate_spec
 
     result = evaluate_spec(model, data, adapter=adapter, task=task, seq_len=seq_len, batch_size=batch_size,
-                           max_examples=max_examples, trust_remote_code=trust_remote_code)
+                           max_examples=max_examples, trust_remote_code=trust_remote_code, progress=not quiet)
     if json_:
         typer.echo(json.dumps(result))
     else:
-        _print_table("evaluation", result)
+        _print_eval_table(result)
 
 
-def _print_table(title: str, values: dict) -> None:
+def _print_eval_table(result: dict) -> None:
+    """What was scored (model, adapter, data and split), then the scores."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in values.items():
+    table = Table(title="evaluation")
+    table.add_column("", style="bold")
+    table.add_column("value", no_wrap=True)
+    scored = {"model": result["model"], "adapter": result["adapter"] or "none (base model)",
+              "data": f"{result['data']} ({result['examples']} examples"
+                      f"{', its validation split' if result['split'] == 'validation' else ''})"}
+    scores = {k: v for k, v in result.items() if k not in (*scored, "split", "examples")}
+    for key, value in {**scored, **scores}.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    console = Console()
+    widest = max(len(str(v)) for v in scored.values()) + 20  # paths stay whole (copyable), never cut or folded
+    Console(width=max(console.width, widest)).print(table)
 
 
 @app.command()
