@@ -45,6 +45,11 @@ CASES = [
         ("llama-exclude-regex", "llama", {}, {"target_modules": "all-linear", "exclude_modules": r".*\.mlp\..*"}),
         ("bert-exclude-layers", "bert", {"task_type": "SEQ_CLS"}, {
             "target_modules": ["query", "key", "value"], "exclude_modules": ["key"], "layers_to_transform": [0]}),
+        # whole modules trained and saved with the adapter; gpt2 ties lm_head to wte (each copy trains apart)
+        ("llama-modules-to-save", "llama", {}, {"modules_to_save": ["lm_head", "embed_tokens"]}),
+        ("gpt2-tied-lm-head", "gpt2", {}, {"modules_to_save": ["lm_head"]}),
+        ("gpt2-tied-both", "gpt2", {}, {"modules_to_save": ["wte", "lm_head"], "target_modules": "all-linear"}),
+        ("bert-modules-to-save", "bert", {"task_type": "SEQ_CLS"}, {"modules_to_save": ["word_embeddings"]}),
     ]],
 ]
 

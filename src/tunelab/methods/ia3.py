@@ -21,7 +21,7 @@ from tunelab.errors import ConfigError
 from tunelab.methods import stacked
 from tunelab.methods.base import (
     Method,
-    MethodOptions,
+    SavesModules,
     adapter_state,
     find_targets,
     peft_common,
@@ -62,7 +62,7 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class IA3Options(MethodOptions):
+class IA3Options(SavesModules):
     """`--set` options of `ia3`. None means PEFT's default for the model's architecture."""
 
     target_modules: list[str] | str | None = None
@@ -187,7 +187,7 @@ class IA3(Method):
         """PEFT's IA3Config fields, with the per-architecture defaults resolved."""
         targets, ff = self.resolve(model, options)
         modules = [m for _, m in self.adapted(model, name)]
-        return {"peft_type": self.peft_type, **peft_common(model),
+        return {"peft_type": self.peft_type, **peft_common(model, options),
                 "target_modules": targets, "feedforward_modules": ff,
                 "fan_in_fan_out": any(is_conv1d(m) for m in modules), "init_ia3_weights": True}
 

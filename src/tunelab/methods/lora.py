@@ -27,7 +27,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.methods import lora_init, lora_layer, lora_select, nf4
 from tunelab.methods.base import (
-    Method, MethodOptions, adapter_module_prefixes, adapter_state, check_saved_modules, find_targets, peft_common,
+    Method, SavesModules, adapter_module_prefixes, adapter_state, find_targets, modules_from_config, peft_common,
     register, target_matches,
 )
 from tunelab.modules import in_out_features, is_conv1d, linear_like
@@ -50,7 +50,7 @@ _PEFT_UNUSED = {
 }
 
 
-class LoRAOptions(MethodOptions):
+class LoRAOptions(SavesModules):
     """`--set` options of `lora`."""
 
     r: int = Field(8, gt=0, description="rank of A and B")
@@ -247,7 +247,7 @@ class LoRAFamily:
         """PEFT's LoraConfig fields; `PeftModel.from_pretrained` loads the artifact as it is."""
         targets = [p for p, _ in self.adapted(model, name)]
         config = {
-            "peft_type": "LORA", **peft_common(model),
+            "peft_type": "LORA", **peft_common(model, options),
             "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
             **portable_selection(model, options, targets),
             "use_rslora": options.rslora, "init_lora_weights": "gaussian" if options.init == "gaussian" else True,
@@ -263,8 +263,7 @@ class LoRAFamily:
             if key not in self.peft_fields and config.get(key, unused[0]) not in unused:
                 raise ConfigError(f"field {key!r} = {config[key]!r}: this LoRA feature is not supported by "
                                   f"tunelab's {self.name} (expected {unused[0]!r})")
-        check_saved_modules(config, self.name)
-        values = {"r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+        values = {"modules_to_save": modules_from_config(config), "r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
                   "dropout": config.get("lora_dropout", 0.0), "target_modules": config.get("target_modules"),
                   "rslora": config.get("use_rslora", False),
                   "init": _init_from_peft(config.get("init_lora_weights", True)),
