@@ -101,3 +101,20 @@ def test_no_transformers_bar_in_piped_stderr_from_merge_or_full_save(tiny_dirs, 
     assert (tmp_path / "full" / "artifact" / "model.safetensors").is_file()
     for done in (merged, full):
         assert not [m for m in HF_BAR_MARKS if m in done.stderr], done.stderr
+
+
+def test_readme_first_commands_use_compare_s_cpu_budget_and_say_what_the_defaults_cost():
+    """The README's first train/compare commands run at compare's CPU budget (minutes on 2 cores, as measured by
+    `make demo`), and the README says what train's own defaults cost."""
+    from tunelab.measure.schema import CompareOptions
+
+    readme = (ROOT / "README.md").read_text()
+    use = readme.split("## Use", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    budget = CompareOptions()
+    for line in [ln for ln in use.splitlines() if ln.startswith(("tunelab train", "tunelab compare"))]:
+        flags = line.split("#")[0].split()
+        value = {f: flags[flags.index(f) + 1] for f in ("--max-steps", "--batch-size", "--seq-len") if f in flags}
+        assert int(value["--max-steps"]) <= budget.max_steps, line
+        if line.startswith("tunelab train"):
+            assert (int(value["--batch-size"]), int(value["--seq-len"])) == (budget.batch_size, budget.seq_len), line
+    assert "What these cost on a 2-core CPU" in readme and "`train`'s own defaults" in readme
