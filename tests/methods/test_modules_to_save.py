@@ -138,8 +138,13 @@ def test_modules_to_save_errors(tokenizer):
     with pytest.raises(ConfigError, match=r"modules_to_save: 'lm_haed' matches no module; .*lm_head"):
         lora.inject(model, lora.Options(modules_to_save=["lm_haed"]), "default")
     assert not adapter_state(model).methods and not any("lora_A" in n for n, _ in model.named_modules())
-    with pytest.raises(ConfigError, match="leave it out of target_modules"):
-        lora.inject(model, lora.Options(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]), "x")
+    for targets, saved in ((["q_proj", "lm_head"], ["lm_head"]), (["q_proj", "embed_tokens"], ["embed_tokens"])):
+        with pytest.raises(ConfigError, match="leave it out of target_modules"):
+            lora.inject(model, lora.Options(target_modules=targets, modules_to_save=saved), "x")
+        assert not adapter_state(model).methods
+    ia3 = get_method("ia3")
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.down_proj: .*leave it out of target_modules"):
+        ia3.inject(model, ia3.Options(modules_to_save=["down_proj"]), "x")
     with pytest.raises(ConfigError, match="modules_to_save"):  # prompt learning has no such option in PEFT
         get_method("prompt").options_from_config({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2,
                                                   "modules_to_save": ["lm_head"]})

@@ -73,7 +73,7 @@ def attach_heads(model: nn.Module, name: str, modules_to_save: list[str] | None 
     paths = saved_paths(model, modules_to_save)
     for path in paths:
         head = model.get_submodule(path)
-        if any(isinstance(c, nn.ModuleDict) for k, c in head.named_children() if k != COPIES):
+        if any(isinstance(c, (nn.ModuleDict, nn.ParameterDict)) for k, c in head.named_children() if k != COPIES):
             raise ConfigError(f"module {path}: an adapter trains it in full (a classification head, or "
                               f"modules_to_save); leave it out of target_modules")
     for path in paths:
