@@ -22,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import ConfigError
@@ -348,16 +348,11 @@ def forget_adapter(model: nn.Module, name: str) -> None:
     state.routing = None
 
 
-class SavesModules(MethodOptions):
-    """Options of the methods whose PEFT config has `modules_to_save` (the LoRA family, IA3)."""
-
-    modules_to_save: list[str] | None = Field(
-        None, description="modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])")
-
-    @field_validator("modules_to_save", mode="before")
-    @classmethod
-    def _names(cls, v):
-        return [v] if isinstance(v, str) else (v or None)
+# The `modules_to_save` option of the methods whose PEFT config has it (the LoRA family, IA3): declare
+# `modules_to_save: ModulesToSave = None` last among the options. A single name is taken as a list of one.
+ModulesToSave = Annotated[
+    list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else (v or None)),
+    Field(description="modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])")]
 
 
 def saved_modules(options: MethodOptions) -> list[str] | None:

@@ -21,7 +21,8 @@ from tunelab.errors import ConfigError
 from tunelab.methods import stacked
 from tunelab.methods.base import (
     Method,
-    SavesModules,
+    MethodOptions,
+    ModulesToSave,
     adapter_state,
     find_targets,
     peft_common,
@@ -62,11 +63,12 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class IA3Options(SavesModules):
+class IA3Options(MethodOptions):
     """`--set` options of `ia3`. None means PEFT's default for the model's architecture."""
 
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
+    modules_to_save: ModulesToSave = None
 
     @model_validator(mode="after")
     def _feedforward_within_targets(self) -> "IA3Options":

@@ -27,8 +27,8 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.methods import heads, lora_embedding, lora_init, lora_layer, lora_select, nf4
 from tunelab.methods.base import (
-    Method, SavesModules, adapter_module_prefixes, adapter_state, find_targets, modules_from_config, peft_common,
-    register, target_matches,
+    Method, MethodOptions, ModulesToSave, adapter_module_prefixes, adapter_state, find_targets, modules_from_config,
+    peft_common, register, target_matches,
 )
 from tunelab.modules import in_out_features, is_conv1d, linear_like
 from tunelab.validation import parse_model
@@ -50,7 +50,7 @@ _PEFT_UNUSED = {
 }
 
 
-class LoRAOptions(SavesModules):
+class LoRAOptions(MethodOptions):
     """`--set` options of `lora`."""
 
     r: int = Field(8, gt=0, description="rank of A and B")
@@ -67,6 +67,7 @@ class LoRAOptions(SavesModules):
     layers_to_transform: list[int] | int | None = Field(None, description="only the blocks of these indices")
     layers_pattern: list[str] | str | None = Field(None, description="the block list's name (layers, h, ...)")
     exclude_modules: list[str] | str | None = Field(None, description="module names or a regex never adapted")
+    modules_to_save: ModulesToSave = None
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
