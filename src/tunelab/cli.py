@@ -88,6 +88,8 @@ def train(
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train on N processes of this machine (one per GPU) "
                                                          "through torchrun.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="Under torchrun: auto, fsdp (FSDP2) or ddp.")] = None,
+    report_to: Annotated[Optional[str], typer.Option(help="Trackers beside metrics.jsonl: tensorboard, wandb "
+                                                          "(comma-separated), all or none.")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
     from tunelab.config import build_config, load_yaml, parse_columns, parse_set
@@ -98,7 +100,7 @@ def train(
         raise typer.Exit(run_torchrun(nproc, _ARGV))
 
     file_values = load_yaml(config) if config else {}
-    options = {**file_values.get("method_options", {}), **parse_set(set_)}
+    options = parse_set(set_)  # merged over the file's method_options by build_config
     overrides = dict(model=model, data=data, task=task, method=method, max_steps=max_steps, epochs=epochs,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, seed=seed,
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
@@ -109,7 +111,7 @@ def train(
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
                      eval_batches=eval_batches, packing=packing, packing_mask=packing_mask,
                      checkpoint_every=checkpoint_every, offload_activations=offload_activations,
-                     strategy=strategy)
+                     strategy=strategy, report_to=report_to)
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
@@ -146,28 +148,36 @@ def eval_(
     max_examples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Report loss and perplexity (or accuracy) of a base model, with or without an adapter."""
     from tunelab.evaluation import evaluate_spec
 
     result = evaluate_spec(model, data, adapter=adapter, task=task, seq_len=seq_len, batch_size=batch_size,
-                           max_examples=max_examples, trust_remote_code=trust_remote_code)
+                           max_examples=max_examples, trust_remote_code=trust_remote_code, progress=not quiet)
     if json_:
         typer.echo(json.dumps(result))
     else:
-        _print_table("evaluation", result)
+        _print_eval_table(result)
 
 
-def _print_table(title: str, values: dict) -> None:
+def _print_eval_table(result: dict) -> None:
+    """What was scored (model, adapter, data and split), then the scores."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in values.items():
+    table = Table(title="evaluation")
+    table.add_column("", style="bold")
+    table.add_column("value", no_wrap=True)
+    scored = {"model": result["model"], "adapter": result["adapter"] or "none (base model)",
+              "data": f"{result['data']} ({result['examples']} examples"
+                      f"{', its validation split' if result['split'] == 'validation' else ''})"}
+    scores = {k: v for k, v in result.items() if k not in (*scored, "split", "examples")}
+    for key, value in {**scored, **scores}.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    console = Console()
+    widest = max(len(str(v)) for v in scored.values()) + 20  # paths stay whole (copyable), never cut or folded
+    Console(width=max(console.width, widest)).print(table)
 
 
 @app.command()
@@ -379,10 +389,20 @@ def _usage_error(e: Exception) -> int:
     """Print a CLI usage error as one line; an unknown option gets the closest valid one."""
     option = getattr(e, "option_name", None)
     if option and hasattr(e, "possibilities"):
-        print(f"error: unknown option {option}{closest(option, e.possibilities or [])}", file=sys.stderr)
+        hint = closest(option, _options_of(e) or e.possibilities or [])
+        ctx = getattr(e, "ctx", None)
+        if not hint and ctx is not None:
+            hint = f" for '{ctx.command_path}' (its options: {ctx.command_path} --help)"
+        print(f"error: unknown option {option}{hint}", file=sys.stderr)
     else:
         print(f"error: {e.format_message().splitlines()[0]}", file=sys.stderr)
     return 2
+
+def _options_of(e: Exception) -> list[str]:
+    """Every long option of the command a usage error came from (the CLI library offers only its own guesses)."""
+    command = getattr(getattr(e, "ctx", None), "command", None)
+    return [o for p in getattr(command, "params", ()) for o in getattr(p, "opts", ()) if o.startswith("--")]
+
 
 if __name__ == "__main__":
     sys.exit(main())

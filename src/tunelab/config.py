@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError, closest
 from tunelab.methods import get_method
-from tunelab.validation import parse_model
+from tunelab.tracking import parse_report_to
+from tunelab.validation import check_keys, parse_model
 from tunelab.yamlio import load_no_alias
 
 Task = Literal["causal-lm", "classification"]
@@ -66,6 +67,7 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     columns: dict[str, str] | None = None  # tunelab's column name -> the data file's (`prompt: question`)
     chat_template: str | None = None  # a shipped template name (chatml, alpaca) or a Jinja file
+    report_to: list[str] = Field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb
     eval_every: int | None = Field(default=None, gt=0)
     eval_batches: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)
@@ -113,10 +115,18 @@ class RunConfig(BaseModel):
                                  f"{', '.join(DATA_COLUMNS)}")
         return v
 
-    def method_opts(self):
-        """The method's validated options object (`--set` values)."""
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v):
+        try:
+            return parse_report_to(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("report_to: ")) from None
+
+    def method_opts(self, where: str = "--set"):
+        """The method's validated options object (`--set` values; `where` names their source in errors)."""
         method = get_method(self.method)
-        return parse_model(method.Options, self.method_options, where=f"--set for method '{self.method}'")
+        return parse_model(method.Options, self.method_options, where=f"{where} for method '{self.method}'")
 
     def documents_packed(self) -> bool:
         """Whether packed chunks keep attention and prediction inside each document (`packing_mask`)."""
@@ -186,10 +196,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> RunConfig:
-    """Merge config-file values with CLI overrides (non-None wins) and validate, options included."""
+    """Merge config-file values with CLI overrides (non-None wins) and validate, options included.
+
+    `method_options` merge key by key (`--set` values in `overrides` win over the file's). Errors name `where`
+    (the config file, when there is one) for the file's keys and `--set` for the flags' own.
+    """
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    from_file, from_flags = file_values.get("method_options"), overrides.get("method_options")
+    if isinstance(from_file, dict) and isinstance(from_flags, dict):
+        values["method_options"] = {**from_file, **from_flags}
     cfg = parse_model(RunConfig, values, where=where)
-    cfg.method_opts()  # validate the method's options now, before any model loads
+    source = "--set"
+    if isinstance(from_file, dict) and from_file:
+        check_keys(get_method(cfg.method).Options, from_file, f"{where}: method_options for method '{cfg.method}'")
+        source = f"{where}: method_options" + (" or --set" if from_flags else "")
+    cfg.method_opts(source)  # validate the method's options now, before any model loads
     if cfg.chat_template is not None:
         resolve_chat_template(cfg.chat_template)  # a missing template file fails before the model loads
     return cfg

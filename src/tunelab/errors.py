@@ -41,6 +41,11 @@ class PeerFailed(TunelabError):
 
 
 def closest(key: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?)' for the closest choice to `key`, or '' when nothing is close."""
-    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """Return ' (did you mean X?)' for the closest choice to `key`, or '' when nothing is close.
+
+    Option dashes are left out of the comparison: two shared leading `--` made unrelated options look alike
+    (`--dtype` and `--adapter` share only `d`, `t` and the dashes).
+    """
+    bare = {c.lstrip("-"): c for c in choices}
+    match = difflib.get_close_matches(key.lstrip("-"), list(bare), n=1, cutoff=0.6)
+    return f" (did you mean '{bare[match[0]]}'?)" if match else ""

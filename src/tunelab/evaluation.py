@@ -8,15 +8,20 @@ from tunelab.artifacts import inspect, load_adapter
 from tunelab.data import load_data
 from tunelab.models import load_model
 from tunelab.train import evaluate
+from tunelab.train.evaluate import batch_count
+from tunelab.train.progress import batch_progress
 
 
 def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: str = "causal-lm",
                   seq_len: int = 256, batch_size: int = 8, max_examples: int | None = None,
-                  trust_remote_code: bool = False) -> dict:
+                  trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Load `model` (+ `adapter`), read `data` and evaluate.
 
     `data="default"` (or `default:<name>`) evaluates the embedded set's validation split; a file is evaluated
-    whole. Returns {"loss", "perplexity", "examples"} or {"loss", "accuracy", "examples"}.
+    whole. `progress` shows a bar of the batches on stderr.
+
+    Returns what was scored (`model`, `adapter` (None: the base model alone), `data`, `split`: "validation" or
+    "all", `examples`) and its scores: `loss` and `perplexity`, or `loss` and `accuracy`.
     """
     label_names = inspect(adapter).label_names if adapter else None
     loaded = load_model(model, task=task, trust_remote_code=trust_remote_code, label_names=label_names)
@@ -27,5 +32,7 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
                         label_names=label_names)
     examples = dataset.val if is_default else dataset.train
     examples = examples[:max_examples] if max_examples else examples
-    result = evaluate(loaded.model, examples, task, loaded.pad_id, batch_size)
-    return {**result, "examples": len(examples)}
+    with batch_progress("eval", batch_count(len(examples), batch_size), progress) as tick:
+        result = evaluate(loaded.model, examples, task, loaded.pad_id, batch_size, on_batch=tick)
+    return {"model": model, "adapter": str(adapter) if adapter is not None else None, "data": data,
+            "split": "validation" if is_default else "all", "examples": len(examples), **result}

@@ -15,16 +15,21 @@ from tunelab.errors import ConfigError, closest
 
 def parse_model(cls: type[BaseModel], values: dict[str, Any], where: str) -> BaseModel:
     """Validate `values` into `cls`, turning pydantic errors into a one-line `ConfigError` prefixed by `where`."""
+    check_keys(cls, values, where)
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {first_error(e)}") from None
+
+
+def check_keys(cls: type[BaseModel], values: dict[str, Any], where: str) -> None:
+    """Raise a one-line `ConfigError` prefixed by `where` for the first key of `values` that `cls` lacks."""
     unknown = [k for k in values if k not in cls.model_fields]
     if unknown:
         key = unknown[0]
         raise ConfigError(
             f"{where}: unknown key '{key}'{closest(key, cls.model_fields)}; valid keys: {', '.join(cls.model_fields)}"
         )
-    try:
-        return cls(**values)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {first_error(e)}") from None
 
 
 def first_error(e: ValidationError) -> str:

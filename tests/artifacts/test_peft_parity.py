@@ -45,6 +45,18 @@ CASES = [
         ("llama-exclude-regex", "llama", {}, {"target_modules": "all-linear", "exclude_modules": r".*\.mlp\..*"}),
         ("bert-exclude-layers", "bert", {"task_type": "SEQ_CLS"}, {
             "target_modules": ["query", "key", "value"], "exclude_modules": ["key"], "layers_to_transform": [0]}),
+        # whole modules trained and saved with the adapter; gpt2 ties lm_head to wte (each copy trains apart)
+        ("llama-modules-to-save", "llama", {}, {"modules_to_save": ["lm_head", "embed_tokens"]}),
+        ("gpt2-tied-lm-head", "gpt2", {}, {"modules_to_save": ["lm_head"]}),
+        ("gpt2-tied-both", "gpt2", {}, {"modules_to_save": ["wte", "lm_head"], "target_modules": "all-linear"}),
+        ("bert-modules-to-save", "bert", {"task_type": "SEQ_CLS"}, {"modules_to_save": ["word_embeddings"]}),
+        # LoRA on embedding layers (PEFT's lora_embedding_A/B); gpt2's wte is tied to its lm_head
+        ("llama-embedding", "llama", {}, {"target_modules": ["q_proj", "embed_tokens"]}),
+        ("llama-embedding-patterns", "llama", {}, {"target_modules": ["embed_tokens", "v_proj"], "rslora": True,
+                                                   "rank_pattern": {"embed_tokens": 2}, "alpha_pattern": {
+                                                       "embed_tokens": 4}}),
+        ("gpt2-embedding-tied", "gpt2", {}, {"target_modules": ["c_attn", "wte"]}),
+        ("bert-embedding", "bert", {"task_type": "SEQ_CLS"}, {"target_modules": r".*(word_embeddings|query)"}),
     ]],
 ]
 
@@ -67,8 +79,8 @@ def test_tunelab_artifact_loads_in_peft(kind, ours, _, tokenizer, tmp_path):
     want = logits(model, tokenizer=tokenizer)
     save_artifact(model, tokenizer, "default", tmp_path / "a")
     peft_model = PeftModel.from_pretrained(build_tiny(kind, tokenizer), tmp_path / "a").eval()
-    theirs = {n for n, _ in peft_model.named_parameters() if ".lora_A." in n}
-    assert len(theirs) == len([k for k in LORA.state_dict(model, "default") if ".lora_A." in k])
+    theirs = {n for n, _ in peft_model.named_parameters() if ".lora_A." in n or ".lora_embedding_A." in n}
+    assert len(theirs) == len([k for k in LORA.state_dict(model, "default") if ".lora_A." in k or "embedding_A" in k])
     assert torch.allclose(logits(peft_model, tokenizer=tokenizer), want, atol=1e-5)
 
 

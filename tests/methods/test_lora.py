@@ -223,7 +223,7 @@ def test_bf16_base_keeps_fp32_adapters(tokenizer):
 
 @pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_bias", True),
                                           ("layer_replication", [[0, 1]]), ("init_lora_weights", "loftq"),
-                                          ("modules_to_save", ["lm_head"]), ("trainable_token_indices", [0])])
+                                          ("trainable_token_indices", [0])])
 def test_unsupported_peft_features_are_refused(field, value):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], field: value}
     with pytest.raises(ConfigError, match=field):

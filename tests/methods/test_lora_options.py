@@ -334,10 +334,14 @@ def test_selection_that_leaves_nothing_names_the_options(tokenizer):
     assert not adapter_state(model).methods
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], r".*embed_tokens"])
-def test_lora_on_embedding_layers_is_refused_in_words(targets, tokenizer, tmp_path):
+@pytest.mark.parametrize("method, targets, init, why", [
+    ("dora", ["q_proj", "embed_tokens"], "default", "method 'dora' \\(only lora's\\)"),
+    ("qlora", r".*embed_tokens", "default", "method 'qlora' \\(only lora's\\)"),
+    ("lora", ["embed_tokens"], "pissa", "init=pissa")])
+def test_lora_on_embedding_layers_is_refused_in_words_where_unsupported(method, targets, init, why, tokenizer):
     model = build_tiny("llama", tokenizer)
+    m = get_method(method)
     with pytest.raises(ConfigError, match="model.embed_tokens, an embedding layer: LoRA on embedding layers is not "
-                                          "supported"):
-        LORA.inject(model, Options(target_modules=targets), "default")
+                                          f"supported with {why}"):
+        m.inject(model, m.Options(target_modules=targets, init=init), "default")
     assert not adapter_state(model).methods

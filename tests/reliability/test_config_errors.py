@@ -38,6 +38,46 @@ def test_case16_unknown_method_option_suggests_closest(capsys):
     assert code == 2 and "'alpah'" in err and "'alpha'" in err
 
 
+def test_case16_method_option_typo_in_yaml_names_the_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("method: lora\nmethod_options:\n  rr: 8\n")
+    code, err = run_cli(capsys, "train", "--config", str(cfg), "--model", MISSING_MODEL)
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith(f"error: {cfg}: method_options for method 'lora': unknown key 'rr' (did you mean 'r'?)")
+    assert "--set" not in err
+    cfg.write_text("method: lora\nmethod_options:\n  r: -1\n")  # a bad value names the file too
+    code, err = run_cli(capsys, "train", "--config", str(cfg), "--model", MISSING_MODEL)
+    assert code == 2 and err.startswith(f"error: {cfg}: method_options for method 'lora': key 'r'"), err
+    code, err = run_cli(capsys, "train", "--config", str(cfg), "--model", MISSING_MODEL, "--set", "r=4")
+    assert code != 2 or "method_options" not in err, err  # --set wins over the file's value, key by key
+
+
+def test_case16_yaml_method_options_merge_with_set(tmp_path):
+    cfg = build_config({"method": "lora", "method_options": {"r": 4, "alpha": 8}},
+                       {"method_options": parse_set(["alpha=2"])}, where="run.yaml")
+    assert cfg.method_options == {"r": 4, "alpha": 2}
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["eval", "--dtype", "float32"], "error: unknown option --dtype for 'tunelab eval' (its options: "
+                                     "tunelab eval --help)"),  # no longer "did you mean '--adapter'"
+    (["eval", "--adaptr", "x"], "error: unknown option --adaptr (did you mean '--adapter'?)"),
+    (["train", "--dtyp", "float32"], "error: unknown option --dtyp (did you mean '--dtype'?)"),
+    (["merge", "--out", "x"], "error: unknown option --out (did you mean '--output'?)"),
+])
+def test_case16_closest_option_is_close_without_the_dashes(capsys, argv, expect):
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and err == expect
+
+
+def test_closest_ignores_option_dashes():
+    from tunelab.errors import closest
+
+    assert closest("--dtype", ["--adapter", "--model"]) == ""
+    assert closest("--dtype", ["--adapter", "--dtype-x"]) == " (did you mean '--dtype-x'?)"
+    assert closest("rr", ["r", "alpha"]) == " (did you mean 'r'?)"
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--method", "lora", "--set", "r=0"], "r"),
     (["--method", "lora", "--set", "r=-2"], "r"),

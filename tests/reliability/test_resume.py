@@ -140,6 +140,7 @@ def test_case04_sigterm_saves_checkpoint_exits_0_and_resumes(base, reference, tm
     saved = ckpt.find_latest(out / "checkpoints")[0]
     assert saved is not None and 3 <= int(saved.name.split("-")[1]) < STEPS
     assert "SIGTERM" in stderr and "--resume" in stderr
+    assert stderr.count("stopped by SIGTERM") == 1, stderr  # printed once, not by the log and the CLI both
     assert not (out / "run.json").exists()
     done = subprocess.run(cmd + ["--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -26,10 +26,10 @@ from tunelab.measure.plan_formulas import (
     head_input_bytes,
 )
 from tunelab.measure.plan_model import Linear, ModelInfo
-from tunelab.methods import get_method
-from tunelab.methods.base import MethodOptions
+from tunelab.methods import get_method, heads, lora_embedding
+from tunelab.methods.base import MethodOptions, saved_modules
 from tunelab.methods.lora import resolve_targets
-from tunelab.modules import name_matches
+from tunelab.modules import in_out_features, name_matches
 
 ALL_SITES = {"attn_in", "attn_out", "mlp_in", "mlp_mid"}
 ADAPTER_POSITIONS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per block
@@ -80,11 +80,14 @@ def build_strategy(method: str, info: ModelInfo, opts: MethodOptions, rt: Runtim
     if changed:
         st.notes.append(f"planned without the effect of {', '.join(changed)} (not modelled)")
     if not st.whole_model:
-        st.adapter_params += info.head_params  # an fp32 copy of the classification head trains with adapters
+        # an fp32 copy of the classification head (and of `modules_to_save`) trains with adapters
+        copies = heads.head_numel(info.meta_model, saved_modules(opts)) if info.meta_model is not None \
+            else info.head_params
+        st.adapter_params += copies
         st.keeps.head_input = head_input_bytes(info, rt, full=False)
         st.weights_bytes += _base_weights(st, info, rt) + st.adapter_params * ADAPTER_BYTES
         st.artifact_bytes = st.adapter_params * ADAPTER_BYTES
-        st.largest_trainable_bytes = max(st.largest_trainable_bytes, info.head_params * FP32)
+        st.largest_trainable_bytes = max(st.largest_trainable_bytes, copies * FP32)
     return st
 
 
@@ -125,6 +128,7 @@ def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
     act = rt.adapter_act_bytes
     rank = {t.name: opts.rank_alpha(t.name)[0] for t in targets}  # r, or the rank_pattern's rank
     st.adapter_params = sum(rank[t.name] * (t.in_features + t.out_features) for t in targets)
+    st.adapter_params += embedding_lora_params(info, opts)
     shared_input = (rt.autocast or rt.param_bytes == FP32) and opts.dropout == 0
     per_token = 0.0
     for t in targets:
@@ -134,8 +138,17 @@ def _lora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> list[Linear]:
     casts = rt.param_bytes * st.adapter_params if rt.autocast else 0.0  # A and B cast to bf16, kept for backward
     st.keeps = Keeps(sites={t.site for t in targets} if shared_input else set(), extra_per_token=per_token,
                      extra_fixed=casts)
-    st.largest_trainable_bytes = FP32 * max(rank[t.name] * max(t.in_features, t.out_features) for t in targets)
+    st.largest_trainable_bytes = FP32 * max((rank[t.name] * max(t.in_features, t.out_features) for t in targets),
+                                            default=0)
     return targets
+
+
+def embedding_lora_params(info: ModelInfo, opts) -> int:
+    """A (r, num_embeddings) and B (dim, r) of each embedding layer LoRA adapts (`lora_embedding.py`); what
+    they keep for backward (r per token) is left out, as small."""
+    model = info.meta_model
+    names = [n for n in resolve_targets(model, opts) if lora_embedding.is_embedding(model.get_submodule(n))]
+    return sum(opts.rank_alpha(n)[0] * sum(in_out_features(model.get_submodule(n))) for n in names)
 
 
 def _dora(st: Strategy, info: ModelInfo, opts, rt: Runtime) -> None:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import ConfigError
@@ -144,11 +144,10 @@ class Method:
         adapter_state(model).targets[name] = touched
         if self.artifact == "adapter":
             try:
-                heads.attach_heads(model, name)
+                touched += heads.attach_heads(model, name, saved_modules(options))
             except Exception:
                 self.remove(model, name)
                 raise
-            touched += heads.head_names(model)
             adapter_state(model).targets[name] = touched
         follow_mode(model, before)
         mark_trainable(model, self.parameters(model, name))
@@ -196,16 +195,18 @@ class Method:
         it against the count after inject.
         """
         own = self.own_trainable(model, options)
-        return own if own is None or self.artifact != "adapter" else own + heads.head_numel(model)
+        return own if own is None or self.artifact != "adapter" else own + heads.head_numel(model, saved_modules(options))
 
     # --- optional, with defaults ----------------------------------------------------------------------
     def adapter_config(self, model: nn.Module, options: MethodOptions, name: str) -> dict[str, Any]:
         """The `adapter_config.json` content for this adapter (PEFT's field names where PEFT has the type)."""
-        return {"peft_type": self.peft_type or self.name.upper(), **peft_common(model), **options.model_dump()}
+        return {"peft_type": self.peft_type or self.name.upper(), **peft_common(model, options), **options.model_dump()}
 
     def options_from_config(self, config: dict[str, Any]) -> MethodOptions:
         """Rebuild options from an `adapter_config.json` (ours or PEFT's); unknown PEFT fields are ignored."""
         known = {k: v for k, v in config.items() if k in self.Options.model_fields}
+        if "modules_to_save" in known:
+            known["modules_to_save"] = modules_from_config(config)
         return self.Options(**known)
 
     def matches_config(self, config: dict[str, Any]) -> bool:
@@ -259,6 +260,8 @@ class Method:
         state = adapter_state(model)
         if (name in state.merged) == merged:
             raise ConfigError(f"adapter {name!r} is {'already' if merged else 'not'} merged into the base weights")
+        if merged:
+            heads.check_heads_mergeable(model, name)  # before the method's fold: a refused merge changes nothing
         self.fold(model, name, merged)
         (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
         state.routing = None
@@ -349,16 +352,36 @@ def forget_adapter(model: nn.Module, name: str) -> None:
     state.routing = None
 
 
-def peft_common(model: nn.Module) -> dict[str, Any]:
-    """The `adapter_config.json` fields every tunelab adapter writes the way PEFT does."""
+# The `modules_to_save` option of the methods whose PEFT config has it (the LoRA family, IA3): declare
+# `modules_to_save: ModulesToSave = None` last among the options. A single name is taken as a list of one.
+ModulesToSave = Annotated[
+    list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else (v or None)),
+    Field(description="modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])")]
+
+
+def saved_modules(options: MethodOptions) -> list[str] | None:
+    """The `modules_to_save` of `options` (None for methods without the option)."""
+    return getattr(options, "modules_to_save", None)
+
+
+def modules_from_config(config: dict[str, Any]) -> list[str] | None:
+    """An `adapter_config.json`'s `modules_to_save` less the classification heads (every adapter copies those)."""
+    return [m for m in config.get("modules_to_save") or () if m not in heads.HEAD_NAMES] or None
+
+
+def peft_common(model: nn.Module, options: MethodOptions | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` fields every tunelab adapter writes the way PEFT does (`modules_to_save`: the
+    classification heads' names, then the adapter's own `modules_to_save` entries)."""
+    saved = sorted({p.rsplit(".", 1)[-1] for p in heads.head_names(model)})
+    saved += [m for m in saved_modules(options) or () if m not in saved] if options is not None else []
     return {"task_type": peft_task_type(model),
             "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-            "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in heads.head_names(model)}) or None,
-            "inference_mode": True}
+            "modules_to_save": saved or None, "inference_mode": True}
 
 
 def check_saved_modules(config: dict[str, Any], method: str) -> None:
-    """Refuse an `adapter_config.json` whose `modules_to_save` names more than the classification heads."""
+    """Refuse an `adapter_config.json` whose `modules_to_save` names more than the classification heads (for the
+    methods without the option: PEFT's prompt learning)."""
     extra = set(config.get("modules_to_save") or ()) - set(heads.HEAD_NAMES)
     if extra:
         raise ConfigError(f"field 'modules_to_save': {sorted(extra)} not supported by tunelab's {method} "

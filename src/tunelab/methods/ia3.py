@@ -22,6 +22,7 @@ from tunelab.methods import stacked
 from tunelab.methods.base import (
     Method,
     MethodOptions,
+    ModulesToSave,
     adapter_state,
     find_targets,
     peft_common,
@@ -67,6 +68,7 @@ class IA3Options(MethodOptions):
 
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
+    modules_to_save: ModulesToSave = None
 
     @model_validator(mode="after")
     def _feedforward_within_targets(self) -> "IA3Options":
@@ -187,7 +189,7 @@ class IA3(Method):
         """PEFT's IA3Config fields, with the per-architecture defaults resolved."""
         targets, ff = self.resolve(model, options)
         modules = [m for _, m in self.adapted(model, name)]
-        return {"peft_type": self.peft_type, **peft_common(model),
+        return {"peft_type": self.peft_type, **peft_common(model, options),
                 "target_modules": targets, "feedforward_modules": ff,
                 "fan_in_fan_out": any(is_conv1d(m) for m in modules), "init_ia3_weights": True}
 

@@ -25,10 +25,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import lora_init, lora_layer, lora_select, nf4
+from tunelab.methods import heads, lora_embedding, lora_init, lora_layer, lora_select, nf4
 from tunelab.methods.base import (
-    Method, MethodOptions, adapter_module_prefixes, adapter_state, check_saved_modules, find_targets, peft_common,
-    register, target_matches,
+    Method, MethodOptions, ModulesToSave, adapter_module_prefixes, adapter_state, find_targets, modules_from_config,
+    peft_common, register, target_matches,
 )
 from tunelab.modules import in_out_features, is_conv1d, linear_like
 from tunelab.validation import parse_model
@@ -67,6 +67,7 @@ class LoRAOptions(MethodOptions):
     layers_to_transform: list[int] | int | None = Field(None, description="only the blocks of these indices")
     layers_pattern: list[str] | str | None = Field(None, description="the block list's name (layers, h, ...)")
     exclude_modules: list[str] | str | None = Field(None, description="module names or a regex never adapted")
+    modules_to_save: ModulesToSave = None
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
@@ -152,12 +153,9 @@ def resolve_targets(model: nn.Module, options: LoRAOptions) -> list[str]:
     """Qualified names of the modules `options.target_modules` selects (the default when unset), less those that
     `layers_to_transform` and `exclude_modules` leave out (`lora_select`)."""
     wanted = options.target_modules if options.target_modules is not None else default_target_modules(model)
-    if wanted != "all-linear":
-        embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and target_matches(n, wanted)]
-        if embeddings:
-            raise ConfigError(f"target_modules {wanted!r} selects {embeddings[0]}, an embedding layer: LoRA on "
-                              f"embedding layers is not supported")
-    return lora_select.kept(find_targets(model, wanted), options, wanted)
+    # embedding layers only when named (all-linear never selects one); which methods take them: `_check_targets`
+    adaptable = linear_like if wanted == "all-linear" else (lambda m: linear_like(m) or lora_embedding.is_embedding(m))
+    return lora_select.kept(find_targets(model, wanted, adaptable), options, wanted)
 
 
 def portable_selection(model: nn.Module, options: LoRAOptions, targets: list[str]) -> dict[str, Any]:
@@ -188,8 +186,9 @@ class LoRAFamily:
     variant: ClassVar[lora_layer.Variant] = lora_layer.LORA
     use_dora: ClassVar[bool] = False
     on_nf4_base: ClassVar[bool] = False
+    on_embeddings: ClassVar[bool] = False
     peft_fields: ClassVar[frozenset[str]] = frozenset()
-    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", *lora_embedding.CONTAINERS)
 
     def attach(self, model: nn.Module, options: LoRAOptions, name: str) -> list[str]:
         """Add adapter `name`'s A, B (and the variant's weights) to the target modules; return the targets."""
@@ -199,6 +198,9 @@ class LoRAFamily:
         for path in targets:
             module = model.get_submodule(path)
             r, alpha = options.rank_alpha(path)
+            if lora_embedding.is_embedding(module):
+                lora_embedding.attach(module, name, r, alpha, options.rslora, state, self.variant)
+                continue
             lora_layer.attach(module, name, r, alpha, options.rslora, options.init, options.dropout, state,
                               self.variant)
             self.setup_layer(module, name, options)
@@ -208,6 +210,10 @@ class LoRAFamily:
         """Refuse, before anything changes, targets this adapter cannot take."""
         for path in targets:
             module = model.get_submodule(path)
+            if lora_embedding.is_embedding(module) and (not self.on_embeddings or lora_init.from_base(options.init)):
+                why = f"init={options.init}" if self.on_embeddings else f"method '{self.name}' (only lora's)"
+                raise ConfigError(f"target_modules {options.target_modules!r} selects {path}, an embedding layer: "
+                                  f"LoRA on embedding layers is not supported with {why}")
             if nf4.is_quantized(module) and not self.on_nf4_base:
                 raise ConfigError(f"module {path}: its weight is NF4-quantised for qlora; adapters of method "
                                   f"'{self.name}' would train on the quantised base, use method qlora")
@@ -229,7 +235,8 @@ class LoRAFamily:
 
     def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
         """Load a saved adapter; a PiSSA/OLoRA adapter also takes the initial factors its file carries."""
-        sd, initial = lora_init.from_plain_lora(self.adapted(model, name), name, sd)
+        adapted = self.adapted(model, name)
+        sd, initial = lora_init.from_plain_lora(adapted, name, lora_embedding.drop_saved_base(adapted, sd))
         super().load_state_dict(model, sd, name)
         lora_init.adopt_initial(name, initial)
 
@@ -239,7 +246,7 @@ class LoRAFamily:
         ratio = adapter_state(model).options[name].loraplus_lr_ratio
         if ratio is None:
             return [{"params": list(params.values()), "lr": lr, "weight_decay": weight_decay}]
-        is_b = {k: f".lora_B.{name}." in k for k in params}
+        is_b = {k: f".lora_B.{name}." in k or k.endswith(f".lora_embedding_B.{name}") for k in params}
         return [{"params": [p for k, p in params.items() if not is_b[k]], "lr": lr, "weight_decay": weight_decay},
                 {"params": [p for k, p in params.items() if is_b[k]], "lr": lr * ratio, "weight_decay": weight_decay}]
 
@@ -247,7 +254,7 @@ class LoRAFamily:
         """PEFT's LoraConfig fields; `PeftModel.from_pretrained` loads the artifact as it is."""
         targets = [p for p, _ in self.adapted(model, name)]
         config = {
-            "peft_type": "LORA", **peft_common(model),
+            "peft_type": "LORA", **peft_common(model, options),
             "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
             **portable_selection(model, options, targets),
             "use_rslora": options.rslora, "init_lora_weights": "gaussian" if options.init == "gaussian" else True,
@@ -263,8 +270,7 @@ class LoRAFamily:
             if key not in self.peft_fields and config.get(key, unused[0]) not in unused:
                 raise ConfigError(f"field {key!r} = {config[key]!r}: this LoRA feature is not supported by "
                                   f"tunelab's {self.name} (expected {unused[0]!r})")
-        check_saved_modules(config, self.name)
-        values = {"r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+        values = {"modules_to_save": modules_from_config(config), "r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
                   "dropout": config.get("lora_dropout", 0.0), "target_modules": config.get("target_modules"),
                   "rslora": config.get("use_rslora", False),
                   "init": _init_from_peft(config.get("init_lora_weights", True)),
@@ -283,15 +289,20 @@ class LoRAFamily:
         adapted = self.adapted(model, name)
         for path, m in adapted if merged else ():
             lora_layer.check_mergeable(m, name, path)  # all checks first: a refused merge changes nothing
+            tied = heads.tied_elsewhere(model, path) if lora_embedding.is_embedding(m) else None
+            if tied is not None:
+                raise ConfigError(f"module {path}: its weight is tied to {tied} (tie_word_embeddings), so merging "
+                                  f"adapter {name!r} into it would change both; serve the adapter unmerged")
         for _, m in adapted:
-            (lora_layer.merge if merged else lora_layer.unmerge)(m, name)
+            layer = lora_embedding if lora_embedding.is_embedding(m) else lora_layer
+            (layer.merge if merged else layer.unmerge)(m, name)
 
     def detach(self, model: nn.Module, name: str) -> None:
         """Delete the adapter's layers (merged weights stay merged; a PiSSA/OLoRA residual gets its principal
         part back)."""
         for _, m in self.adapted(model, name):
             lora_init.restore_base(m, name)
-            lora_layer.detach(m, name)
+            (lora_embedding if lora_embedding.is_embedding(m) else lora_layer).detach(m, name)
 
     def own_trainable(self, model: nn.Module, options: LoRAOptions) -> int:
         """r * (in + out) per target module (r from `rank_pattern` where one matches)."""
@@ -313,3 +324,4 @@ class LoRA(LoRAFamily, Method):
     supports_mixed_batch = True
     peft_type = "LORA"
     peft_loadable = True
+    on_embeddings = True  # `nn.Embedding` targets (PEFT's lora_embedding_A/B); dora and qlora refuse them

@@ -135,9 +135,9 @@ def from_plain_lora(adapted: list[tuple[str, nn.Module]], name: str, sd: dict[st
     out, initial = dict(sd), []
     for path, module in adapted:
         ka, kb = peft_key(path, "lora_A.weight"), peft_key(path, "lora_B.weight")
-        r = module.lora_A[name].out_features
         if _initial(module, name) is None or ka not in sd or kb not in sd:
             continue
+        r = module.lora_A[name].out_features
         if sd[ka].shape[0] == 2 * r and sd[kb].shape[-1] == 2 * r:
             out[ka], out[kb] = sd[ka][:r], sd[kb][:, :r]
             initial.append((module, sd[ka][r:], -sd[kb][:, r:]))

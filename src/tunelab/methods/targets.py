@@ -47,7 +47,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str], predicate=li
     else:
         found = [n for n, _ in candidates if target_matches(n, target_modules)]
     if not found:
-        examples = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})[:8]
+        leaves = {n.rsplit(".", 1)[-1]: linear_like(m) for n, m in candidates}  # linears first (LoRA: embeddings)
+        examples = sorted(leaves, key=lambda leaf: (not leaves[leaf], leaf))[:8]
         raise ConfigError(
             f"target_modules {target_modules!r} matched no module; "
             f"some module names in this model: {', '.join(examples) or 'none of a supported type'}"

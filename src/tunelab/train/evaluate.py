@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,8 +22,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def batch_count(n_examples: int, batch_size: int, max_batches: int | None = None) -> int:
+    """How many batches `evaluate` runs over `n_examples` examples."""
+    n = -(-n_examples // batch_size)
+    return n if max_batches is None else min(n, max_batches)
+
+
 def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int, *,
-             max_batches: int | None = None) -> dict[str, float]:
+             max_batches: int | None = None, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """Evaluate `model` on `examples` (in order) under `torch.no_grad` in eval mode; the mode is restored.
 
     Args:
@@ -32,6 +39,7 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
         pad_id: the padding token id for collation.
         batch_size: examples per forward pass.
         max_batches: evaluate only the first N batches (None: all).
+        on_batch: called after each batch (a progress bar's advance; `batch_count` gives the total).
 
     Returns:
         causal-lm: {"loss", "perplexity"}, the loss being the mean over every target token of all examples
@@ -52,6 +60,8 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
                 loss_sum, n_targets = loss_sum + float(batch_sum), n_targets + n
                 if task == "classification":  # logits: (batch, classes)
                     correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                if on_batch is not None:
+                    on_batch()
     finally:
         model.train(was_training)
     loss = loss_sum / n_targets if n_targets else float("nan")

@@ -24,7 +24,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import dist_checkpoint
 from tunelab.train import distributed as dist
 from tunelab.train.batches import WindowSampler
-from tunelab.train.evaluate import evaluate, to_device
+from tunelab.train.evaluate import batch_count, evaluate, to_device
 from tunelab.train.loss import batch_loss_sum, count_input_tokens, count_targets
 from tunelab.train.metrics import MetricsLog
 from tunelab.train.optim import trainable_parameters
@@ -238,8 +238,9 @@ class Loop:
         val = self.run.dataset.val
         if not val:
             return None
-        result = evaluate(self.run.model, val, self.cfg.task, self.run.pad_id, self.cfg.batch_size,
-                          max_batches=self.cfg.eval_batches)
+        with self.bar.validating(batch_count(len(val), self.cfg.batch_size, self.cfg.eval_batches), step) as tick:
+            result = evaluate(self.run.model, val, self.cfg.task, self.run.pad_id, self.cfg.batch_size,
+                              max_batches=self.cfg.eval_batches, on_batch=tick)
         self.metrics.write({"step": step, **{f"val_{k}": v for k, v in result.items()}})
         self.outcome.last_eval = result
         return result

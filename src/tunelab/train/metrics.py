@@ -16,10 +16,14 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Appends records to `path`; on resume, first drops every record after the resumed step."""
+    """Appends records to `path`; on resume, first drops every record after the resumed step.
 
-    def __init__(self, path: Path, *, resume_step: int | None = None):
+    `trackers` (`tracking.open_trackers`: TensorBoard, wandb) get each record after the file does.
+    """
+
+    def __init__(self, path: Path, *, resume_step: int | None = None, trackers: list | tuple = ()):
         self.path = path
+        self.trackers = list(trackers)
         if resume_step is None:
             path.write_text("")
         else:
@@ -51,12 +55,16 @@ class MetricsLog:
             if is_disk_full(e):
                 raise disk_full(self.path, "the records before this one are intact") from None
             raise
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         try:
             self._file.close()
         except OSError:  # the write that failed already said why; a second flush of it must not hide that
             pass
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class NullMetrics:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -36,15 +38,38 @@ class Throughput:
         return sum(t for t, _ in window) / seconds if seconds > 0 else None
 
 
+def _bars(console: Console, enabled: bool) -> Progress:
+    """rich bars on `console`: label, bar, done/total, time left, and a free-text `info` field."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
+
+
+@contextlib.contextmanager
+def batch_progress(label: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A bar of `total` batches on stderr for the block; yields the call that marks one batch done."""
+    bars = _bars(Console(file=sys.stderr), enabled)
+    with bars:
+        task = bars.add_task(label, total=total, info="")
+        yield lambda: bars.advance(task)
+
+
 class ProgressBar:
     """A rich progress bar on stderr; `enabled=False` makes every call a no-op."""
 
     def __init__(self, total: int, start: int, enabled: bool):
         self.enabled = enabled
         self.console = Console(file=sys.stderr)
-        self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                  TextColumn("{task.fields[info]}"), console=self.console, disable=not enabled)
+        self._progress = _bars(self.console, enabled)
         self._task = self._progress.add_task("train", total=total, completed=start, info="")
+
+    @contextlib.contextmanager
+    def validating(self, total: int, step: int) -> Iterator[Callable[[], None]]:
+        """A second bar, below the training bar, for the `total` validation batches at `step`; gone after."""
+        task = self._progress.add_task("validate", total=total, info=f"at step {step}")
+        try:
+            yield lambda: self._progress.advance(task)
+        finally:
+            self._progress.remove_task(task)
 
     def __enter__(self) -> "ProgressBar":
         self._progress.__enter__()

@@ -23,6 +23,7 @@ from tunelab.train.metrics import MetricsLog, NullMetrics, read_metrics
 from tunelab.train.progress import ProgressBar
 from tunelab.train.rundir import refuse_finished, run_lock
 from tunelab.train.setup import Run, build_run
+from tunelab.tracking import open_trackers
 from tunelab.train.signals import TrainingInterrupted, stop_signals
 from tunelab.train.state import TrainState, check_config, load_checkpoint, read_meta
 from tunelab.jsonio import write_json_atomic
@@ -78,8 +79,12 @@ def _train_locked(cfg: RunConfig, out: Path, progress: bool, world: dist.World, 
                  load_checkpoint(resume_from, run.trainables, run.optimizer, run.scheduler, run.device))
     state.fingerprints = prints
     reset_peak(run.device)
-    metrics = (MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume_from else None) if world.is_main
-               else NullMetrics())
+    resume_step = state.step if resume_from else None
+    if world.is_main:
+        trackers = open_trackers(cfg.report_to, out, cfg.model_dump(mode="json"), resume_step)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, trackers=trackers)
+    else:
+        metrics = NullMetrics()
     try:
         with stop_signals(repeat_kills=not world.enabled) as flag, \
                 ProgressBar(run.total_steps, state.step, progress and world.is_main) as bar:
@@ -141,7 +146,7 @@ def interrupted(cfg: RunConfig, state: TrainState, outcome: LoopOutcome, world: 
                                   signal_name=outcome.signal_name)
     if not world.is_main:
         return {"status": "interrupted", "rank": world.rank, "step": state.step}
-    log.warning(message)
+    log.info(message)  # the caller shows `message` (the CLI prints it once); a warning here printed it twice
     return {"status": "interrupted", "signal": outcome.signal_name, "step": state.step,
             "checkpoint": outcome.checkpoint, "method": cfg.method, "message": message}
 
