@@ -323,6 +323,11 @@ def _check_listen_address(host: str, port: int) -> None:
         raise ConfigError(f"--host {host!r}: not an address to listen on ({e.strerror or e})") from None
 
 
+from tunelab import cli_portable  # noqa: E402  (typer only: `combine` and `export` join the app here)
+
+app.command()(cli_portable.combine)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map errors to exit codes (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
