@@ -326,6 +326,7 @@ def _check_listen_address(host: str, port: int) -> None:
 from tunelab import cli_portable  # noqa: E402  (typer only: `combine` and `export` join the app here)
 
 app.command()(cli_portable.combine)
+app.command()(cli_portable.export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,3 +46,33 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise ConfigError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+
+
+def export(
+    model: Annotated[str, typer.Option(help="Base (or fully fine-tuned) Llama model dir, or alias.")],
+    output: Annotated[Path, typer.Option(help="Output file, e.g. model.gguf (must not exist).")],
+    format_: Annotated[str, typer.Option("--format", help="Output format: gguf (llama.cpp, Ollama).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir: merged into the model, or with --lora "
+                                                         "written as a GGUF LoRA adapter.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Write --adapter (LoRA) as a GGUF LoRA adapter for "
+                                                      "llama.cpp's --lora instead of merging it.")] = False,
+    outtype: Annotated[str, typer.Option(help="Tensor type: f32, f16, bf16 or q8_0.")] = "f16",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
+) -> None:
+    """Export a Llama model (an adapter merged in, or not) or a LoRA adapter as a GGUF file for llama.cpp."""
+    from tunelab.artifacts import inspect
+    from tunelab.artifacts.export import check_request, export_lora, export_model
+    from tunelab.cli import _refuse_unmergeable
+    from tunelab.interrupts import leaves
+
+    check_request(output, format_, outtype)
+    if lora and adapter is None:
+        raise ConfigError("--lora: expected --adapter DIR, the LoRA adapter to write")
+    leaves(f"nothing was written to {output}")
+    if lora:
+        written = export_lora(model, adapter, output, outtype)
+    else:
+        if adapter is not None:
+            _refuse_unmergeable(inspect(adapter))
+        written = export_model(model, output, outtype, adapter=adapter, trust_remote_code=trust_remote_code)
+    typer.echo(f"{'LoRA adapter' if lora else 'model'} written to {output} ({written} bytes, {outtype})")

@@ -39,13 +39,14 @@ class LoraFiles:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def read_lora(adapter_dir: str | Path) -> LoraFiles:
-    """Read a plain LoRA adapter dir (tunelab's or PEFT's); anything else is refused naming the dir and field."""
+def read_lora(adapter_dir: str | Path, purpose: str = "combine") -> LoraFiles:
+    """Read a plain LoRA adapter dir (tunelab's or PEFT's); anything else is refused naming the dir, the field
+    and what it was read for (`purpose`)."""
     info = inspect(adapter_dir)
     where = f"adapter {info.path}"
     if info.kind != "adapter" or info.files_method != "lora":
         raise ConfigError(f"{where}: method '{info.method}' ({info.peft_type or 'a whole model'}); expected a "
-                          f"plain LoRA adapter (peft_type LORA without use_dora) to combine")
+                          f"plain LoRA adapter (peft_type LORA without use_dora) to {purpose}")
     options = get_method("lora").options_from_config(info.config)
     weights = read_safetensors(info.path / WEIGHTS)
     check_finite(weights, info.path / WEIGHTS)
@@ -53,8 +54,8 @@ def read_lora(adapter_dir: str | Path) -> LoraFiles:
     for key, tensor in weights.items():
         match = KEY.match(key)
         if match is None:
-            raise ConfigError(f"{where}: field modules_to_save: weight {key} is not a LoRA factor; adapters with "
-                              f"trained heads or token rows cannot be combined")
+            raise ConfigError(f"{where}: field modules_to_save: weight {key} is not a LoRA factor; an adapter "
+                              f"with trained heads or token rows cannot {purpose}")
         factors.setdefault(match["path"], {})[match["factor"]] = tensor.to(torch.float32)
     modules = {}
     for path, ab in factors.items():
