@@ -76,9 +76,11 @@ def train(
     eval_batches: Annotated[Optional[int], typer.Option(help="Validate on at most N batches.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing",
                                                     help="Concatenate examples into seq-len chunks.")] = None,
+    add_tokens: Annotated[Optional[list[str]], typer.Option(help="New special tokens, comma-separated or a file "
+                                                                 "(one a line); their rows train (repeatable).")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
-    from tunelab.config import build_config, load_yaml, parse_columns, parse_set
+    from tunelab.config import build_config, load_yaml, parse_columns, parse_set, parse_tokens
 
     file_values = load_yaml(config) if config else {}
     options = {**file_values.get("method_options", {}), **parse_set(set_)}
@@ -90,7 +92,7 @@ def train(
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
-                     eval_batches=eval_batches, packing=packing)
+                     eval_batches=eval_batches, packing=packing, add_tokens=parse_tokens(add_tokens))
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
@@ -155,6 +157,7 @@ def merge(
 ) -> None:
     """Fold an adapter into the base weights and write a plain HF model dir."""
     from tunelab.artifacts import inspect, load_adapter, save_merged
+    from tunelab.artifacts.peft_format import tokenizer_for
     from tunelab.models import load_model
 
     _check_merge_output(output)
@@ -164,7 +167,7 @@ def merge(
     loaded = load_model(model, task=info.task, dtype="float32", device="cpu",
                         trust_remote_code=trust_remote_code, label_names=info.label_names)
     name = load_adapter(loaded.model, adapter)
-    written = save_merged(loaded.model, loaded.tokenizer, name, output)
+    written = save_merged(loaded.model, tokenizer_for(loaded.tokenizer, [adapter]), name, output)
     typer.echo(f"merged model written to {output} ({written} bytes)")
 
 

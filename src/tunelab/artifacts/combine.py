@@ -47,6 +47,9 @@ def read_lora(adapter_dir: str | Path, purpose: str = "combine") -> LoraFiles:
     if info.kind != "adapter" or info.files_method != "lora":
         raise ConfigError(f"{where}: method '{info.method}' ({info.peft_type or 'a whole model'}); expected a "
                           f"plain LoRA adapter (peft_type LORA without use_dora) to {purpose}")
+    if info.config.get("trainable_token_indices") is not None:
+        raise ConfigError(f"{where}: field trainable_token_indices: the adapter trains rows of added tokens; "
+                          f"an adapter with trained heads or token rows cannot {purpose}")
     options = get_method("lora").options_from_config(info.config)
     weights = read_safetensors(info.path / WEIGHTS)
     check_finite(weights, info.path / WEIGHTS)

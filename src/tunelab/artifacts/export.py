@@ -15,6 +15,7 @@ from tunelab.artifacts.atomic import artifact_bytes, atomic_file
 from tunelab.artifacts.combine import read_lora
 from tunelab.artifacts.gguf_write import OUTTYPES, check_llama, head_dim, lora_alpha_for, write_lora, write_model
 from tunelab.artifacts.merge import merge_and_unload
+from tunelab.artifacts.peft_format import tokenizer_for
 from tunelab.errors import ConfigError
 from tunelab.models import load_model, read_config, resolve_spec
 
@@ -91,9 +92,11 @@ def export_model(model: str | Path, out_file: str | Path, outtype: str = "f16", 
     from tunelab.artifacts import load_adapter
 
     loaded = load_model(model, task="causal-lm", dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+    tokenizer = loaded.tokenizer
     if adapter is not None:
         merge_and_unload(loaded.model, load_adapter(loaded.model, adapter))
+        tokenizer = tokenizer_for(tokenizer, [adapter])  # an adapter that added tokens carries the grown vocab
     name = Path(adapter).name if adapter is not None else resolve_spec(model).name
     with torch.no_grad(), atomic_file(out) as tmp:
-        write_model(tmp, loaded.model, loaded.tokenizer, outtype, name)
+        write_model(tmp, loaded.model, tokenizer, outtype, name)
     return artifact_bytes(out)

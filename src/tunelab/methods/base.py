@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads
+from tunelab.methods import heads, tokens
 from tunelab.methods.kit import (  # noqa: F401  (AdapterState, check_loaded, peft_key: re-exported for callers)
     REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, container_weights,
     guard_mixed_batches, load_live, peft_key, peft_task_type,
@@ -153,7 +153,9 @@ class Method:
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         """The trainable parameters of adapter `name` (its head copy included), keyed by qualified name."""
         own = self.weights(model, name)
-        return {**own, **heads.head_parameters(model, name)} if self.artifact == "adapter" else own
+        if self.artifact != "adapter":
+            return own
+        return {**own, **heads.head_parameters(model, name), **tokens.token_parameters(model, name)}
 
     def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights in PEFT's saved key layout (`base_model.model.<path>...`, no adapter name)."""
@@ -183,6 +185,7 @@ class Method:
         self.owned(model, name)
         self.detach(model, name)
         heads.remove_heads(model, name)
+        tokens.remove_tokens(model, name)
         self._forget(model, name)
 
     def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
@@ -245,7 +248,10 @@ class Method:
         return out
 
     def _head_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return heads.head_tensors(model, name, self.saved_prefix) if self.artifact == "adapter" else {}
+        """The heads' and the added tokens' rows of adapter `name`, live, under their saved keys."""
+        if self.artifact != "adapter":
+            return {}
+        return {**heads.head_tensors(model, name, self.saved_prefix), **tokens.token_tensors(model, name)}
 
     def _set_merged(self, model: nn.Module, name: str, merged: bool) -> None:
         """Merge or unmerge: the method's `fold`, the head copies, then the record (`state.merged`, `active`)."""
@@ -257,6 +263,7 @@ class Method:
             raise ConfigError(f"adapter {name!r} is {'already' if merged else 'not'} merged into the base weights")
         self.fold(model, name, merged)
         (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
+        tokens.merge_tokens(model, name, merged)
         state.routing = None
         if merged:
             state.merged.add(name)

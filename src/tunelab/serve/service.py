@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.artifacts.peft_format import tokenizer_for
 from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
 from tunelab.models import load_model
@@ -109,10 +110,11 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     if merge is not None:
         registry.merge_into_base(merge)
         base_name = merge
-    engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
+    tokenizer = tokenizer_for(loaded.tokenizer, adapters.values())  # adapters that added tokens carry their own
+    engine = Engine(base, tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
                     max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
     engine.start()
-    return Service(base_name, loaded.tokenizer, registry, engine)
+    return Service(base_name, tokenizer, registry, engine)
 
 
 def _check_limits(max_adapters: int, max_rank: int, max_batch_size: int, max_tokens_limit: int,
