@@ -50,14 +50,18 @@ def add_tokens(tokenizer, model: nn.Module, tokens: list[str]) -> list[int]:
     return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
-def token_modules(model: nn.Module) -> tuple[str, str | None, bool]:
-    """(input embedding path, output head path or None, whether the head shares the embedding's weight)."""
-    emb = model.get_input_embeddings()
+def token_modules(model: nn.Module) -> tuple[str | None, str | None, bool]:
+    """(input embedding path, output head path, whether the head shares the embedding's weight); Nones for a
+    model that has no input embedding (not a transformers model)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None, False
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     tied = head is not None and head.weight is emb.weight
-    return paths[id(emb)], (paths[id(head)] if head is not None else None), tied
+    return paths.get(id(emb)), (paths.get(id(head)) if head is not None else None), tied
 
 
 def training_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
