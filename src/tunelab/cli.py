@@ -239,16 +239,27 @@ def compare(
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
+    combine: Annotated[Optional[str], typer.Option(help="Also combine the plain-LoRA strategies (linear, svd, ties, "
+                                                        "...) and score the result against them (combined.json).")] = None,
 ) -> None:
     """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
+    from tunelab.measure.combined import check_combination, combined_quality
     from tunelab.measure.compare import build_options, run_compare
 
     opts = build_options(dict(model=model, data=data, task=task, methods=methods, max_steps=max_steps,
                               batch_size=batch_size, seq_len=seq_len, seed=seed, lr_for=lr_for, options_for=set_for,
                               reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks,
                               priority=priority, device=device, output=output))
+    if combine is not None:
+        check_combination(combine)  # before anything trains
     leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
-    run_compare(opts)
+    results = run_compare(opts)
+    if combine is not None:
+        finished = [s.name for s in results.strategies if s.status == "ok"]
+        record = combined_quality(opts.output, finished, combine, model=opts.model, data=opts.data,
+                                  seq_len=opts.seq_len, batch_size=opts.batch_size,
+                                  max_examples=opts.eval_batches and opts.eval_batches * opts.batch_size)
+        typer.echo(f"combined ({combine}): {json.dumps(record)}")
 
 
 @app.command()
