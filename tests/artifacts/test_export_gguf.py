@@ -88,6 +88,7 @@ def test_model_file_names_and_keys_follow_llama_cpp(tiny_dirs, tokenizer, tmp_pa
             keys["llama.attention.head_count_kv"], keys["llama.rope.dimension_count"]) == (2, 32, 4, 2, 8)
     assert keys["tokenizer.ggml.model"] == "gpt2" and keys["tokenizer.ggml.pre"] == "gpt-2"
     assert keys["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert keys["tokenizer.ggml.add_bos_token"] is False and keys["tokenizer.ggml.add_space_prefix"] is False
     assert keys["tokenizer.chat_template"] == tokenizer.chat_template
     types = keys["tokenizer.ggml.token_type"]
     assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == gguf.TokenType.CONTROL

@@ -82,4 +82,8 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, where: str) -
     writer.add_token_types(types)
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         special.chat_template = tokenizer.chat_template
+    if "bos" not in special.add_special_token:  # as the HF tokenizer encodes: llama.cpp must add BOS exactly then
+        probe, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+        special.add_special_token["bos"] = len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id
+    writer.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself
     special.add_to_gguf(writer, quiet=True)
