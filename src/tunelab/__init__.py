@@ -6,6 +6,7 @@ The public Python API (see `tunelab.api` and the README's "Python API"):
 - `print_trainable_parameters(model)`, `trainable_parameters(model) -> (trainable, total)`;
 - `train(RunConfig(...) | dict, **values) -> summary`, `RunConfig`;
 - `save(model, out_dir)` (also `save_adapter`), `load_adapter(model, dir) -> model`, `merge(model) -> model`;
+- `combine(adapter_dirs, out_dir, method, weights=..., ...)`: several LoRA adapters into one;
 - `set_active(model, names)`, `disabled(model)` (a context manager: the base alone), `compare(**options)`.
 
 Names load on first use, so `import tunelab` stays fast (no torch or transformers import).
@@ -34,7 +35,7 @@ _EXPORTS = {
     "train": ("tunelab.train", None),
     **{name: ("tunelab.api", name) for name in (
         "attach", "trainable_parameters", "print_trainable_parameters", "save", "load_adapter",
-        "merge", "compare")},
+        "merge", "compare", "combine")},
 }
 __all__ = ["__version__", *_EXPORTS]
 

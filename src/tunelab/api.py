@@ -11,7 +11,8 @@ A bring-your-own-model flow, as with HF PEFT's `get_peft_model`:
     fresh = tunelab.load_adapter(AutoModelForCausalLM.from_pretrained(...), "out/adapter")
     merged = tunelab.merge(fresh)                              # a plain HF model
 
-`train(RunConfig(...))` runs tunelab's own loop (what `tunelab train` does) and `compare(...)` its comparison.
+`combine(["a", "b"], "ab", "ties", density=0.5)` builds one LoRA adapter from several (PEFT's
+`add_weighted_adapter`). `train(RunConfig(...))` runs tunelab's own loop (what `tunelab train` does) and `compare(...)` its comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from tunelab.artifacts import load_adapter as _load_adapter
 from tunelab.artifacts import merge_and_unload, save_artifact
+from tunelab.artifacts.combine import combine
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
@@ -32,7 +34,7 @@ from tunelab.train.summary import parameter_counts
 from tunelab.validation import parse_model
 
 __all__ = ["attach", "trainable_parameters", "print_trainable_parameters", "train", "save", "load_adapter",
-           "merge", "compare", "RunConfig"]
+           "merge", "compare", "combine", "RunConfig"]
 
 
 def attach(model: nn.Module, method: str = "lora", name: str = "default", **options: Any) -> nn.Module:

@@ -90,9 +90,11 @@ def train(
     strategy: Annotated[Optional[str], typer.Option(help="Under torchrun: auto, fsdp (FSDP2) or ddp.")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Trackers beside metrics.jsonl: tensorboard, wandb "
                                                           "(comma-separated), all or none.")] = None,
+    add_tokens: Annotated[Optional[list[str]], typer.Option(help="New special tokens, comma-separated or a file "
+                                                                 "(one a line); their rows train (repeatable).")] = None,
 ) -> None:
     """Fine-tune a model with one method; writes run.json, metrics.jsonl, checkpoints/ and artifact/."""
-    from tunelab.config import build_config, load_yaml, parse_columns, parse_set
+    from tunelab.config import build_config, load_yaml, parse_columns, parse_set, parse_tokens
 
     if nproc is not None:
         from tunelab.launch import run_torchrun
@@ -111,7 +113,7 @@ def train(
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
                      eval_batches=eval_batches, packing=packing, packing_mask=packing_mask,
                      checkpoint_every=checkpoint_every, offload_activations=offload_activations,
-                     strategy=strategy, report_to=report_to)
+                     strategy=strategy, report_to=report_to, add_tokens=parse_tokens(add_tokens))
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
@@ -189,6 +191,7 @@ def merge(
 ) -> None:
     """Fold an adapter into the base weights and write a plain HF model dir."""
     from tunelab.artifacts import inspect, load_adapter, save_merged
+    from tunelab.artifacts.peft_format import tokenizer_for
     from tunelab.models import load_model
 
     _check_merge_output(output)
@@ -198,7 +201,7 @@ def merge(
     loaded = load_model(model, task=info.task, dtype="float32", device="cpu",
                         trust_remote_code=trust_remote_code, label_names=info.label_names)
     name = load_adapter(loaded.model, adapter)
-    written = save_merged(loaded.model, loaded.tokenizer, name, output)
+    written = save_merged(loaded.model, tokenizer_for(loaded.tokenizer, [adapter]), name, output)
     typer.echo(f"merged model written to {output} ({written} bytes)")
 
 
@@ -283,9 +286,12 @@ def compare(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
+    combine: Annotated[Optional[str], typer.Option(help="Also combine the plain-LoRA strategies (linear, svd, ties, "
+                                                        "...) and score the result against them (combined.json).")] = None,
 ) -> None:
     """Train every selected strategy on the same model and data, measure the trade-offs, and recommend one."""
     from tunelab.config import load_yaml
+    from tunelab.measure.combined import check_combination, combined_quality
     from tunelab.measure.compare import build_options, run_compare
 
     values = dict(model=model, data=data, task=task, methods=methods, budget=budget, max_steps=max_steps,
@@ -295,8 +301,16 @@ def compare(
                   reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks, priority=priority,
                   device=device, output=output, nproc=nproc)
     opts = build_options(values, load_yaml(config) if config else None, where=str(config) if config else "compare")
+    if combine is not None:
+        check_combination(combine)  # before anything trains
     leaves(f"{opts.output} holds no report; rerun with the same --output to reuse the strategies that finished")
-    run_compare(opts)
+    results = run_compare(opts)
+    if combine is not None:
+        finished = [s.name for s in results.strategies if s.status == "ok"]
+        record = combined_quality(opts.output, finished, combine, model=opts.model, data=opts.data,
+                                  seq_len=opts.seq_len, batch_size=opts.batch_size,
+                                  max_examples=opts.eval_batches and opts.eval_batches * opts.batch_size)
+        typer.echo(f"combined ({combine}): {json.dumps(record)}")
 
 
 @app.command()
@@ -339,6 +353,12 @@ from tunelab import cli_serve  # noqa: E402  (the serving commands; their layers
 app.command()(cli_serve.serve)
 app.command()(cli_serve.generate)
 app.command()(cli_serve.chat)
+
+
+from tunelab import cli_portable  # noqa: E402  (typer only: `combine` and `export` join the app here)
+
+app.command()(cli_portable.combine)
+app.command()(cli_portable.export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import ConfigError, closest
 from tunelab.methods import get_method
+from tunelab.methods.tokens import check_method
 from tunelab.tracking import parse_report_to
 from tunelab.validation import check_keys, parse_model
 from tunelab.yamlio import load_no_alias
@@ -28,6 +29,7 @@ RESULT_KEYS = (
     "model", "data", "task", "method", "method_options", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "schedule", "warmup_steps", "max_steps", "epochs", "seq_len", "packing", "max_grad_norm",
     "val_fraction", "truncation", "adam_betas", "adam_eps", "columns", "chat_template", "packing_mask",
+    "add_tokens",
 )
 # the column names `columns` may map to (every format's, LLaMA-Factory's Alpaca and ShareGPT included)
 DATA_COLUMNS = ("text", "label", "prompt", "response", "messages", "instruction", "input", "output", "system",
@@ -68,6 +70,7 @@ class RunConfig(BaseModel):
     columns: dict[str, str] | None = None  # tunelab's column name -> the data file's (`prompt: question`)
     chat_template: str | None = None  # a shipped template name (chatml, alpaca) or a Jinja file
     report_to: list[str] = Field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb
+    add_tokens: list[str] | None = None  # new special tokens: the tokenizer grows, their rows train (methods/tokens)
     eval_every: int | None = Field(default=None, gt=0)
     eval_batches: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)
@@ -94,7 +97,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_known(self) -> "RunConfig":
-        get_method(self.method)
+        method = get_method(self.method)
+        if self.add_tokens:
+            if self.task != "causal-lm":
+                raise ValueError("add_tokens applies to causal-lm runs only")
+            check_method(method)
         return self
 
     @model_validator(mode="after")
@@ -105,6 +112,14 @@ class RunConfig(BaseModel):
                 raise ValueError(f"{key}: applies with gradient_checkpointing only; set gradient_checkpointing: "
                                  f"true (--gradient-checkpointing) or leave {key} at {default}")
         return self
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _distinct_tokens(cls, v: list[str] | None) -> list[str] | None:
+        for i, token in enumerate(v or []):
+            if not token.strip() or token in v[:i]:
+                raise ValueError(f"entry {i} ({token!r}): expected distinct, non-blank tokens")
+        return v or None
 
     @field_validator("columns")
     @classmethod
@@ -146,8 +161,11 @@ class RunConfig(BaseModel):
     def result_values(self) -> dict[str, Any]:
         """The result-affecting keys and their values, JSON-ready."""
         values = {k: getattr(self, k) for k in RESULT_KEYS}
-        if not self.packing:  # packing_mask means nothing then: runs from before it existed resume as they were
+        # keys that mean nothing at their default are left out, so runs from before they existed resume as they were
+        if not self.packing:
             values.pop("packing_mask")
+        if not self.add_tokens:
+            values.pop("add_tokens")
         return json.loads(json.dumps(values, default=str))
 
 
@@ -177,6 +195,21 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
                               f"(e.g. prompt=question,response=answer)")
         out[ours] = theirs
     return out
+
+
+def parse_tokens(values: list[str] | None) -> list[str] | None:
+    """`--add-tokens` values: each a file (one token per line, blank lines skipped) or comma-separated tokens."""
+    out: list[str] = []
+    for value in values or []:
+        path = Path(value)
+        if path.is_file():
+            try:
+                out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--add-tokens {path}: cannot read it as UTF-8 text ({e})") from None
+        else:
+            out += [t.strip() for t in value.split(",") if t.strip()]
+    return out or None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.artifacts import inspect, load_adapter
+from tunelab.artifacts.peft_format import tokenizer_for
 from tunelab.data import load_data
 from tunelab.models import load_model
 from tunelab.train import evaluate
@@ -27,6 +28,7 @@ def evaluate_spec(model: str, data: str, *, adapter: Path | None = None, task: s
     loaded = load_model(model, task=task, trust_remote_code=trust_remote_code, label_names=label_names)
     if adapter is not None:
         load_adapter(loaded.model, adapter)
+        loaded.tokenizer = tokenizer_for(loaded.tokenizer, [adapter])  # an adapter's added tokens encode as one
     is_default = data == "default" or data.startswith("default:")
     dataset = load_data(data, loaded.tokenizer, task, seq_len, val_fraction=0.1 if is_default else 0.0,
                         label_names=label_names)

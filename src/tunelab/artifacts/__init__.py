@@ -17,7 +17,7 @@ from tunelab.artifacts.info import ArtifactInfo, check_adapter_dir, inspect
 from tunelab.artifacts.merge import merge_and_unload, save_merged
 from tunelab.artifacts.peft_format import method_for_config, read_adapter_config
 from tunelab.errors import ConfigError
-from tunelab.methods import get_method
+from tunelab.methods import get_method, tokens
 from tunelab.methods.base import adapter_state, set_active
 
 __all__ = ["save_artifact", "load_adapter", "inspect", "ArtifactInfo", "check_adapter_dir", "merge_and_unload",
@@ -27,6 +27,8 @@ __all__ = ["save_artifact", "load_adapter", "inspect", "ArtifactInfo", "check_ad
 
 def _write_adapter(out_dir, model, tokenizer, method, name, base_model, label_names):
     peft_format.write_adapter(out_dir, model, method, name, base_model=base_model, label_names=label_names)
+    if tokenizer is not None and tokens.config_field(model, name):  # added tokens: the base needs this tokenizer
+        tokenizer.save_pretrained(out_dir)
 
 
 def _write_model(out_dir, model, tokenizer, method, name, base_model, label_names):

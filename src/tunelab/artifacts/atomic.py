@@ -51,6 +51,35 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(out_file: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `out_file` (`.NAME.tmp-PID-*`); on success fsync it and rename it to `out_file`.
+
+    On any failure the temp file is removed and nothing is left at `out_file`; a full disk becomes a
+    `ResourceError`, any other OS error an `ArtifactError` naming the file (as `atomic_dir`).
+    """
+    out = Path(out_file)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        recover(out.parent)
+    except OSError as e:
+        raise ArtifactError(f"{out}: cannot create its directory ({e.strerror or e})") from None
+    tmp = temp_name(out, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(out, "nothing was written") from None
+        if isinstance(e, OSError):
+            raise ArtifactError(f"{out}: could not write it ({e.strerror or e})") from None
+        raise
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then the directories themselves."""
     for dirpath, _, files in os.walk(root):

@@ -13,7 +13,7 @@ from tunelab.artifacts.files import (check_finite, check_finite_values, read_jso
                                      write_json, write_sidecar)
 from tunelab.defaults import MODEL_ALIASES, resolve_alias
 from tunelab.errors import ArtifactError, ConfigError
-from tunelab.methods import all_methods
+from tunelab.methods import all_methods, tokens
 from tunelab.methods.base import Method, adapter_state
 
 CONFIG = "adapter_config.json"
@@ -24,7 +24,7 @@ def write_adapter(out_dir: Path, model: nn.Module, method: Method, name: str, *,
                   base_model: str | None = None, label_names: list[str] | None = None) -> None:
     """Write adapter `name` of `model` into `out_dir` (PEFT keys; tensors contiguous in their own dtype)."""
     options = adapter_state(model).options[name]
-    config = method.adapter_config(model, options, name)
+    config = {**method.adapter_config(model, options, name), **tokens.config_field(model, name)}
     written = base_model if base_model is not None else config.get("base_model_name_or_path")
     config["base_model_name_or_path"] = resolved_base(written)
     # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
@@ -115,6 +115,7 @@ def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: 
     config_path = adapter_dir / CONFIG
     config = read_json(config_path)
     check_finite_values(config, config_path)
+    token_indices = config.pop("trainable_token_indices", None)
     try:
         options = method.options_from_config(config)
     except ConfigError as e:
@@ -126,8 +127,46 @@ def load_adapter_dir(model: nn.Module, adapter_dir: Path, method: Method, name: 
     weights = read_safetensors(weights_path)
     check_finite(weights, weights_path)
     check_rank(config, weights, config_path, weights_path)  # before the injection allocates r-sized matrices
-    inject_and_load(model, method, options, weights, name, config_source=config_path, weights_source=weights_path)
+    rows = None
+    if token_indices is not None:  # the embeddings are resized before the adapter attaches to them
+        tokens.check_method(method)
+        rows = tokens.rows_from_config(model, token_indices)
+        tokens.fit_vocab(model, rows, saved_vocab_size(adapter_dir), str(config_path))
+    weights, full_rows = tokens.split_base_layers(model, weights, str(weights_path))
+    inject_and_load(model, method, options, weights, name, config_source=config_path, weights_source=weights_path,
+                    token_rows=rows)
+    tokens.load_base_layers(model, full_rows)
     return name
+
+
+def saved_tokenizer(adapter_dir: str | Path):
+    """The tokenizer saved with an adapter (one that added tokens), None when it has none."""
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return None
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(Path(adapter_dir))
+
+
+def saved_vocab_size(adapter_dir: Path) -> int | None:
+    """The length of the tokenizer saved with an adapter, None when it has none."""
+    tokenizer = saved_tokenizer(adapter_dir)
+    return None if tokenizer is None else len(tokenizer)
+
+
+def tokenizer_for(base_tokenizer, adapter_dirs):
+    """The tokenizer to encode with for `adapter_dirs` over a base: the one saved with the adapters that added
+    tokens (they must share its vocabulary), else the base's own."""
+    chosen, owner = None, None
+    for adapter_dir in adapter_dirs:
+        tokenizer = saved_tokenizer(adapter_dir)
+        if tokenizer is None:
+            continue
+        if chosen is not None and tokenizer.get_vocab() != chosen.get_vocab():
+            raise ConfigError(f"adapter {adapter_dir}: its tokenizer (added tokens) differs from that of adapter "
+                              f"{owner}; expected adapters used together to share one vocabulary")
+        chosen, owner = chosen or tokenizer, owner or adapter_dir
+    return chosen or base_tokenizer
 
 
 RANK_DIM = ((re.compile(r"(^|\.)lora_(embedding_)?A(\.|$)"), 0), (re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)"), -1))
@@ -154,8 +193,9 @@ def check_rank(config: dict, weights: dict, config_path: Path, weights_path: Pat
 
 
 def inject_and_load(model: nn.Module, method: Method, options, weights: dict, name: str, *,
-                    config_source: Path, weights_source: Path) -> None:
-    """Inject adapter `name` and load `weights` into it; errors are prefixed with the file they come from.
+                    config_source: Path, weights_source: Path, token_rows: dict | None = None) -> None:
+    """Inject adapter `name` (with trainable rows `token_rows` of added tokens, {module path: ids}) and load
+    `weights` into it; errors are prefixed with the file they come from.
 
     When the weights do not fit, the adapter is removed again, so a failed load leaves the model as it was.
     """
@@ -164,7 +204,9 @@ def inject_and_load(model: nn.Module, method: Method, options, weights: dict, na
     except ConfigError as e:
         raise ConfigError(f"{config_source}: {e}") from None
     try:
+        if token_rows:
+            tokens.attach_tokens(model, name, token_rows)
         method.load_state_dict(model, weights, name)
-    except ArtifactError as e:
+    except (ArtifactError, ConfigError) as e:
         method.remove(model, name)
         raise ArtifactError(f"{weights_source}: {e}") from None

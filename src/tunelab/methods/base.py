@@ -29,7 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import heads
+from tunelab.methods import heads, tokens
 from tunelab.methods.kit import (  # noqa: F401  (AdapterState, check_loaded, peft_key: re-exported for callers)
     REGISTRY, AdapterState, adapter_module_prefixes, adapter_state, check_loaded, container_weights,
     guard_mixed_batches, load_live, peft_key, peft_task_type,
@@ -156,7 +156,9 @@ class Method:
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         """The trainable parameters of adapter `name` (its head copy included), keyed by qualified name."""
         own = self.weights(model, name)
-        return {**own, **heads.head_parameters(model, name)} if self.artifact == "adapter" else own
+        if self.artifact != "adapter":
+            return own
+        return {**own, **heads.head_parameters(model, name), **tokens.token_parameters(model, name)}
 
     def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights in PEFT's saved key layout (`base_model.model.<path>...`, no adapter name)."""
@@ -186,6 +188,7 @@ class Method:
         self.owned(model, name)
         self.detach(model, name)
         heads.remove_heads(model, name)
+        tokens.remove_tokens(model, name)
         self._forget(model, name)
 
     def expected_trainable(self, model: nn.Module, options: MethodOptions) -> int | None:
@@ -250,7 +253,10 @@ class Method:
         return out
 
     def _head_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return heads.head_tensors(model, name, self.saved_prefix) if self.artifact == "adapter" else {}
+        """The heads' and the added tokens' rows of adapter `name`, live, under their saved keys."""
+        if self.artifact != "adapter":
+            return {}
+        return {**heads.head_tensors(model, name, self.saved_prefix), **tokens.token_tensors(model, name)}
 
     def _set_merged(self, model: nn.Module, name: str, merged: bool) -> None:
         """Merge or unmerge: the method's `fold`, the head copies, then the record (`state.merged`, `active`)."""
@@ -264,6 +270,7 @@ class Method:
             heads.check_heads_mergeable(model, name)  # before the method's fold: a refused merge changes nothing
         self.fold(model, name, merged)
         (heads.merge_heads if merged else heads.unmerge_heads)(model, name)
+        tokens.merge_tokens(model, name, merged)
         state.routing = None
         if merged:
             state.merged.add(name)

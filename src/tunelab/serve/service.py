@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.artifacts.peft_format import tokenizer_for
 from tunelab.data.templates import resolve_chat_template
 from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
@@ -147,10 +148,13 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     if merge is not None:
         base_name = served_model_name or merge
         registry.merge_into_base(merge, base_name)
-    engine = Engine(base, loaded.tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
+    tokenizer = tokenizer_for(loaded.tokenizer, adapters.values())  # adapters that added tokens carry their own
+    if template is not None:
+        tokenizer.chat_template = template  # --chat-template wins over the one an adapter carries
+    engine = Engine(base, tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
                     max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
     engine.start()
-    return Service(base_name, loaded.tokenizer, registry, engine)
+    return Service(base_name, tokenizer, registry, engine)
 
 
 def _check_limits(max_adapters: int, max_rank: int, max_batch_size: int, max_tokens_limit: int,

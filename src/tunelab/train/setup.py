@@ -11,7 +11,7 @@ from torch import nn
 from tunelab.config import RunConfig
 from tunelab.data import Dataset, load_data
 from tunelab.errors import ConfigError
-from tunelab.methods import get_method
+from tunelab.methods import get_method, tokens
 from tunelab.methods.base import Method, adapter_module_prefixes, adapter_state, mark_trainable, output_head_names
 from tunelab.models import LoadedModel, load_model, read_config, resolve_spec
 from tunelab.models import load_tokenizer as read_tokenizer
@@ -70,6 +70,9 @@ def build_run(cfg: RunConfig, world: distributed.World | None = None) -> Run:
     model = loaded.model
     touched = method.inject(model, options, cfg.adapter_name)
     check_every_target_matched(model, options, touched or [])
+    if cfg.add_tokens and method.artifact == "adapter":  # the base stays frozen: the adapter trains the new rows
+        ids = loaded.tokenizer.convert_tokens_to_ids(cfg.add_tokens)
+        tokens.attach_tokens(model, cfg.adapter_name, tokens.training_rows(model, ids))
     state = adapter_state(model)  # methods record themselves on inject; fill in what one left out
     state.methods.setdefault(cfg.adapter_name, method.name)
     state.options.setdefault(cfg.adapter_name, options)
@@ -136,6 +139,8 @@ def load_model_and_data(cfg: RunConfig) -> tuple[LoadedModel, Dataset]:
 
     if cfg.task != "classification":
         loaded = model_with(None)
+        if cfg.add_tokens:  # before the data: chat templates and texts may use the new tokens
+            tokens.add_tokens(loaded.tokenizer, loaded.model, cfg.add_tokens)
         return loaded, data_with(loaded.tokenizer)
     tokenizer = load_tokenizer(cfg)
     dataset = data_with(tokenizer)
