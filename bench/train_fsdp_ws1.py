@@ -55,13 +55,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     work = Path(args.work)
-    rows = [measure(spec, args, work) for spec in specs(args.tiny, args.steps)]
-    payload = {"command": " ".join(["python3", "bench/train_fsdp_ws1.py", *sys.argv[1:]]),
-               "environment": cases.versions(), "settings": vars(args), "rows": rows}
-    if args.out:
-        common.write(Path(args.out), payload)
-    else:
-        common.write(work / "train_fsdp_ws1.json", payload)
+    rows = []
+    for spec in specs(args.tiny, args.steps):
+        rows.append(measure(spec, args, work))
+        payload = {"command": " ".join(["python3", "bench/train_fsdp_ws1.py", *sys.argv[1:]]),
+                   "environment": cases.versions(), "settings": vars(args), "rows": rows}
+        # after every case: a run cut short still leaves what it measured
+        common.write(Path(args.out) if args.out else work / "train_fsdp_ws1.json", payload)
 
 
 if __name__ == "__main__":
