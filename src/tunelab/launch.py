@@ -27,6 +27,18 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "tunelab", *rest]
 
 
+def _cause(error) -> tuple[int, object]:
+    """The rank whose failure stopped the run: one killed by a signal, else one that exited with a code other
+    than 1 (the code of ranks stopped because a peer failed), else the first failure torchrun saw. Ranks that
+    leave at once after a peer's failure can be seen in the same poll as the failing rank, and first."""
+    failures = sorted(error.failures.items())
+    for wanted in (lambda f: f.exitcode < 0, lambda f: f.exitcode != 1):
+        for rank, failure in failures:
+            if wanted(failure):
+                return rank, failure
+    return error.get_first_failure()
+
+
 def run_torchrun(nproc: int, argv: list[str]) -> int:
     """Run torchrun on `tunelab ARGV` with `nproc` processes; returns the exit code to leave with."""
     import os
@@ -41,7 +53,7 @@ def run_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         torchrun.run(torchrun.parse_args(torchrun_argv(nproc, argv)))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _cause(e)
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
             print(f"error: rank {rank} was killed by {name}; the other ranks were stopped; resume from the last "
