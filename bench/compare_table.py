@@ -45,7 +45,8 @@ def table(results: CompareResults) -> str:
         memory = human_bytes(s.peak_memory_bytes) if cuda else \
             f"{human_bytes(s.tensor_peak_bytes)} / {human_bytes(s.peak_memory_bytes)}"
         lr = f"{s.lr:.2g}" + (" (searched)" if s.lr_search else "")
-        pct = f"{s.trainable_percent:.2g}%" if s.trainable_percent is not None else ""
+        pct = (f"{s.trainable_percent:.2g}%" if (s.trainable_percent or 0) < 10 else f"{s.trainable_percent:.0f}%") \
+            if s.trainable_percent is not None else ""
         forget = _cell(s, "forgetting_percent", s.forgetting.delta_percent if s.forgetting else None, "+.1f")
         rows.append(f"| {s.name} | {lr} | {s.params_trainable:,} ({pct}) | {memory} | "
                     f"{human_bytes(s.artifact_bytes)} | {s.tokens_per_second:.0f} | "
