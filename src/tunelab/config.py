@@ -111,6 +111,8 @@ class RunConfig(BaseModel):
             if value != default and not self.gradient_checkpointing:
                 raise ValueError(f"{key}: applies with gradient_checkpointing only; set gradient_checkpointing: "
                                  f"true (--gradient-checkpointing) or leave {key} at {default}")
+        if self.packing and self.packing_mask == "document":
+            self.documents_packed()  # a method with virtual tokens refuses it here, before anything is written
         return self
 
     @field_validator("add_tokens")

@@ -33,9 +33,13 @@ def check_keys(cls: type[BaseModel], values: dict[str, Any], where: str) -> None
 
 
 def first_error(e: ValidationError) -> str:
-    """The first pydantic error as `key 'a.b': message (got value)`."""
+    """The first pydantic error as `key 'a.b': message (got value)`; an error of the whole model (a check across
+    keys, whose message names them) as its message alone."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's label for a validator's ValueError
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    if not loc:
+        return msg
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"key '{loc}': {err['msg']}{got_s}"
+    return f"key '{loc}': {msg}{got_s}"
