@@ -129,3 +129,18 @@ def test_the_mixed_batch_probe_accepts_a_small_lora_in_bfloat16(tokenizer):
             if ".lora_B." in key:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
     assert mixed_batch_ok(model.requires_grad_(False), "lora", "a")
+
+
+def test_the_mixed_batch_check_tolerates_rounding_spikes_but_not_a_row_given_the_wrong_adapter():
+    """One logit off by 10% of the adapter's largest change (bf16 rounding of a batched forward) passes; a row that
+    got the other row's adapter (a method ignoring row_adapters) does not. A largest-entry test refused the first."""
+    from tunelab.serve.adapter_files import rows_match
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 50, generator=gen)
+    alone = base + 0.1 * torch.randn(6, 50, generator=gen)
+    spike = torch.zeros(6, 50)
+    spike[2, 7] = 0.1 * float((alone - base).abs().max())
+    assert rows_match(torch.stack([alone + spike, base - spike]), alone, base)
+    assert not rows_match(torch.stack([alone, alone]), alone, base)  # row 1 got the adapter too
+    assert not rows_match(torch.stack([base, base]), alone, base)  # row 0 did not get it

@@ -109,14 +109,21 @@ def mixed_batch_ok(model, method: str, key: str) -> bool:
         return False
     finally:
         state.active, state.row_adapters = (), None
-    # a method ignoring row_adapters errs by the whole effect on one row; each row must lie much nearer its own
-    # answer than the other one. The L2 distance over every logit, not the largest entry: in bf16 the rounding
-    # of a batched forward reaches a few percent of a small adapter's largest change (an adapter refused by a
-    # max-entry test was then batched alone and a mixed load ran one adapter at a time)
-    effect = float(torch.linalg.vector_norm(alone - base))
-    ok = max(float(torch.linalg.vector_norm(mixed[0] - alone)),
-             float(torch.linalg.vector_norm(mixed[1] - base))) <= 0.25 * effect
-    if effect > 1e-4 and not ok:
+    ok = rows_match(mixed, alone, base)
+    if not ok and float(torch.linalg.vector_norm(alone - base)) > 1e-4:
         log.warning("adapter %r: a mixed batch did not give each row its own adapter; its requests are batched "
                     "alone", key)
-    return bool(effect > 1e-4 and ok)
+    return ok
+
+
+def rows_match(mixed: torch.Tensor, alone: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether row 0 of `mixed` (2, T, V) is the adapter's answer `alone` (T, V) and row 1 the base's `base`.
+
+    A method ignoring row_adapters errs by the whole effect on one row, so each row must lie much nearer its own
+    answer than the other one. Distances are L2 over every logit, not the largest entry: in bf16 the rounding of
+    a batched forward reaches a few percent of a small adapter's largest change, and an adapter refused by a
+    max-entry test was batched alone, so a mixed load ran one adapter at a time.
+    """
+    effect = float(torch.linalg.vector_norm(alone - base))
+    worst = max(float(torch.linalg.vector_norm(mixed[0] - alone)), float(torch.linalg.vector_norm(mixed[1] - base)))
+    return effect > 1e-4 and worst <= 0.25 * effect
