@@ -27,7 +27,9 @@ def make_adapter(base_dir: Path, tokenizer, out_dir: Path, *, method: str = "lor
 
     impl = get_method(method)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    impl.inject(model, impl.Options(**options), "default")
+    with torch.random.fork_rng():  # the init draws from the global generator: seed it, so fixtures do not
+        torch.manual_seed(seed)     # depend on which test created them first
+        impl.inject(model, impl.Options(**options), "default")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in impl.parameters(model, "default").values():

@@ -227,3 +227,48 @@ def test_queued_rows_join_a_running_batch_and_stay_exact(make_service, adapter_r
         reference_greedy(base_dir, None, [tokenizer("fox").input_ids], 4)[0]
     assert finished[-1] == "a"  # the newcomers finished inside the running batch, not after it
     assert next(service.engine.waves) == 1  # one batch: they joined it
+
+
+def _forward_rows(model):
+    """Record (rows, positions fed) of every top-level forward of `model`."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("running_tokens", [30, 4])  # the running row outlasts the joiners' prefill, or not
+def test_joiners_prefill_in_chunks_between_decode_steps_and_stay_exact(make_service, adapter_root, base_dir,
+                                                                      tokenizer, running_tokens):
+    service = make_service({n: adapter_root / n for n in "ab"})
+    service.engine.eos_ids = set()
+    service.engine.prefill_chunk = 2  # two joining rows: one prompt column per chunk
+    long_ids, gate, started = tokenizer("hi").input_ids, threading.Event(), threading.Event()
+
+    def hold_once(_):
+        if not started.is_set():
+            started.set()
+            assert gate.wait(30)
+
+    running = service.submit("a", GenerationRequest(long_ids, max_tokens=running_tokens, temperature=0,
+                                                    on_text=hold_once))
+    assert started.wait(30)
+    prompts = {"b": tokenizer(PROMPTS[3]).input_ids, service.base_name: tokenizer("fox jumps").input_ids}
+    seen, handle = _forward_rows(service.engine.model)
+    try:
+        joiners = {name: service.submit(name, GenerationRequest(ids, max_tokens=4, temperature=0))
+                   for name, ids in prompts.items()}
+        gate.set()
+        assert running.result(timeout=60).token_ids == \
+            reference_greedy(base_dir, adapter_root / "a", [long_ids], running_tokens)[0]
+        for name, ids in prompts.items():
+            want = reference_greedy(base_dir, adapter_root / name if name == "b" else None, [ids], 4)[0]
+            assert joiners[name].result(timeout=60).token_ids == want
+    finally:
+        handle.remove()
+    width = max(len(ids) for ids in prompts.values())
+    assert (2, width) not in seen and seen.count((2, 1)) >= width  # the joiners' prompts: one column a forward
+    if running_tokens == 30:  # a decode step of the running row after every chunk; after the last, of all three
+        first = seen.index((2, 1))
+        assert seen[first:first + 2 * width] == [(2, 1), (1, 1)] * (width - 1) + [(2, 1), (3, 1)]
+    assert next(service.engine.waves) == 1

@@ -44,6 +44,29 @@ def prefill_batch(rows: list, prompts: list[list[int]], pad_id: int, device, con
     return Batch(rows, ids.to(device), mask.to(device), pos.to(device), DynamicCache(config=config))
 
 
+class Prefill:
+    """A prefilled-to-be `batch` fed in chunks of at most `budget` tokens over its rows (chunked prefill).
+
+    Each `next_chunk()` is the next forward's view: a slice of the prompt columns, the mask up to its end, their
+    positions, and the shared cache, which fills chunk by chunk. When `done`, the cache holds every prompt
+    position and `batch` (full mask, last positions) is where a one-shot prefill of the same prompts would be.
+    """
+
+    def __init__(self, batch: Batch, budget: int):
+        self.batch, self.offset = batch, 0
+        self.width = max(1, budget // len(batch.rows))  # prompt columns per chunk
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.batch.ids.shape[1]
+
+    def next_chunk(self) -> Batch:
+        b, start = self.batch, self.offset
+        self.offset = end = min(start + self.width, b.ids.shape[1])
+        return Batch(b.rows, b.ids[:, start:end], b.mask[:, :end], b.pos[:, start:end], b.cache, b.controls,
+                     b.top_k)
+
+
 def next_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
     """After a forward: keep rows `keep` (finished ones leave the cache too) and feed each its new token."""
     controls = batch.controls

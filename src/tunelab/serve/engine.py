@@ -4,7 +4,9 @@ A background thread takes waves of queued requests (up to `max_batch_size` rows)
 and decodes them together: one forward per step for the whole batch, with the transformers KV cache, and
 `adapter_state(model).row_adapters` naming each row's adapter (None: the base) so every row gets only its own
 adapter's delta. A row leaves the batch at its own EOS, stop string or `max_tokens`, and queued rows join it
-between steps (continuous batching). Adapters whose method cannot give each row its own adapter (see
+between steps (continuous batching). A joining request's prompt is prefilled in chunks of at most
+`prefill_chunk` tokens (over all joining rows), one chunk between two decode steps of the running rows, so a long
+prompt delays the running rows by one chunk's forward at a time rather than by its whole prefill. Adapters whose method cannot give each row its own adapter (see
 `adapter_files.mixed_batch_ok`) are served in waves of their own, with the adapter active for every row and
 no joining; such a wave ends when its last row does. Rows that score their prompt (echo with logprobs) keep every
 position's logits at prefill, so they are batched only with each other, within `SCORING_LOGITS`, and never join.
@@ -27,7 +29,7 @@ import torch
 
 from tunelab.methods.base import adapter_state
 from tunelab.models import pad_token_id
-from tunelab.serve.batch import Batch, can_merge, merge, next_step, prefill_batch
+from tunelab.serve.batch import Batch, Prefill, can_merge, merge, next_step, prefill_batch
 from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
 from tunelab.serve.logits import Controls, prompt_logprobs, read_step, step_numbers
 from tunelab.serve.metrics import ServeMetrics
@@ -40,6 +42,8 @@ _SCORING = "scoring"  # first part of the group key of rows that score their pro
 # a scoring prefill keeps every position's logits, (rows, longest prompt, vocab): at most this many numbers
 # (1 GiB in float32), so one scoring request cannot make a batch of other clients' rows run out of memory
 SCORING_LOGITS = 2**28
+# tokens (over all joining rows) of one prefill chunk between two decode steps of a running batch
+PREFILL_CHUNK = 2048
 
 
 class Engine:
@@ -50,9 +54,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, lock: threading.RLock, mixed_batch: Callable[[str], bool],
                  max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256,
-                 metrics: ServeMetrics | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, metrics: ServeMetrics | None = None):
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
+        self.prefill_chunk = prefill_chunk
         self.context_length = _context_length(model)
         self.vocab_size = _vocab_size(model)
         self.pad_id = pad_token_id(tokenizer, model)
@@ -198,9 +203,12 @@ class Engine:
         wave = list(rows)  # grows as rows join
         try:
             with torch.inference_mode():
-                batch = self._start(rows)
-                while batch is not None:
-                    batch = self._join(batch, group, wave)
+                batch, joining = self._start(rows), None
+                while batch is not None or joining is not None:
+                    if batch is None:  # the running rows finished first: the joiners' prefill runs on alone
+                        batch, joining = self._finish(joining), None
+                        continue
+                    batch, joining = self._join(batch, group, wave, joining)
                     self.running = len(batch.rows)
                     batch = self._advance(batch, self._forward(batch))
         except Exception as err:  # one failed wave (e.g. a forward that raises) must not stop the server
@@ -208,14 +216,20 @@ class Engine:
         finally:
             self.running = 0
 
-    def _start(self, rows: list[Row]) -> Batch | None:
-        """Prefill `rows` and choose their first tokens; the batch is then ready for its first decode step."""
+    def _prepare(self, rows: list[Row]) -> Batch:
+        """The left-padded prompts of `rows` with an empty cache, their sampling controls and logprob width."""
         requests = [r.request for r in rows]
         device = _device(self.model)
         batch = prefill_batch(rows, [r.prompt_ids for r in requests], self.pad_id, device, self.model.config)
         batch.controls = Controls.for_requests(requests, self.vocab_size, device)
         tops = [r.logprobs for r in requests if r.logprobs is not None]
         batch.top_k = max(tops) if tops else None
+        return batch
+
+    def _start(self, rows: list[Row]) -> Batch | None:
+        """Prefill `rows` and choose their first tokens; the batch is then ready for its first decode step."""
+        requests = [r.request for r in rows]
+        batch = self._prepare(rows)
         scoring = [i for i, r in enumerate(requests) if r.prompt_logprobs is not None]
         logits = self._forward(batch, every_position=bool(scoring))  # (B, V), or (B, L, V) when scoring
         if scoring:
@@ -251,22 +265,46 @@ class Engine:
                 m.add("tunelab_prompt_tokens_total", len(row.request.prompt_ids))
                 m.add("tunelab_completion_tokens_total", row.generated)
 
-    def _join(self, batch: Batch, group, wave: list[Row]) -> Batch:
-        """Continuous batching: queued rows of a mixed-adapter `group` join the running batch between steps."""
-        room = self.max_batch_size - len(batch.rows)
-        if group is not _MIXED or room <= 0 or not self._pending or not can_merge(batch):
-            return batch
-        with self._cv:
-            joiners = self._take(group, room)
-        if not joiners:
-            return batch
-        wave.extend(joiners)
+    def _join(self, batch: Batch, group, wave: list[Row], joining: Prefill | None) -> tuple[Batch, Prefill | None]:
+        """Continuous batching: queued rows of a mixed-adapter `group` join the running batch between steps.
+
+        Their prefill runs one chunk per call (`Prefill`); the rows merge into `batch` when it is done. Returns
+        the batch for the next decode step and the prefill still in progress (None: none).
+        """
+        if joining is None:
+            room = self.max_batch_size - len(batch.rows)
+            if group is not _MIXED or room <= 0 or not self._pending or not can_merge(batch):
+                return batch, None
+            with self._cv:
+                joiners = self._take(group, room)
+            if not joiners:
+                return batch, None
+            wave.extend(joiners)
+            try:
+                joining = Prefill(self._prepare(joiners), self.prefill_chunk)
+            except Exception as err:  # a failing newcomer fails alone; the running rows go on
+                _fail(joiners, err)
+                return batch, None
         try:
-            extra = self._start(joiners)
-        except Exception as err:  # a failing newcomer fails alone; the running rows go on
-            _fail(joiners, err)
-            return batch
-        return batch if extra is None else merge(batch, extra, self.model.config)
+            logits = self._forward(joining.next_chunk()) if not joining.done else None
+            if not joining.done:
+                return batch, joining
+            extra = self._advance(joining.batch, logits)
+        except Exception as err:
+            _fail(joining.batch.rows, err)
+            return batch, None
+        return (batch if extra is None else merge(batch, extra, self.model.config)), None
+
+    def _finish(self, joining: Prefill) -> Batch | None:
+        """The rest of `joining`'s prefill, chunk by chunk with nothing to interleave; its first tokens chosen."""
+        try:
+            logits = None
+            while not joining.done:
+                logits = self._forward(joining.next_chunk())
+            return self._advance(joining.batch, logits)
+        except Exception as err:
+            _fail(joining.batch.rows, err)
+            return None
 
     def _routed(self, names: list[str | None], phase: str) -> bool:
         """Whether this batch goes through `row_adapters` (the stacked path, `methods/stacked.py`) rather than

@@ -19,7 +19,7 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.defaults import MODEL_ALIASES
 from tunelab.errors import ConfigError
 from tunelab.models import load_model
-from tunelab.serve.engine import Engine, GenerationRequest
+from tunelab.serve.engine import PREFILL_CHUNK, Engine, GenerationRequest
 from tunelab.serve.errors import BadRequest
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.registry import SLOT_WAIT_S, AdapterRegistry, check_name
@@ -111,7 +111,8 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
                   max_adapters: int = 8, max_rank: int = 64, max_batch_size: int = 16,
                   max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
                   dtype: str = "auto", served_model_name: str | None = None,
-                  slot_wait_s: float = SLOT_WAIT_S, chat_template: str | None = None) -> Service:
+                  slot_wait_s: float = SLOT_WAIT_S, chat_template: str | None = None,
+                  prefill_chunk: int = PREFILL_CHUNK) -> Service:
     """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
 
     `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
@@ -119,10 +120,11 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     give for the base (default: the alias or the directory's name; with `merge`, the merged adapter's name).
     `slot_wait_s`: how long a request for a non-resident adapter waits for a free slot. `device`, `dtype`: as for
     `load_model`. `chat_template`: a Jinja file or a shipped template's name, for a tokenizer without one.
+    `prefill_chunk`: prompt tokens (over the rows joining a running batch) prefilled between two of its decode steps.
     Errors are `TunelabError`s naming the adapter or option.
     """
     adapters = dict(adapters or {})
-    _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters))
+    _check_limits(max_adapters, max_rank, max_batch_size, max_tokens_limit, len(adapters), prefill_chunk)
     if served_model_name is not None:
         check_name(served_model_name)
     if not slot_wait_s >= 0:
@@ -152,15 +154,17 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     if template is not None:
         tokenizer.chat_template = template  # --chat-template wins over the one an adapter carries
     engine = Engine(base, tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
-                    max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, metrics=metrics)
+                    max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk,
+                    metrics=metrics)
     engine.start()
     return Service(base_name, tokenizer, registry, engine)
 
 
 def _check_limits(max_adapters: int, max_rank: int, max_batch_size: int, max_tokens_limit: int,
-                  given: int) -> None:
+                  given: int, prefill_chunk: int = 1) -> None:
     for flag, value in (("--max-adapters", max_adapters), ("--max-rank", max_rank),
-                        ("max_batch_size", max_batch_size), ("max_tokens_limit", max_tokens_limit)):
+                        ("max_batch_size", max_batch_size), ("max_tokens_limit", max_tokens_limit),
+                        ("--prefill-chunk", prefill_chunk)):
         if value < 1:
             raise ConfigError(f"{flag}: expected a positive number, found {value}")
     if given > max_adapters:
