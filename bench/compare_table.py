@@ -37,7 +37,7 @@ def table(results: CompareResults) -> str:
     base_q = b.val_accuracy if cls else b.val_loss
     rows = [head, "|" + "---|" * 8,
             f"| base (no tuning) | - | 0 | - | {human_bytes(b.base_bytes)} | - | "
-            f"{'-' if base_q is None else format(base_q, '.3f')} | ppl {b.reference_perplexity or 0:.4g} |"]
+            f"{'-' if base_q is None else format(base_q, '.3f')} | {'-' if b.reference_perplexity is None else f'ppl {b.reference_perplexity:.4g}'} |"]
     for s in results.strategies:
         if s.status != "ok":
             rows.append(f"| {s.name} | failed: {s.error} | | | | | | |")
