@@ -144,3 +144,29 @@ def test_the_mixed_batch_check_tolerates_rounding_spikes_but_not_a_row_given_the
     assert rows_match(torch.stack([alone + spike, base - spike]), alone, base)
     assert not rows_match(torch.stack([alone, alone]), alone, base)  # row 1 got the adapter too
     assert not rows_match(torch.stack([base, base]), alone, base)  # row 0 did not get it
+
+
+def test_a_root_of_a_thousand_adapters_is_served_through_a_few_slots(make_service, adapter_root, tmp_path):
+    """Adapters are found by name on disk, at most `max_adapters` are on the model,
+    and the least recently used idle one makes room: loads and evictions are counted in the metrics."""
+    import random
+    import shutil
+
+    root = tmp_path / "many"
+    for i in range(1000):
+        shutil.copytree(adapter_root / ("a" if i % 2 == 0 else "b"), root / f"team{i // 100}" / f"task-{i:04d}")
+    service = make_service(adapter_root=root, max_adapters=4)
+    service.engine.eos_ids = set()
+    want = {"a": _greedy(service, "team0/task-0000"), "b": _greedy(service, "team0/task-0001")}
+    asked = ["team0/task-0000", "team0/task-0001"] + \
+        [f"team{i // 100}/task-{i:04d}" for i in random.Random(0).sample(range(2, 1000), 30)]
+    for name in asked[2:]:
+        assert _greedy(service, name) == want["a" if int(name[-4:]) % 2 == 0 else "b"], name
+    for name in asked[-3:]:  # still on the model: no load
+        _greedy(service, name)
+    loaded = [a.name for a in service.registry.loaded()]
+    assert len(loaded) == 4 and set(loaded) == set(asked[-4:])
+    got = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+           for line in service.engine.metrics.render().splitlines() if line and not line.startswith("#")}
+    assert got["tunelab_adapter_loads_total"] == len(asked) and got["tunelab_adapter_evictions_total"] == len(asked) - 4
+    assert len(adapter_state(service.engine.model).methods) == 4
