@@ -22,6 +22,20 @@ ROOT = HERE.parent
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+PROFILE_ENV = "TUNELAB_BENCH_PROFILE"  # set (by --profile): every worker runs under torch.profiler
+
+
+def profile_flag(parser) -> None:
+    """`--profile`: run every case under torch.profiler (few steps: give --steps 6 --warmup 2)."""
+    parser.add_argument("--profile", action="store_true",
+                        help=f"kernel tables to $OUT or WORK (profile-<case>-rank<r>.txt); sets {PROFILE_ENV}")
+
+
+def use_profile(args) -> None:
+    if args.profile:
+        os.environ[PROFILE_ENV] = "1"
+
+
 def case(name: str, shape: str, method: str, batch: int, seq: int, steps: int, **extra) -> dict:
     """A bench/train_gpu_cases.py case of tunelab's loop (`set`: RunConfig values such as strategy)."""
     return {"name": name, "impl": "tunelab", "shape": shape, "method": method, "batch": batch, "seq": seq,
@@ -89,7 +103,13 @@ def worker() -> None:
         dist.barrier()  # the others wait for the assets
     model_dir, data = assets(spec["shape"], work, tokens)
     spec = {**spec, "set": {"overwrite": True, **spec.get("set", {})}}
-    result = run_tunelab(spec, model_dir, data, work)
+    runner = lambda: run_tunelab(spec, model_dir, data, work)  # noqa: E731
+    if os.environ.get(PROFILE_ENV):  # each rank's kernel table to $OUT/profile-<case>-rank<r>.txt
+        from train_gpu_cases import profiled
+
+        result = profiled(runner, {**spec, "name": f"{spec['name']}-rank{os.environ.get('RANK', '0')}"}, work)
+    else:
+        result = runner()
     if int(os.environ.get("RANK", "0")) == 0:
         out.write_text(json.dumps(result))
 

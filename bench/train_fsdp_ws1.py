@@ -21,9 +21,9 @@ import train_dist_common as common  # noqa: E402
 import train_gpu_cases as cases  # noqa: E402
 
 
-def specs(tiny: bool, steps: int) -> list[dict]:
+def specs(tiny: bool, steps: int, methods: str) -> list[dict]:
     shape, batch, seq = ("tiny", 2, 64) if tiny else ("1b", 8, 2048)
-    return [common.case(f"{shape}-{m}-{batch}x{seq}", shape, m, batch, seq, steps) for m in ("lora", "full")]
+    return [common.case(f"{shape}-{m}-{batch}x{seq}", shape, m, batch, seq, steps) for m in methods.split(",")]
 
 
 def measure(spec: dict, args, work: Path) -> dict:
@@ -48,15 +48,18 @@ def measure(spec: dict, args, work: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (gloo): a smoke test")
+    p.add_argument("--methods", default="lora,full", help="comma-separated methods to measure [lora,full]")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--work", default="/tmp/tunelab-bench")
     p.add_argument("--case-timeout", type=int, default=400)
     p.add_argument("--out", default=None)
+    common.profile_flag(p)
     args = p.parse_args()
+    common.use_profile(args)
     work = Path(args.work)
     rows = []
-    for spec in specs(args.tiny, args.steps):
+    for spec in specs(args.tiny, args.steps, args.methods):
         rows.append(measure(spec, args, work))
         payload = {"command": " ".join(["python3", "bench/train_fsdp_ws1.py", *sys.argv[1:]]),
                    "environment": cases.versions(), "settings": vars(args), "rows": rows}

@@ -272,13 +272,16 @@ def main() -> None:
 
 
 def profiled(runner, case: dict, work: Path) -> dict:
-    """Run under torch.profiler; the kernel table (self CUDA time) goes to WORK/profile-<name>.txt."""
+    """Run under torch.profiler; the tables by self CUDA time and by self host time go to WORK/profile-<name>.txt."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         result = runner()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70) + \
+        "\n\nby host time (dispatch and Python overhead):\n" + \
+        averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
     (work / f"profile-{case['name']}.txt").write_text(table)
     out_dir = os.environ.get("OUT")
     if out_dir:

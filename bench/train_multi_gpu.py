@@ -67,7 +67,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/tunelab-bench")
     p.add_argument("--case-timeout", type=int, default=580)
     p.add_argument("--out", default=None)
+    common.profile_flag(p)
     args = p.parse_args()
+    common.use_profile(args)
     names = (args.cases.split(",") if args.cases else
              list(TINY) if args.tiny else [n for n in CASES if not n.endswith("ddp")])
     work, rows = Path(args.work), []
