@@ -57,12 +57,26 @@ def _error_line(e: BaseException) -> str:
     return text if isinstance(e, TunelabError) else f"{type(e).__name__}: {text}"[:500]
 
 
+def served_bytes(model, path) -> int:
+    """`model`'s weights in the dtype it was loaded in (tied weights once), plus the files of its dir that are not
+    weights (config, tokenizer): what saving it as a run does would take."""
+    seen, weights = set(), 0
+    for t in model.state_dict().values():  # parameters and persistent buffers
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            weights += t.numel() * t.element_size()
+    others = sum(f.stat().st_size for f in Path(path).rglob("*")
+                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"))
+    return weights + others
+
+
 def _baseline_worker(job: dict) -> dict:
     """The untouched model: its size, its figures on the runs' validation batches, and the reference prose."""
     cfg = RunConfig(**job["run"])
     rng.seed_everything(cfg.seed)  # a classification head is fresh: the same one in every baseline
     loaded, dataset = load_model_and_data(cfg)  # bad model or data stops the compare here
     result = {"status": "ok", "model_path": str(loaded.path), "base_bytes": artifact_bytes(loaded.path),
+              "served_bytes": served_bytes(loaded.model, loaded.path),
               "bias_terms": has_bias_terms(loaded.model), "train_examples": len(dataset.train),
               "train_tokens": sum(len(ex["input_ids"]) for ex in dataset.train)}
     if dataset.val:

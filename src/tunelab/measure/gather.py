@@ -92,6 +92,7 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
     peak, source = _peak_memory(summary)
     artifact = summary.get("artifact_bytes") or _artifact_size(run_dir / "artifact")
     before, after = baseline.reference_perplexity, worker.get("after_perplexity")
+    shared = baseline.served_bytes or baseline.base_bytes  # the base an adapter is served on, in the run's dtype
     return StrategyResult(
         name=method.name, method=method.name, family=method.family, status=worker.get("status", "failed"),
         error=worker.get("error"), lr=summary.get("lr", cfg.lr), method_options=cfg.method_options,
@@ -103,9 +104,9 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
         val_accuracy=summary.get("val_accuracy"),
         forgetting=forgetting_record(before, after) if before and after else None,
-        portability=portability_record(method.artifact, artifact, baseline.base_bytes or 0,
+        portability=portability_record(method.artifact, artifact, shared or 0,
                                        worker.get("attach_seconds"), worker.get("switch_seconds"))
-        if artifact and (baseline.base_bytes or method.artifact == "model") else None,
+        if artifact and (shared or method.artifact == "model") else None,
         loss_curve=[(r["step"], r["loss"]) for r in records if r.get("loss") is not None],
         val_curve=[(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
         run_dir=str(run_dir), notes=notes)

@@ -141,6 +141,9 @@ class Baseline(_Strict):
 
     model_path: str | None = None
     base_bytes: int | None = None  # the base model's bytes on disk (weights + config + tokenizer)
+    # the base as the runs hold and save it: its weights in the run's dtype, plus its other files. Serving costs
+    # count this one, so a bf16 full fine-tune is not set against an fp32 base file (None: as on disk)
+    served_bytes: int | None = None
     reference_perplexity: float | None = None  # "before" perplexity on the reference prose
     reference_sequences: int = 0
     reference_tokens: int = 0
