@@ -99,6 +99,19 @@ def test_two_ranks_give_the_one_process_loss_curve(runs, case):
     assert len(summary["peak_memory_per_rank"]) == 2 and all(p > 0 for p in summary["peak_memory_per_rank"])
 
 
+def test_one_process_under_torchrun_wraps_nothing_and_gives_the_same_curve(runs, tmp_path):
+    one, _, cfg = runs["lora-fsdp"]
+    out = tmp_path / "ws1"
+    args = cli_args(cfg | {"output": str(out), "strategy": "auto"})
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", "--nproc", "1", "--quiet", *args],
+                          env=env(), capture_output=True, text=True, timeout=LIMIT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["world_size"] == 1 and summary["strategy"] == "none"
+    assert losses(out) == pytest.approx(losses(one), rel=2e-5)
+    assert (out / "checkpoints").is_dir()  # DCP checkpoints as with more ranks
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_artifact_is_the_one_process_format(runs, case):
     one, two, _ = runs[case]

@@ -6,7 +6,10 @@ of each optimizer step's window, for the models to forward through, and to agree
 
 - **Sharding.** `--strategy fsdp`: FSDP2 (`fully_shard`) on every transformer block, then on the root; on CUDA
   with bf16 a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`. `--strategy ddp`: DDP, parameters
-  replicated and gradients all-reduced. `auto` takes FSDP2 from `FSDP_AUTO_PARAMS` parameters on, else DDP.
+  replicated and gradients all-reduced. `auto` takes FSDP2 from `FSDP_AUTO_PARAMS` parameters on, else DDP;
+  on a world of one process it wraps nothing (`none`): there is nothing to shard or reduce, and a wrapper's
+  per-block gathers and copies would only cost time (as torchtitan applies FSDP only when it shards). Checkpoints
+  are DCP's all the same, so such a run resumes on more ranks like any other.
   A PEFT method's frozen base is sharded like any weight; only its adapter parameters carry gradients and
   optimizer state, since only they require grad.
 - **Data.** The window of an optimizer step (`batch_size * grad_accum` examples, `train/batches.py`) is the
@@ -44,7 +47,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     enabled: bool = False  # started by torchrun, with a process group
-    strategy: str | None = None  # "fsdp" or "ddp" once `wrap` ran
+    strategy: str | None = None  # "fsdp", "ddp" or "none" once `wrap` ran
     forward_model: nn.Module | None = None  # what the loop calls (the DDP wrapper; the model itself under FSDP2)
     peak_bytes: list[int] = field(default_factory=list)
 
@@ -95,9 +98,12 @@ def rank_device(world: World, device: str) -> str:
     return device
 
 
-def choose_strategy(requested: str, model: nn.Module, method_name: str) -> str:
-    """'fsdp' or 'ddp' for `requested` ('auto', 'fsdp', 'ddp'); QLoRA's NF4 base is refused by FSDP2."""
+def choose_strategy(requested: str, model: nn.Module, method_name: str, world_size: int = 2) -> str:
+    """'fsdp', 'ddp' or 'none' (auto on one process) for `requested` ('auto', 'fsdp', 'ddp'); QLoRA's NF4 base is
+    refused by FSDP2."""
     strategy = requested
+    if requested == "auto" and world_size == 1:
+        return "none"
     if requested == "auto":
         total = sum(p.numel() for p in model.parameters())
         strategy = "fsdp" if total >= FSDP_AUTO_PARAMS and method_name != "qlora" else "ddp"
@@ -124,6 +130,9 @@ def wrap(world: World, model: nn.Module, strategy: str, bf16: bool) -> None:
     Call before the optimizer is built: FSDP2 replaces each parameter by a sharded DTensor parameter.
     """
     world.strategy = strategy
+    if strategy == "none":  # one process: the model as it is
+        world.forward_model = model
+        return
     if strategy == "ddp":
         cuda = next(model.parameters()).is_cuda
         # every rank loaded the same weights and seeded the same adapter init: no broadcast needed (NF4 bases

@@ -99,7 +99,7 @@ def build_run(cfg: RunConfig, world: distributed.World | None = None) -> Run:
 def spread(world: distributed.World, cfg: RunConfig, loaded: LoadedModel, method: Method, t: Trainables) -> None:
     """Shard (FSDP2) or replicate (DDP) the model over the ranks; trainables found before now are refreshed,
     since FSDP2 puts a sharded parameter in place of each one."""
-    strategy = distributed.choose_strategy(cfg.strategy, loaded.model, method.name)
+    strategy = distributed.choose_strategy(cfg.strategy, loaded.model, method.name, world.size)
     bf16 = torch.device(loaded.device).type == "cuda" and loaded.dtype == torch.bfloat16
     distributed.wrap(world, loaded.model, strategy, bf16)
     params = dict(loaded.model.named_parameters())
