@@ -217,3 +217,5 @@ def test_launcher_arguments_and_qlora_refusal():
         choose_strategy("fsdp", torch.nn.Linear(2, 2), "qlora")
     assert choose_strategy("auto", torch.nn.Linear(2, 2), "qlora") == "ddp"
     assert choose_strategy("auto", torch.nn.Linear(2, 2), "lora") == "ddp"  # small: replicated
+    assert choose_strategy("auto", torch.nn.Linear(2, 2), "lora", 1) == "none"  # one process: no wrapper
+    assert choose_strategy("fsdp", torch.nn.Linear(2, 2), "lora", 1) == "fsdp"  # unless asked for
