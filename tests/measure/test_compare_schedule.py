@@ -161,3 +161,50 @@ def test_devices_in_the_compare_yaml_name_the_file(tmp_path, capsys):
     assert main(["compare", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(config) in err and "'devices'" in err and "listed more than once" in err
+
+
+def test_two_devices_end_to_end_equal_a_sequential_compare(tmp_path, tiny_dirs, monkeypatch):
+    """Two fake GPUs that map to the CPU (a test hook: the compare's devices, with an empty worker environment in
+    place of CUDA_VISIBLE_DEVICES): both take runs, and a sequential compare into the same output dir reuses
+    every run and reports the same figures."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from builders import write_jsonl
+    from tunelab.measure import compare as compare_module
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"what is {i} plus {i}?", "response": f"{2 * i}."}
+                                                  for i in range(24)])
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": f"the quick brown fox {i}. " * 4} for i in range(6)])
+    values = dict(model=str(tiny_dirs["llama"]), data=str(data), reference_data=str(prose), methods="lora,ia3",
+                  max_steps=2, batch_size=2, seq_len=32, reference_sequences=4, eval_batches=2,
+                  output=str(tmp_path / "out"))
+    used, started = [], []
+
+    class TwoFakeGpus(compare_module._Context):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.devices = ["cuda:0", "cuda:1"]
+            self.env_for = lambda device: used.append(device) or {}
+
+    real_worker = compare_module._run_worker
+    monkeypatch.setattr(compare_module, "_run_worker",
+                        lambda kind, *a, **k: started.append(kind) or real_worker(kind, *a, **k))
+
+    def compare(opts):
+        return compare_module.run_compare(opts, console=Console(file=io.StringIO(), width=250))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare_module, "_Context", TwoFakeGpus)
+        spread = compare(build_options(values))
+    assert spread.devices == ["cuda:0", "cuda:1"] and sorted(set(used)) == ["cuda:0", "cuda:1"]
+    assert "cuda:0, cuda:1: the runs spread over 2 devices" in (tmp_path / "out" / "report.md").read_text()
+    started.clear()
+    sequential = compare(build_options(values))
+    assert started == ["baseline"]  # every run of the spread compare is reused by the sequential one
+    assert sequential.devices == ["cpu"]
+    drop = {"created", "devices", "load_average", "warnings"}
+    assert json.dumps(sequential.model_dump(exclude=drop)) == json.dumps(spread.model_dump(exclude=drop))
+    assert [s.status for s in spread.strategies] == ["ok", "ok"]

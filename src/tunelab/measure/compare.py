@@ -162,7 +162,7 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
         progress.status("baseline: scoring the base model on its validation data and the reference prose")
         reference = out / "runs" / "_baseline" / "reference.json"
         ctx.baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent,
-                                                  poll=ctx.load.tick, env=worker_env(ctx.devices[0])))
+                                                  poll=ctx.load.tick, env=ctx.env_for(ctx.devices[0])))
         ctx.reference = reference if ctx.baseline.reference_perplexity is not None else None
         ctx.steps = budget_steps(opts, ctx.baseline)
         strategies = _compare_all(ctx, methods)
@@ -173,7 +173,7 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
         hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=ctx.baseline,
         strategies=strategies, output_dir=str(out), steps=ctx.steps, tune_lr=ctx.tune,
-        load_average=ctx.load.samples, devices=opts.devices or [str(pick_device(opts.device))])
+        load_average=ctx.load.samples, devices=ctx.devices)
     results.recommendation = recommend(strategies, opts.priority, opts.gpu_memory, opts.tasks)
     results.warnings = warnings_for(results)
     write_json_atomic(out / "results.json", results.model_dump(mode="json"))
@@ -196,7 +196,10 @@ class _Context:
         self.load = LoadSampler()
         self.reused: list[str] = []
         self.labels: list[str] = []  # every run's label, in the order of a sequential compare
-        self.devices = opts.devices or [opts.device]
+        self.devices = opts.devices or [str(pick_device(opts.device))]  # each runs one worker at a time
+        # a worker's environment on its device: only --devices narrows a worker's view to its GPU (a plain
+        # --device cuda:1 reaches the run config as it is)
+        self.env_for = worker_env if opts.devices else lambda device: {}
         self.stop = threading.Event()  # set when the compare stops: the running workers are killed
 
     def tick(self) -> None:
@@ -256,7 +259,7 @@ def _search(ctx: _Context, method, lr: float, options: dict, device: str, done: 
 
     def worker(kind, job, job_dir, poll):
         return _run_worker(kind, job, job_dir, poll=lambda: (ctx.tick(), poll()), timeout_s=opts.timeout_s,
-                           env=worker_env(device))
+                           env=ctx.env_for(device))
 
     def bar_for(total: int, extension: int = 0):
         more = f"+{extension}" if extension else ""
@@ -296,7 +299,7 @@ def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool, dev
             bar.update(follower.new_records())
 
         worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s, nproc=opts.nproc,
-                             env=worker_env(device))
+                             env=ctx.env_for(device))
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     return strategy_record(method, cfg, run_dir, worker, ctx.baseline, opts.warmup_steps_excluded)
 
