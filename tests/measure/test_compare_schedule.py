@@ -88,7 +88,8 @@ def test_a_failing_job_stops_the_others_and_is_raised():
     stop, seen = threading.Event(), []
 
     def slow(device, done):
-        while True:  # a worker's poll: killed once the compare stops
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a worker's poll: killed once the compare stops
             try:
                 check(stop)
             except Stopped:
@@ -104,6 +105,31 @@ def test_a_failing_job_stops_the_others_and_is_raised():
     with pytest.raises(RuntimeError, match="boom"):
         run_jobs([Job("slow", slow), Job("bad", bad), never], ["cuda:0", "cuda:1"], stop)
     assert seen == ["stopped"]
+
+
+def test_an_interrupt_of_the_compare_stops_every_running_job():
+    """Ctrl-C / SIGTERM arrive in the main thread (as `Interrupted`; here KeyboardInterrupt): both devices' jobs
+    are stopped before it is raised again, and the waiting job never starts."""
+    import _thread
+
+    stop, seen = threading.Event(), []
+
+    def looping(device, done):
+        deadline = time.monotonic() + 10  # a scheduler that never sets `stop` fails the test, not hangs it
+        try:
+            while time.monotonic() < deadline:
+                check(stop)
+                time.sleep(0.01)
+        except Stopped:
+            seen.append(device)
+            raise
+
+    never = Job("never", lambda device, done: seen.append("started"), after="a")
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([Job("a", looping), Job("b", looping), never], ["cuda:0", "cuda:1"], stop)
+    assert sorted(seen) == ["cuda:0", "cuda:1"]
 
 
 def test_jobs_must_name_an_earlier_dependency():
