@@ -157,7 +157,8 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     out.mkdir(parents=True, exist_ok=True)
     remove_reports(out)  # an earlier compare's report must not sit beside this one's unfinished runs
     ctx = _Context(opts, out, tunes_lr(opts))
-    with raising_signals(), CompareProgress(console, len(methods) * opts.seeds) as progress:
+    searches = sum(ctx.tune and m.name not in opts.lr_for for m in methods)
+    with raising_signals(), CompareProgress(console, len(methods) * opts.seeds + searches) as progress:
         ctx.progress = progress
         progress.status("baseline: scoring the base model on its validation data and the reference prose")
         reference = out / "runs" / "_baseline" / "reference.json"
@@ -263,7 +264,7 @@ def _search(ctx: _Context, method, lr: float, options: dict, device: str, done: 
 
     def bar_for(total: int, extension: int = 0):
         more = f"+{extension}" if extension else ""
-        return ctx.progress.strategy(f"{method.name} lr{more}{_on(ctx, device)}", total)
+        return ctx.progress.strategy(f"{method.name} lr{more}{_on(ctx, device)}", total, unplanned=extension > 0)
 
     lrs = grid(opts, lr)
     configs = [config_for(x, job_dir / f"lr-{x:g}") for x in lrs]

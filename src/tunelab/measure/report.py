@@ -47,10 +47,12 @@ class CompareProgress:
         self.progress.console.print(text)
 
     @contextlib.contextmanager
-    def strategy(self, name: str, total_steps: int):
-        """A bar for strategy `name`; yields a `StrategyBar` to feed with metrics records."""
+    def strategy(self, name: str, total_steps: int, unplanned: bool = False):
+        """A bar for strategy `name`; yields a `StrategyBar` to feed with metrics records. `unplanned`: a run
+        not counted in the total beforehand (an lr search past its grid), which adds one to it."""
         with self._lock:
             self.started += 1
+            self.n_strategies += unplanned
             task = self.progress.add_task(f"[{self.started}/{self.n_strategies}] {name:<8}", total=total_steps,
                                           loss="starting")
         yield StrategyBar(self.progress, task)
