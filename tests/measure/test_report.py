@@ -115,6 +115,15 @@ def test_progress_follows_metrics_records():
             assert task.fields["loss"].startswith("failed: worker killed") and task.stop_time is not None
 
 
+def test_progress_counts_an_unplanned_run_in_its_total():
+    with CompareProgress(Console(file=io.StringIO(), width=200), 2) as progress:
+        for name, unplanned in (("lora lr", False), ("lora lr+1", True), ("lora", False)):
+            with progress.strategy(name, 4, unplanned=unplanned):
+                pass
+        labels = [t.description.split()[0] for t in progress.progress.tasks]
+    assert labels == ["[1/2]", "[2/3]", "[3/3]"]
+
+
 def test_gpu_memory_accepts_sizes():
     assert CompareOptions(gpu_memory="24GB").gpu_memory == 24 * 10**9
     assert CompareOptions(gpu_memory="16GiB").gpu_memory == 16 * 2**30

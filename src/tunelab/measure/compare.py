@@ -4,7 +4,8 @@ Each strategy trains in a fresh interpreter (`python -m tunelab.measure.compare_
 memory figures do not leak between strategies; a baseline worker first checks the model and data and scores the
 untouched base model on the reference prose. The parent follows each worker's `metrics.jsonl` for the progress
 display, then gathers `run.json`, the metrics and the worker's own measurements (forgetting, attach time) into
-`results.json`, and writes the reports.
+`results.json`, and writes the reports. With `--devices` the runs are spread over several devices, one worker
+per device at a time (`tunelab.measure.compare_schedule`).
 
 Output dir layout: `results.json`, `report.md`, `report.html`, `plots/*.png`, and `runs/<strategy>/` (the train
 output dir of each strategy, with `worker.log` and the worker's `job.json` / `result.json`).
@@ -12,11 +13,14 @@ output dir of each strategy, with `worker.log` and the worker's `job.json` / `re
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 import tunelab
@@ -30,7 +34,8 @@ from tunelab.measure.gather import (MetricsFollower, _predicted_memory, aggregat
 from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
 from tunelab.interrupts import raising_signals
-from tunelab.measure.lr_search import choose, grid, run_search, search_steps
+from tunelab.measure.compare_schedule import Job, check, check_devices, run_jobs, worker_env
+from tunelab.measure.lr_search import choose, extended_search, grid, search_steps
 from tunelab.measure.workers import _exit_reason, _wait  # noqa: F401 (tests use them from here)
 from tunelab.measure.workers import run_worker as _run_worker  # one name, which tests may wrap
 from tunelab.measure.compare_reuse import remove_reports, reusable_result
@@ -147,25 +152,29 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     methods = select_methods(opts)
     for m in methods:
         strategy_config(opts, m, out / "runs" / m.name)  # every option checked before anything trains
+    if opts.devices:
+        check_devices(opts.devices, torch.cuda.device_count())
     out.mkdir(parents=True, exist_ok=True)
     remove_reports(out)  # an earlier compare's report must not sit beside this one's unfinished runs
     ctx = _Context(opts, out, tunes_lr(opts))
-    with raising_signals(), CompareProgress(console, len(methods) * opts.seeds) as progress:
+    searches = sum(ctx.tune and m.name not in opts.lr_for for m in methods)
+    with raising_signals(), CompareProgress(console, len(methods) * opts.seeds + searches) as progress:
         ctx.progress = progress
         progress.status("baseline: scoring the base model on its validation data and the reference prose")
         reference = out / "runs" / "_baseline" / "reference.json"
         ctx.baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent,
-                                                  poll=ctx.load.tick))
+                                                  poll=ctx.load.tick, env=ctx.env_for(ctx.devices[0])))
         ctx.reference = reference if ctx.baseline.reference_perplexity is not None else None
         ctx.steps = budget_steps(opts, ctx.baseline)
-        strategies = [_compare_one(ctx, m) for m in methods]
+        strategies = _compare_all(ctx, methods)
     if ctx.reused:
-        console.print(f"reused finished strategies (same config, model and data): {', '.join(ctx.reused)}")
+        reused = [label for label in ctx.labels if label in ctx.reused]  # the order of a sequential compare
+        console.print(f"reused finished strategies (same config, model and data): {', '.join(reused)}")
     results = CompareResults(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tunelab_version=_tunelab_version(),
         hardware=Hardware.detect(opts.device), versions=detect_versions(), config=opts, baseline=ctx.baseline,
         strategies=strategies, output_dir=str(out), steps=ctx.steps, tune_lr=ctx.tune,
-        load_average=ctx.load.samples)
+        load_average=ctx.load.samples, devices=ctx.devices)
     results.recommendation = recommend(strategies, opts.priority, opts.gpu_memory, opts.tasks)
     results.warnings = warnings_for(results)
     write_json_atomic(out / "results.json", results.model_dump(mode="json"))
@@ -176,7 +185,8 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
 
 
 class _Context:
-    """What every strategy of one compare shares: options, output dir, baseline, budget, progress, load."""
+    """What every strategy of one compare shares: options, output dir, baseline, budget, progress, load, and
+    the devices the runs are spread over."""
 
     def __init__(self, opts: CompareOptions, out: Path, tune: bool):
         self.opts, self.out, self.tune = opts, out, tune
@@ -186,50 +196,93 @@ class _Context:
         self.progress = None
         self.load = LoadSampler()
         self.reused: list[str] = []
+        self.labels: list[str] = []  # every run's label, in the order of a sequential compare
+        self.devices = opts.devices or [str(pick_device(opts.device))]  # each runs one worker at a time
+        # a worker's environment on its device: only --devices narrows a worker's view to its GPU (a plain
+        # --device cuda:1 reaches the run config as it is)
+        self.env_for = worker_env if opts.devices else lambda device: {}
+        self.stop = threading.Event()  # set when the compare stops: the running workers are killed
+
+    def tick(self) -> None:
+        """A worker's poll: stop it if the compare is stopping, and sample the load."""
+        check(self.stop)
+        self.load.tick()
 
 
-def _compare_one(ctx: _Context, method) -> StrategyResult:
-    """One strategy: its lr search (with --tune-lr), then one fresh worker per seed, aggregated over seeds."""
-    opts, name = ctx.opts, method.name
-    options, notes = auto_options(opts, name, ctx.baseline)
-    lr, search = opts.lr_for.get(name, method.default_lr), None
-    if ctx.tune and name not in opts.lr_for:
-        search = _search(ctx, method, lr, options)
-        lr = search.chosen_lr
-    runs = []
-    for i in range(opts.seeds):
-        seed = opts.seed + i
-        run_dir = ctx.out / "runs" / (name if i == 0 else f"{name}.seed-{seed}")
-        cfg = strategy_config(opts, method, run_dir, steps=ctx.steps, lr=lr, seed=seed, options=options)
-        label = name if opts.seeds == 1 else f"{name} s{seed}"
-        runs.append((seed, _run_strategy(ctx, method, cfg, label, tensor_peak=i == 0)))
-    result = aggregate(runs)
-    result.lr_search, result.notes = search, notes + result.notes
-    if name in opts.lr_for and ctx.tune:
-        result.notes.append(f"lr {lr:g} set by --lr-for; not searched")
-    return result
+def _compare_all(ctx: _Context, methods: list) -> list[StrategyResult]:
+    """Every strategy's lr search (with --tune-lr) and one fresh worker per seed, as jobs spread over the
+    devices (`compare_schedule`: a seed after its search), then aggregated over seeds in the order of `methods`."""
+    opts, jobs, plans = ctx.opts, [], {}
+    for m in methods:
+        options, notes = auto_options(opts, m.name, ctx.baseline)
+        lr, searched = opts.lr_for.get(m.name, m.default_lr), ctx.tune and m.name not in opts.lr_for
+        plans[m.name] = notes
+        if searched:
+            jobs.append(Job((m.name, "lr"), functools.partial(_search, ctx, m, lr, options)))
+        for i in range(opts.seeds):
+            ctx.labels.append(_label(opts, m.name, i))
+            jobs.append(Job((m.name, i), functools.partial(_seed_run, ctx, m, i, lr, options, searched),
+                            after=(m.name, "lr") if searched else None))
+    done = run_jobs(jobs, ctx.devices, ctx.stop)
+    strategies = []
+    for m in methods:
+        result = aggregate([done[(m.name, i)] for i in range(opts.seeds)])
+        result.lr_search, result.notes = done.get((m.name, "lr")), plans[m.name] + result.notes
+        if m.name in opts.lr_for and ctx.tune:
+            result.notes.append(f"lr {opts.lr_for[m.name]:g} set by --lr-for; not searched")
+        strategies.append(result)
+    return strategies
 
 
-def _search(ctx: _Context, method, lr: float, options: dict):
-    """The lr search of one strategy (`tunelab.measure.lr_search`)."""
+def _label(opts: CompareOptions, name: str, i: int) -> str:
+    return name if opts.seeds == 1 else f"{name} s{opts.seed + i}"
+
+
+def _seed_run(ctx: _Context, method, i: int, lr: float, options: dict, searched: bool, device: str,
+              done: dict) -> tuple[int, StrategyResult]:
+    """Seed number `i` of a strategy on `device`, at its searched lr (from `done`) or `lr`."""
+    if searched:
+        lr = done[(method.name, "lr")].chosen_lr
+    seed = ctx.opts.seed + i
+    run_dir = ctx.out / "runs" / (method.name if i == 0 else f"{method.name}.seed-{seed}")
+    cfg = strategy_config(ctx.opts, method, run_dir, steps=ctx.steps, lr=lr, seed=seed, options=options)
+    return seed, _run_strategy(ctx, method, cfg, _label(ctx.opts, method.name, i), i == 0, device)
+
+
+def _search(ctx: _Context, method, lr: float, options: dict, device: str, done: dict | None = None):
+    """The lr search of one strategy on `device` (`tunelab.measure.lr_search`), extended beyond the grid's edge
+    while its best lr lies there."""
     opts, steps = ctx.opts, search_steps(ctx.opts, ctx.steps)
     job_dir = ctx.out / "runs" / f"{method.name}.lr-search"
-    configs = [strategy_config(opts, method, job_dir / f"lr-{x:g}", steps=steps, lr=x, options=options)
-               for x in grid(opts, lr)]
+
+    def config_for(x: float, run_dir: Path):
+        return strategy_config(opts, method, run_dir, steps=steps, lr=x, options=options)
 
     def worker(kind, job, job_dir, poll):
-        return _run_worker(kind, job, job_dir, poll=lambda: (ctx.load.tick(), poll()), timeout_s=opts.timeout_s)
+        return _run_worker(kind, job, job_dir, poll=lambda: (ctx.tick(), poll()), timeout_s=opts.timeout_s,
+                           env=ctx.env_for(device))
 
-    points = run_search(configs, job_dir, worker, lambda total: ctx.progress.strategy(f"{method.name} lr", total))
-    return choose(lr, steps, opts.seed, points)
+    def bar_for(total: int, extension: int = 0):
+        more = f"+{extension}" if extension else ""
+        return ctx.progress.strategy(f"{method.name} lr{more}{_on(ctx, device)}", total, unplanned=extension > 0)
+
+    lrs = grid(opts, lr)
+    configs = [config_for(x, job_dir / f"lr-{x:g}") for x in lrs]
+    points = extended_search(configs, config_for, opts.lr_grid, job_dir, worker, bar_for)
+    return choose(lr, steps, opts.seed, points, lrs)
 
 
-def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool) -> StrategyResult:
-    """Train one run of a strategy in a fresh worker, following its metrics for the display; never raises for
-    its errors.
+def _on(ctx: _Context, device: str) -> str:
+    """' on cuda:1' in a progress label when the runs are spread over several devices."""
+    return f" on {device}" if len(ctx.devices) > 1 else ""
+
+
+def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool, device: str) -> StrategyResult:
+    """Train one run of a strategy in a fresh worker on `device`, following its metrics for the display; never
+    raises for its errors.
 
     A run that an earlier compare into the same output dir finished on the same job and inputs is reused (its
-    label is appended to `ctx.reused`); any other leftover run dir is removed first.
+    label is added to `ctx.reused`); any other leftover run dir is removed first.
     """
     opts, run_dir = ctx.opts, Path(cfg.output)
     job = {"run": cfg.model_dump(mode="json"), "artifact": method.artifact,
@@ -241,12 +294,13 @@ def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool) -> 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a leftover of an earlier compare into the same output dir
     follower = MetricsFollower(run_dir / "metrics.jsonl")
-    with ctx.progress.strategy(label, cfg.max_steps) as bar:
+    with ctx.progress.strategy(label + _on(ctx, device), cfg.max_steps) as bar:
         def poll():
-            ctx.load.tick()
+            ctx.tick()
             bar.update(follower.new_records())
 
-        worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s, nproc=opts.nproc)
+        worker = _run_worker("strategy", job, run_dir, poll=poll, timeout_s=opts.timeout_s, nproc=opts.nproc,
+                             env=ctx.env_for(device))
         bar.finish(worker.get("status") == "ok", worker.get("error"))
     return strategy_record(method, cfg, run_dir, worker, ctx.baseline, opts.warmup_steps_excluded)
 

@@ -4,6 +4,10 @@ Each strategy trains once per factor of `lr_grid` (default 0.3, 1, 3) times its 
 `default_lr`), on `tune_fraction` (default 1/4) of the budget's steps, with the first seed, in one worker
 (`compare_worker lr_search`). The lr with the lowest final validation loss trains every seed of the full run.
 An lr whose run fails or diverges counts as worst; when every one fails, the default is kept (with a note).
+When the best lr is the largest (or smallest) one tried, the true best may lie beyond the grid: the search then
+trains one more lr further out in that direction, one grid step on (the ratio of the grid's two outermost factors
+on that side; 3 for a one-factor grid), in a worker of its own, and repeats while the new lr is again the best,
+at most `MAX_EXTENSIONS` (2) times per strategy. Every lr tried is in the curve.
 A strategy given `--lr-for` is not searched: the user's lr is used. A rerun into the same output dir reuses a
 finished search of the same runs on the same model and data.
 """
@@ -22,18 +26,64 @@ def search_steps(opts: CompareOptions, steps: int) -> int:
     return max(1, math.ceil(opts.tune_fraction * steps))
 
 
+MAX_EXTENSIONS = 2  # extra lrs beyond the grid per strategy, each one step further out
+DEFAULT_STEP = 3.0  # the step beyond a one-factor grid
+
+
+def _round(lr: float) -> float:
+    return float(f"{lr:.6g}")
+
+
 def grid(opts: CompareOptions, lr: float) -> list[float]:
     """The learning rates the search tries around `lr`."""
-    return [float(f"{f * lr:.6g}") for f in opts.lr_grid]
+    return [_round(f * lr) for f in opts.lr_grid]
 
 
-def choose(default_lr: float, steps: int, seed: int, points: list[dict]) -> LrSearch:
-    """The `LrSearch` record from the worker's points ({lr, val_loss, error}): the lowest finite val loss wins."""
-    curve = [(p["lr"], p.get("val_loss")) for p in points]
+def next_lr(points: list[dict], factors: list[float]) -> float | None:
+    """The lr to try beyond the ones in `points` when the best finite val loss is at the largest (smallest) lr
+    tried and more than one lr was tried: one grid step further up (down); else None.
+
+    `factors` are the grid's (sorted); a step is the ratio of its two outermost factors on that side."""
+    lrs = sorted(p["lr"] for p in points)
+    finite = [(p["val_loss"], p["lr"]) for p in points if p.get("val_loss") is not None
+              and math.isfinite(p["val_loss"])]
+    if len(lrs) < 2 or not finite:
+        return None
+    best = min(finite)[1]
+    up = factors[-1] / factors[-2] if len(factors) > 1 else DEFAULT_STEP
+    down = factors[1] / factors[0] if len(factors) > 1 else DEFAULT_STEP
+    if best == lrs[-1]:
+        return _round(best * up)
+    if best == lrs[0]:
+        return _round(best / down)
+    return None
+
+
+def extended_search(configs: list, config_for, factors: list[float], job_dir, run_worker, bar_for) -> list[dict]:
+    """`run_search` over the grid's `configs`, then up to `MAX_EXTENSIONS` single lrs beyond its edge
+    (`next_lr`), each in `job_dir/extend-K` with `config_for(lr, run_dir)` as its run; returns every point."""
+    points = run_search(configs, job_dir, run_worker, bar_for)
+    for k in range(1, MAX_EXTENSIONS + 1):
+        lr = next_lr(points, factors)
+        if lr is None:
+            break
+        extend_dir = job_dir / f"extend-{k}"
+        points = points + run_search([config_for(lr, extend_dir / f"lr-{lr:g}")], extend_dir, run_worker,
+                                     lambda total, k=k: bar_for(total, k))
+    return points
+
+
+def choose(default_lr: float, steps: int, seed: int, points: list[dict], grid_lrs: list[float] | None = None
+           ) -> LrSearch:
+    """The `LrSearch` record from the workers' points ({lr, val_loss, error}): the lowest finite val loss wins.
+    The curve is in order of lr; `extended` lists the lrs tried beyond `grid_lrs` (the grid's)."""
+    curve = sorted(((p["lr"], p.get("val_loss")) for p in points), key=lambda point: point[0])
     finite = [(loss, lr) for lr, loss in curve if loss is not None and math.isfinite(loss)]
     chosen = min(finite)[1] if finite else default_lr
     errors = {f"{p['lr']:g}": p["error"] for p in points if p.get("error")}
-    return LrSearch(default_lr=default_lr, steps=steps, seed=seed, curve=curve, chosen_lr=chosen, errors=errors)
+    extended = [lr for lr, _ in curve if grid_lrs is not None and lr not in grid_lrs]
+    return LrSearch(default_lr=default_lr, steps=steps, seed=seed, curve=curve, chosen_lr=chosen, errors=errors,
+                    extended=extended)
 
 
 def run_search(configs: list, job_dir, run_worker, bar_for) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import threading
 from pathlib import Path
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -15,6 +16,7 @@ from rich import box
 from rich.table import Table
 
 from tunelab.jsonio import write_text_atomic
+from tunelab.measure.lr_search import MAX_EXTENSIONS
 from tunelab.measure.plots import make_plots
 from tunelab.measure.portability import human_bytes
 from tunelab.measure.schema import TASK_COUNTS, CompareResults, StrategyResult
@@ -31,6 +33,7 @@ class CompareProgress:
                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console, speed_estimate_period=600)
         self.n_strategies, self.started = n_strategies, 0
+        self._lock = threading.Lock()  # runs on several devices start bars from several threads
 
     def __enter__(self) -> "CompareProgress":
         self.progress.start()
@@ -44,11 +47,14 @@ class CompareProgress:
         self.progress.console.print(text)
 
     @contextlib.contextmanager
-    def strategy(self, name: str, total_steps: int):
-        """A bar for strategy `name`; yields a `StrategyBar` to feed with metrics records."""
-        self.started += 1
-        task = self.progress.add_task(f"[{self.started}/{self.n_strategies}] {name:<8}", total=total_steps,
-                                      loss="starting")
+    def strategy(self, name: str, total_steps: int, unplanned: bool = False):
+        """A bar for strategy `name`; yields a `StrategyBar` to feed with metrics records. `unplanned`: a run
+        not counted in the total beforehand (an lr search past its grid), which adds one to it."""
+        with self._lock:
+            self.started += 1
+            self.n_strategies += unplanned
+            task = self.progress.add_task(f"[{self.started}/{self.n_strategies}] {name:<8}", total=total_steps,
+                                          loss="starting")
         yield StrategyBar(self.progress, task)
 
 
@@ -258,6 +264,7 @@ def _details(results: CompareResults) -> list[tuple[str, str]]:
     seeds = ", ".join(str(cfg.seed + i) for i in range(cfg.seeds))
     out = [*(("Warning", w) for w in results.warnings),
            ("Hardware", f"{hw.cpu_model}, {hw.cpu_cores} cores, RAM {human_bytes(hw.ram_bytes)}, GPU {gpu}"),
+           ("Devices", _devices_text(results)),
            ("Load average", _load_text(results)),
            ("Versions", ", ".join(f"{k} {v}" for k, v in results.versions.items())),
            ("Budget", f"model {cfg.model}, data {cfg.data}, {results.steps or cfg.max_steps} steps per run "
@@ -272,8 +279,10 @@ def _details(results: CompareResults) -> list[tuple[str, str]]:
     for s in results.strategies:
         if s.lr_search:
             curve = ", ".join(f"{lr:.3g}: {_num(loss, '.4f')}" for lr, loss in s.lr_search.curve)
+            beyond = ", ".join(f"{lr:.3g}" for lr in s.lr_search.extended)
+            beyond = f" (beyond the grid, its best at an edge: {beyond})" if beyond else ""
             out.append((f"{s.name} lr search", f"{s.lr_search.steps} steps, seed {s.lr_search.seed}; val loss by "
-                                               f"lr {curve}; chosen {s.lr_search.chosen_lr:.3g}"))
+                                               f"lr {curve}{beyond}; chosen {s.lr_search.chosen_lr:.3g}"))
         if s.error:
             out.append((f"{s.name} failed", s.error))
         out += [(f"{s.name} note", n) for n in s.notes]
@@ -299,11 +308,20 @@ def _load_text(results: CompareResults) -> str:
             f"({len(loads)} samples) on {results.hardware.cpu_cores} cores")
 
 
+def _devices_text(results: CompareResults) -> str:
+    devices = results.devices
+    if len(devices) < 2:
+        return f"{devices[0] if devices else results.hardware.device}, one worker at a time"
+    return (f"{', '.join(devices)}: the runs spread over {len(devices)} devices, one worker per device at a time "
+            f"(each worker sees only its own GPU, so its memory and time figures are its own)")
+
+
 def _lr_text(results: CompareResults) -> str:
     if results.tune_lr:
         return (f"searched per strategy (--tune-lr): factors {results.config.lr_grid} of each method's default "
-                f"lr on {results.config.tune_fraction:g} of the budget; the lowest validation loss trains the "
-                f"full runs (--lr-for values are used as given)")
+                f"lr on {results.config.tune_fraction:g} of the budget, extended one grid step further out (at "
+                f"most {MAX_EXTENSIONS} times) while the best lr is the largest or smallest tried; the lowest validation loss "
+                f"trains the full runs (--lr-for values are used as given)")
     return ("each method's default lr (or --lr-for); not searched (--tune-lr off), so a method that needs another "
             "lr in this budget may look worse than it is")
 

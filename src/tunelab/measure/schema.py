@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,9 @@ class CompareOptions(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     timeout_s: float | None = Field(default=None, gt=0)  # per strategy; a strategy past it is recorded as failed
     nproc: int = Field(default=1, gt=0)  # processes (GPUs) each strategy trains on, through torchrun
+    # The devices the runs are spread over, one worker per device at a time ("cuda:0,cuda:1"; or ["cpu"]).
+    # None: every run on `device`, one after the other. Given, it sets `device` to its kind (cpu or cuda).
+    devices: list[str] | None = None
 
     @field_validator("gpu_memory", mode="before")
     @classmethod
@@ -84,10 +88,40 @@ class CompareOptions(_Strict):
             raise ValueError("expected factors of the default lr above 0, such as [0.3, 1, 3]")
         return sorted(set(v))
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_list(cls, v: Any) -> Any:
+        return [d.strip() for d in v.split(",") if d.strip()] if isinstance(v, str) else v
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [d for d in v if not re.fullmatch(r"cpu|cuda:\d+", d)]
+        if not v or bad:
+            raise ValueError(f"expected cpu, or distinct cuda:N such as cuda:0,cuda:1; "
+                             f"{repr(bad[0]) + ' is not a device' if bad else 'none given'}")
+        repeated = sorted({d for d in v if v.count(d) > 1})
+        found = f"{', '.join(repeated)} listed more than once" if repeated else "cpu beside other devices"
+        if repeated or ("cpu" in v and len(v) > 1):
+            raise ValueError(f"expected 'cpu' alone (its cores are one device) or distinct cuda:N such as "
+                             f"cuda:0,cuda:1; {found}")
+        return v
+
     @model_validator(mode="after")
-    def _budget_given(self) -> "CompareOptions":
+    def _consistent(self) -> "CompareOptions":
         if self.budget == "tokens" and self.tokens is None:
             raise ValueError("budget 'tokens' needs tokens (--tokens N): non-pad input tokens per strategy")
+        if self.devices is not None:
+            kind = "cpu" if self.devices == ["cpu"] else "cuda"
+            if self.device not in ("auto", kind):
+                raise ValueError(f"devices {','.join(self.devices)} and device '{self.device}' disagree; expected "
+                                 f"device auto or {kind} (or no devices)")
+            if kind == "cuda" and self.nproc > 1:
+                raise ValueError(f"devices {','.join(self.devices)} with nproc {self.nproc}: expected one of them "
+                                 f"(--nproc spreads one run over this process's GPUs; --devices spreads the runs)")
+            self.device = kind
         return self
 
 
@@ -186,6 +220,7 @@ class LrSearch(_Strict):
     curve: list[tuple[float, float | None]] = Field(default_factory=list)  # (lr, val loss); None: it failed
     chosen_lr: float
     errors: dict[str, str] = Field(default_factory=dict)  # lr (as text) -> why it failed
+    extended: list[float] = Field(default_factory=list)  # lrs tried beyond the grid (its best lay at an edge)
 
 
 class Forgetting(_Strict):
@@ -275,6 +310,7 @@ class CompareResults(_Strict):
     steps: int | None = None  # the budget in optimizer steps per strategy, whichever way it was given
     tune_lr: bool = False  # whether the learning rates were searched (else each method's default or --lr-for)
     load_average: list[float] = Field(default_factory=list)  # 1-minute load average, sampled while timing
+    devices: list[str] = Field(default_factory=list)  # where the workers ran, one at a time on each
     warnings: list[str] = Field(default_factory=list)  # busy machine, budget too small, ...
 
     def strategy(self, name: str) -> StrategyResult:

@@ -21,8 +21,10 @@ WORKER_MODULE = "tunelab.measure.compare_worker"  # `python -m tunelab.measure.c
 
 
 def run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float | None = None,
-               nproc: int = 1) -> dict:
+               nproc: int = 1, env: dict[str, str] | None = None) -> dict:
     """Run one worker in a fresh interpreter and return its result dict (status 'failed' with an error if it died).
+
+    `env` adds to the worker's environment (`CUDA_VISIBLE_DEVICES` for its device under `compare --devices`).
 
     `nproc` > 1: the worker runs on that many processes under torchrun (the strategy trains on all of them,
     rank 0 writes the result); their parent is then torchrun's agent, not this process.
@@ -34,7 +36,7 @@ def run_worker(kind: str, job: dict, job_dir: Path, poll=None, timeout_s: float 
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launch, "-m", WORKER_MODULE, kind, str(job_path), str(result_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           PARENT_PID_ENV: str(os.getpid()) if nproc == 1 else ""}
+           PARENT_PID_ENV: str(os.getpid()) if nproc == 1 else "", **(env or {})}
     with open(job_dir / "worker.log", "w") as log:
         # its own process group: a Ctrl-C at the terminal reaches the parent, which then kills the whole group
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
