@@ -11,8 +11,10 @@ the server's own forward. Cases:
 - one_stacked: every row on one adapter through the stacked path (`row_adapters`, the uniform branch);
 - mixed: each row on its own adapter (rows cycle over the adapters), the stacked path's gather.
 Cases are interleaved round by round (`--rounds` x `--steps` steps each, after a warm-up) so load from other
-processes hits all of them alike; printed: the median ms per step, and the adapter overhead per hooked module,
-(case - base) / modules, in microseconds. `--dtype bfloat16` (the default) is the serving dtype on a GPU.
+processes hits all of them alike. On a CPU the clock is the thread's CPU time (`time.thread_time`, torch held to
+one thread), which load from other processes on a shared machine barely moves; on a GPU it is wall time, CUDA
+synchronised (`--clock` overrides). Printed: the median ms per step, and the adapter overhead per hooked module,
+(case - base) / modules, in microseconds. `--dtype bfloat16` is the serving dtype on a GPU.
 
     PYTHONPATH=src python bench/serve_decode_overhead.py                      # CPU proxy
     PYTHONPATH=src python bench/serve_decode_overhead.py --device cuda        # the same on a GPU
@@ -64,6 +66,9 @@ def run(args) -> dict:
     """Median ms per decode step for each case, and the per-module adapter overhead in microseconds."""
     from tunelab.serve.engine import Engine
 
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    if args.clock == "thread":
+        torch.set_num_threads(1)  # all the work on this thread, so its CPU time is the step's
     model, names = build(args)
     engine = Engine(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), lock=threading.RLock(),
                     mixed_batch=lambda n: True)
@@ -83,11 +88,11 @@ def run(args) -> dict:
                 for _ in range(args.steps):
                     batch = steps[case]()
                     sync(args.device)
-                    start = time.perf_counter()
+                    start = clock()
                     engine._forward(batch)
                     sync(args.device)
                     if round_ >= args.warmup:
-                        times[case].append((time.perf_counter() - start) * 1e3)
+                        times[case].append((clock() - start) * 1e3)
     modules = hooked_modules(model)
     ms = {c: round(statistics.median(t), 4) for c, t in times.items()}
     per_module = {c: round((ms[c] - ms["base"]) * 1e3 / modules, 2) for c in CASES if c != "base"}
@@ -98,7 +103,10 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 on a GPU (the serving dtype); float32 on a CPU, whose bf16 matmul "
+                             "kernels are slow enough to hide the host overhead this measures")
+    parser.add_argument("--clock", choices=["thread", "wall"], help="default: thread on a CPU, wall on a GPU")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=32)
@@ -110,10 +118,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="rounds run untimed first")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    gpu = not args.device.startswith("cpu")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.clock = args.clock or ("wall" if gpu else "thread")
     result = run(args) | {"settings": vars(args) | {"out": str(args.out)}, "environment": environment(args.device)}
     ms, over = result["ms_per_step"], result["overhead_us_per_module"]
     print(f"{result['modules']} hooked modules, {args.rows} rows, {args.cache}-token cache, {args.device} "
-          f"{args.dtype}")
+          f"{args.dtype}, {args.clock} clock")
     for case in CASES:
         extra = "" if case == "base" else (f"  {result['ratio_to_base'][case]:.3f}x base, "
                                            f"{over[case]} us/module")
