@@ -58,8 +58,9 @@ def delta_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 def delta(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """scaling * B A dropout(x): (..., in) -> (..., out), in fp32 (in the autocast dtype under autocast)."""
-    a = module.lora_A[name]
-    h = a(module.lora_dropout[name](adapter_input(x, a.weight.dtype)))  # (..., r)
+    a, drop = module.lora_A[name], module.lora_dropout[name]
+    x = adapter_input(x, a.weight.dtype)
+    h = a(x if type(drop) is nn.Identity else drop(x))  # (..., r); dropout 0 is an Identity: no call
     return module.lora_B[name](h) * module.lora_scaling[name]
 
 

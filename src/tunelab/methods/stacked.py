@@ -30,7 +30,7 @@ Modules holding a PiSSA/OLoRA adapter (whose initial factors are added back for 
 per-adapter path too.
 
 Per module and forward the uniform branch is two kernels (x A^T, then `addmm` adding (x A^T) B^T to the base
-output, scaling already folded into B) and the mixed branch four (two gathers, `bmm`, `baddbmm`); the factors are
+output, scaling already folded into B) and the mixed branch four (two `index_select` gathers, `bmm`, `baddbmm`); the factors are
 stored transposed, (slots, in, r) and (slots, r, out), so neither needs a transpose or a copy.
 """
 
@@ -204,10 +204,11 @@ def lora_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing)
     slots = routing.slots(x.device)  # (batch,)
     batch = x.shape[0]
     base3d = output.reshape(batch, -1, d_out)  # (batch, tokens, out)
-    h = torch.bmm(xs.reshape(batch, -1, d_in), stack.a[slots])  # (batch, tokens, r)
-    y = torch.baddbmm(base3d, h, stack.b[slots])  # (batch, tokens, out)
+    # index_select, not a[slots]: the same gather with a fraction of advanced indexing's host work
+    h = torch.bmm(xs.reshape(batch, -1, d_in), stack.a.index_select(0, slots))  # (batch, tokens, r)
+    y = torch.baddbmm(base3d, h, stack.b.index_select(0, slots))  # (batch, tokens, out)
     if stack.dora is not None:
-        y = y + stack.dora[slots][:, None, :] * _without_bias(module, base3d)
+        y = y + stack.dora.index_select(0, slots)[:, None, :] * _without_bias(module, base3d)
     return y.view(output.shape)
 
 
@@ -241,7 +242,7 @@ def ia3_scale(box: nn.ParameterDict, module: nn.Module, routing, like: torch.Ten
         module.__dict__[IA3_STACK] = stack = _build_ia3(box, key)
     if only is not False:
         return stack.v[routing.slot(only)]
-    rows = stack.v[routing.slots(like.device)]  # (batch, features)
+    rows = stack.v.index_select(0, routing.slots(like.device))  # (batch, features)
     return rows.view(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[1])
 
 
