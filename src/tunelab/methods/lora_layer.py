@@ -205,7 +205,8 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
                 total = add_delta(module, n, x, total)
             else:
                 total = total + variant.output(module, n, x, output).to(output.dtype)
-    for n in getattr(module, "lora_initial", ()):
+    # a submodule: `_modules.get`, not getattr, whose miss (the usual case) raises inside nn.Module.__getattr__
+    for n in module._modules.get("lora_initial") or ():
         if n not in state.active and n not in module.lora_merged:
             total = total + _initial_output(module, n, x).to(output.dtype)
     return total

@@ -184,7 +184,7 @@ def lora_rows(module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing)
 
     None when this forward cannot take the stacked path (training, or a PiSSA/OLoRA adapter on the module).
     """
-    if not usable(module) or getattr(module, "lora_initial", None):
+    if not usable(module) or module._modules.get("lora_initial"):  # a submodule; getattr's miss raises inside
         return None
     only = routing.only
     if only is None:  # every row on the base
