@@ -146,3 +146,84 @@ def test_a_loaded_adapter_is_appended_to_the_stack_and_equals_a_rebuild(kind, fa
     rebuilt = logits(model, batch)
     assert torch.equal(grown, rebuilt)
     _check(grown, _per_row(model, batch, rows), batch, kind, rows)
+
+
+# --- invalidation: a forward reads the counters of the slots it uses ------------------------------------------
+
+def _stack_ids(model):
+    return [id(m.__dict__[LORA_STACK]) for m in model.modules() if LORA_STACK in m.__dict__]
+
+
+@pytest.mark.parametrize("family", ["lora", "dora"])
+def test_one_adapter_batch_sees_an_in_place_edit_of_its_weights(family, tokenizer):
+    batch = dict(tokenizer(list(TEXTS[:3]), return_tensors="pt", padding=True))
+    model = _model("llama", tokenizer, family)
+    rows = ["a0"] * 3
+    adapter_state(model).row_adapters = rows  # the same list (and Routing) for every forward below
+    before = logits(model, batch)
+    kept = _stack_ids(model)
+    assert logits(model, batch).equal(before) and _stack_ids(model) == kept  # nothing moved: the cache holds
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["a0"].weight.mul_(3.0)  # a manual edit, in place
+    after = logits(model, batch)
+    assert not torch.allclose(before, after)
+    _check(after, _per_row(model, batch, rows), batch, "llama", rows)
+    adapter_state(model).row_adapters = rows
+    sd = {k: v * 0.5 for k, v in q.lora_A["a0"].state_dict().items()}
+    q.lora_A["a0"].load_state_dict(sd)  # load_state_dict copies in place
+    _check(logits(model, batch), _per_row(model, batch, rows), batch, "llama", rows)
+
+
+def test_dora_one_adapter_batch_sees_an_edit_of_the_base_weight(tokenizer):
+    batch = dict(tokenizer(list(TEXTS[:3]), return_tensors="pt", padding=True))
+    model = _model("llama", tokenizer, "dora")
+    rows = ["a0"] * 3
+    adapter_state(model).row_adapters = rows
+    before = logits(model, batch)
+    with torch.no_grad():  # DoRA's g = m / ||W + s B A|| reads the base weight
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    after = logits(model, batch)
+    assert not torch.allclose(before, after)
+    _check(after, _per_row(model, batch, rows), batch, "llama", rows)
+
+
+def test_an_edit_to_an_unused_slot_is_seen_by_the_first_batch_that_uses_it(tokenizer):
+    batch = dict(tokenizer(list(TEXTS[:3]), return_tensors="pt", padding=True))
+    model = _model("llama", tokenizer, "lora")
+    state = adapter_state(model)
+    state.row_adapters = ["a0"] * 3
+    logits(model, batch)
+    with torch.no_grad():
+        for p in get_method("lora").parameters(model, "a2").values():
+            p.mul_(-2.0)  # a2's slot is stale now; the a0 batch does not read it
+    kept = _stack_ids(model)
+    logits(model, batch)
+    assert _stack_ids(model) == kept  # an a0 batch does not rebuild for a2's edit
+    for rows in (["a2"] * 3, ["a1", "a2", None]):  # one-adapter batch, mixed batch
+        state.row_adapters = rows
+        logits(model, batch)  # builds a0's, a1's and a2's stack afresh
+        with torch.no_grad():
+            for p in get_method("lora").parameters(model, "a2").values():
+                p.mul_(0.5)
+        _check(logits(model, batch), _per_row(model, batch, rows), batch, "llama", rows)
+
+
+def test_loading_and_removing_adapters_under_the_same_rows(tokenizer):
+    batch = dict(tokenizer(list(TEXTS[:3]), return_tensors="pt", padding=True))
+    model = _model("llama", tokenizer, "lora")
+    state = adapter_state(model)
+    rows = ["a2", "a0", "a2"]
+    state.row_adapters = rows
+    logits(model, batch)
+    lora = get_method("lora")
+    lora.inject(model.train(), lora.Options(r=5, target_modules="all-linear"), "a3")  # a load
+    perturb(lora, model, "a3", seed=13)
+    model.eval()
+    for now in (rows, ["a3"] * 3, ["a3", "a2", None]):
+        state.row_adapters = now
+        _check(logits(model, batch), _per_row(model, batch, now), batch, "llama", now)
+    lora.remove(model, "a0")  # slots shift
+    for now in (["a3"] * 3, ["a2", "a3", "a1"]):
+        state.row_adapters = now
+        _check(logits(model, batch), _per_row(model, batch, now), batch, "llama", now)

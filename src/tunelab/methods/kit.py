@@ -203,17 +203,24 @@ class Routing:
     groups: dict[str | None, list[int]]
     names: tuple[str, ...] = ()
     _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    # the one adapter every row uses (None: every row on the base), or False when the rows differ
+    only: str | None | bool = field(init=False)
+    _slot: dict[str, int] = field(init=False, repr=False)  # name -> slot
+
+    def __post_init__(self):
+        self.only = next(iter(self.groups)) if len(self.groups) == 1 else False
+        self._slot = {n: i + 1 for i, n in enumerate(self.names)}
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` in `names` (plus one); 0 for None, the base."""
-        return 0 if name is None else self.names.index(name) + 1
+        return 0 if name is None else self._slot[name]
 
     def slots(self, device: torch.device) -> torch.Tensor:
         """Each row's slot (see `slot`): a LongTensor (batch,) on `device`, built once per batch and device."""
         key = ("slots", device)
         if key not in self._cache:
-            where = {n: i + 1 for i, n in enumerate(self.names)}
-            self._cache[key] = torch.tensor([where.get(r, 0) for r in self.rows], dtype=torch.long, device=device)
+            self._cache[key] = torch.tensor([self._slot.get(r, 0) for r in self.rows], dtype=torch.long,
+                                            device=device)
         return self._cache[key]
 
     def index(self, name: str, device: torch.device) -> torch.Tensor | None:

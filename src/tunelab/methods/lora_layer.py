@@ -58,8 +58,9 @@ def delta_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 def delta(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """scaling * B A dropout(x): (..., in) -> (..., out), in fp32 (in the autocast dtype under autocast)."""
-    a = module.lora_A[name]
-    h = a(module.lora_dropout[name](adapter_input(x, a.weight.dtype)))  # (..., r)
+    a, drop = module.lora_A[name], module.lora_dropout[name]
+    x = adapter_input(x, a.weight.dtype)
+    h = a(x if type(drop) is nn.Identity else drop(x))  # (..., r); dropout 0 is an Identity: no call
     return module.lora_B[name](h) * module.lora_scaling[name]
 
 
@@ -204,7 +205,8 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
                 total = add_delta(module, n, x, total)
             else:
                 total = total + variant.output(module, n, x, output).to(output.dtype)
-    for n in getattr(module, "lora_initial", ()):
+    # a submodule: `_modules.get`, not getattr, whose miss (the usual case) raises inside nn.Module.__getattr__
+    for n in module._modules.get("lora_initial") or ():
         if n not in state.active and n not in module.lora_merged:
             total = total + _initial_output(module, n, x).to(output.dtype)
     return total

@@ -24,7 +24,7 @@ def in_autocast(x: torch.Tensor) -> bool:
 
 def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` as an adapter's matmuls should read it: unchanged under autocast, else cast to `dtype` (the weights')."""
-    return x if in_autocast(x) else x.to(dtype)
+    return x if x.dtype == dtype or in_autocast(x) else x.to(dtype)
 
 
 @contextlib.contextmanager
