@@ -22,14 +22,14 @@ def _generate(service, tokenizer, key, n=4):
         handle.remove()
 
 
-def test_one_adapter_stacks_its_prefill_and_decodes_on_the_active_path(make_service, adapter_root, tokenizer):
+def test_one_adapter_takes_the_stacked_path_in_prefill_and_decode(make_service, adapter_root, tokenizer):
     service = make_service({"a": adapter_root / "a"})
     service.engine.eos_ids = set()
     key = service.registry.acquire("a")
     tokens, seen = _generate(service, tokenizer, key)
     assert seen[0] == ([key, key], (key,))  # prefill: the stacked path
-    assert all(rows is None and active == (key,) for rows, active in seen[1:])  # decode steps: active path
-    for phases in ({"prefill", "decode"}, set()):  # every step stacked, or none: the same tokens
+    assert all(rows == [key, key] and active == (key,) for rows, active in seen[1:])  # decode steps too
+    for phases in ({"prefill"}, set()):  # decode on the active path, or every step: the same tokens
         service.engine.stack_one_adapter = phases
         again, seen = _generate(service, tokenizer, key)
         assert again == tokens

@@ -73,12 +73,9 @@ class Engine:
         self.metrics = metrics or ServeMetrics()
         self.metrics.gauge("tunelab_queue_depth", "requests waiting for a batch", lambda: len(self._pending))
         # phases ("prefill", "decode") in which a batch on one adapter takes the stacked path rather than the
-        # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json) stacked prefill took 0.66x the
-        # time of the active path's, and a stacked decode step 1.09x. That decode figure predates the stacked
-        # path's cheaper forward (one slot's version counters, one addmm): on the CPU proxy of decode overhead
-        # (bench/serve_decode_overhead.py) a stacked one-adapter step now costs about half the active path's
-        # per-module overhead; "decode" joins this set once the H200 confirms it
-        self.stack_one_adapter = {"prefill"}
+        # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json; 1B, 32 rows) a stacked prefill took
+        # 0.67x the active path's time and a stacked decode step 0.80x (19.8 ms against 24.8)
+        self.stack_one_adapter = {"prefill", "decode"}
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
