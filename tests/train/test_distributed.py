@@ -112,6 +112,22 @@ def test_one_process_under_torchrun_wraps_nothing_and_gives_the_same_curve(runs,
     assert (out / "checkpoints").is_dir()  # DCP checkpoints as with more ranks
 
 
+def test_a_one_process_checkpoint_resumes_on_two_ranks_under_fsdp(runs, tmp_path):
+    one, _, cfg = runs["lora-fsdp"]
+    out = tmp_path / "grow"
+    args = cli_args(cfg | {"output": str(out), "strategy": "auto"})
+    killed = subprocess.run([sys.executable, "-m", "tunelab", "train", "--nproc", "1", "--quiet", *args],
+                            env=env(TUNELAB_TEST_FAIL_RANK="0:5:kill"), capture_output=True, text=True,
+                            timeout=LIMIT, cwd=ROOT)  # after the step-4 checkpoint, saved with no wrapper
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-4").is_dir()
+    done = tunelab_nproc([*args, "--resume", "--strategy", "fsdp"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DCP reshards" in done.stderr
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp"
+    assert losses(out)[-2:] == pytest.approx(losses(one)[-2:], rel=1e-4)  # the same samples, resharded state
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_artifact_is_the_one_process_format(runs, case):
     one, two, _ = runs[case]
