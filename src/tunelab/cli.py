@@ -331,6 +331,8 @@ def plan(
                                                               "(repeatable; wins over --set).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="GPUs of an FSDP2 run: predict the peak of each GPU.")] = 1,
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="With --gradient-checkpointing "
+                                                      "on cuda: block inputs wait in host memory.")] = False,
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
@@ -343,7 +345,7 @@ def plan(
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
                        options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen,
-                       nproc=nproc)
+                       nproc=nproc, offload_activations=offload_activations)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

@@ -107,6 +107,24 @@ def test_gradient_checkpointing_keeps_block_inputs_and_one_block():
     assert not ckpt["prefix"].supported and "checkpointing" in ckpt["prefix"].notes[-1]
 
 
+def test_offloaded_activations_leave_two_block_inputs_on_the_gpu():
+    cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+           "max_position_embeddings": 262144}
+    kw = dict(batch_size=1, seq_len=262144, methods=["lora"], method_options={"target_modules": "all-linear"},
+              gradient_checkpointing=True)
+    kept = by_method(plan(cfg, **kw))["lora"]
+    parked = by_method(plan(cfg, offload_activations=True, **kw))["lora"]
+    one_input = 2 * 4096 * 262144  # bf16 hidden states of one block's input
+    assert kept.peak_phase == parked.peak_phase == "recompute"
+    assert kept.peak_tensor_bytes - parked.peak_tensor_bytes == 30 * one_input  # 32 blocks' inputs, 2 stay
+    assert kept.activations_bytes - parked.activations_bytes == 30 * one_input
+    assert f"{32 * one_input / 2**30:.2f} GiB of block inputs in pinned host memory" in " ".join(parked.notes)
+    for bad in (dict(kw, gradient_checkpointing=False), dict(kw, device="cpu")):
+        with pytest.raises(ConfigError, match="offload_activations: expected gradient_checkpointing on a cuda"):
+            plan(cfg, offload_activations=True, **bad)
+
+
 def test_gpt2_shapes_and_lora_count():
     cfg = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
            "n_positions": 1024}

@@ -131,7 +131,12 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
     device = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
     try:
         result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
-                      options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task)
+                      options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task,
+                      gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.fused_loss,
+                      offload_activations=cfg.offload_activations and device == "cuda")
+        if cfg.gradient_checkpointing and cfg.checkpoint_every != 1:
+            notes.append(f"tunelab plan models checkpoint_every=1; this run recomputes every "
+                         f"{cfg.checkpoint_every}th block only, so it keeps more than planned")
     except Exception as e:  # a prediction must never cost the measurements
         notes.append(f"no memory prediction from tunelab plan: {str(e).splitlines()[0] if str(e) else e!r}")
         return None

@@ -7,6 +7,8 @@ a step passes through phases that hold different things, and the total is the la
   buffers (no gradients yet: the loop zeroes them with `set_to_none`); with the fused loss (the default for
   causal-LM models with a plain linear head) those are one chunk's logits and the gradients it computes early;
 - with gradient checkpointing, the recompute of one block: the stored block inputs + one block's activations;
+  with `offload_activations` the stored inputs wait in pinned host memory, and the GPU holds at most two of them
+  (the one a block is computing from and the one being copied);
 - full fine-tuning with the plain loss, the LM head's backward: activations + the logits' gradient + the head's
   weight gradient;
 - the optimizer step: weights + AdamW states + every gradient (+ the CPU AdamW loop's temporaries).
@@ -83,6 +85,7 @@ class PlanResult(BaseModel):
     dtype: str
     device: str
     gradient_checkpointing: bool
+    offload_activations: bool = False
     nproc: int = 1  # GPUs the model is sharded over (FSDP2); every figure is per GPU
     gpu_memory_bytes: int | None
     options: dict[str, dict[str, Any]]  # each planned method's own options, as validated
@@ -134,8 +137,14 @@ def _with_checkpointing(st: Strategy) -> Strategy:
 
 
 def _checkpointed_inputs(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int) -> float:
-    """With gradient checkpointing, each block keeps only its input hidden state (run dtype)."""
-    return info.layers * rt.param_bytes * info.hidden * batch * (seq + st.extra_tokens)
+    """With gradient checkpointing, each block keeps only its input hidden state (run dtype) on the GPU; with
+    offloading, at most two of them are there at once."""
+    blocks = min(info.layers, 2) if rt.offload_activations else info.layers
+    return blocks * _block_input(st, info, rt, batch, seq)
+
+
+def _block_input(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int) -> float:
+    return rt.param_bytes * info.hidden * batch * (seq + st.extra_tokens)
 
 
 def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckpt: bool) -> dict[str, float]:
@@ -181,6 +190,8 @@ def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, c
     refusals = [st.unsupported] if st.unsupported else []
     if ckpt and st.no_checkpointing:
         refusals.append(st.no_checkpointing)
+    host = [f"offload_activations: {info.layers * _block_input(st, info, rt, batch, seq) / 2**30:.2f} GiB of "
+            "block inputs in pinned host memory"] if ckpt and rt.offload_activations else []
     return StrategyEstimate(
         method=st.method, family=st.family, params_trainable=st.params_trainable,
         weights_bytes=round(st.weights_bytes), gradients_bytes=round(st.trainable_bytes),
@@ -188,7 +199,7 @@ def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, c
         logits_bytes=round(logits_bytes(info, rt, batch, seq, seq + st.extra_tokens, st.method == "full")),
         overhead_bytes=rt.overhead_bytes, peak_tensor_bytes=round(peak), total_bytes=round(peak) + rt.overhead_bytes,
         peak_phase=phase, artifact_bytes=round(st.artifact_bytes), supported=not refusals,
-        notes=[*st.notes, *refusals],
+        notes=[*st.notes, *host, *refusals],
     )
 
 
@@ -249,7 +260,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
-         fused_loss: bool = True, nproc: int = 1) -> PlanResult:
+         fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False) -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -272,6 +283,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         fused_loss: the run's `fused_loss` switch (the loss without full logits; on by default).
         nproc: GPUs of an FSDP2 run (`train --nproc N --strategy fsdp`): every figure is then per GPU, with
             `batch_size` the micro-batch of one GPU (`plan_fsdp`).
+        offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
+            are planned in host memory (each strategy's notes give how much).
 
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
@@ -283,12 +296,15 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
     if nproc < 1:
         raise ConfigError(f"nproc = {nproc}: expected a positive integer")
+    if offload_activations and not (gradient_checkpointing and device == "cuda"):
+        raise ConfigError("offload_activations: expected gradient_checkpointing on a cuda device; it parks the "
+                          "checkpointed block inputs in host memory")
     dtype_name, param_bytes = resolve_dtype(dtype, device)
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     chosen = _methods(methods)
     opts = method_options_for(chosen, method_options, options_for)
     info = describe_model(model_spec, task)
-    rt = runtime(device, param_bytes, fused_loss)
+    rt = runtime(device, param_bytes, fused_loss, offload_activations)
     estimates = []
     for method in chosen:
         whole = build_strategy(method, info, opts[method], rt)
@@ -303,7 +319,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     return PlanResult(
         model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
         batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
-        gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory_bytes=budget,
+        gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations, nproc=nproc,
+        gpu_memory_bytes=budget,
         options={m: o.model_dump() for m, o in opts.items()}, strategies=estimates, notes=_plan_notes(info),
     )
 
@@ -322,6 +339,7 @@ def render_plan(result: PlanResult):
     title = (f"{result.model} ({result.model_type}, {result.params_total / 1e6:,.1f}M params) - batch "
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}"
+             f"{', activations offloaded' if result.offload_activations else ''}"
              f"{f', FSDP2 on {result.nproc} GPUs (per GPU)' if result.nproc > 1 else ''}")
     notes = [f"{e.method}: {note}" for e in result.strategies for note in e.notes] + list(result.notes)
     table = Table(title=title, caption="\n".join(notes) or None)

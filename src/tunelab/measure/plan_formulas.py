@@ -63,6 +63,8 @@ class Runtime:
     mask_bytes: int  # a dropout mask: bool on CUDA, the input's dtype on CPU
     fused_adamw: bool  # fused AdamW (CUDA) updates in place; the CPU loop makes two temporaries per tensor
     fused_loss: bool = True  # the causal-LM loss without full logits (`train.fused_loss`, RunConfig.fused_loss)
+    # checkpointed block inputs wait in host memory (`train.activations`, RunConfig.offload_activations)
+    offload_activations: bool = False
 
     @property
     def overhead_bytes(self) -> int:
@@ -78,11 +80,12 @@ class Runtime:
         return self.param_bytes if self.autocast else FP32
 
 
-def runtime(device: str, param_bytes: int, fused_loss: bool = True) -> Runtime:
+def runtime(device: str, param_bytes: int, fused_loss: bool = True, offload_activations: bool = False) -> Runtime:
     """tunelab's runtime on `device` for a model of `param_bytes` per weight (see `train.loop`, `train.optim`)."""
     cuda = device == "cuda"
     return Runtime(device=device, param_bytes=param_bytes, autocast=cuda and param_bytes == 2,
-                   mask_bytes=1 if cuda else param_bytes, fused_adamw=cuda, fused_loss=fused_loss)
+                   mask_bytes=1 if cuda else param_bytes, fused_adamw=cuda, fused_loss=fused_loss,
+                   offload_activations=offload_activations)
 
 
 @dataclass
