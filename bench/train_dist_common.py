@@ -25,15 +25,20 @@ NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 PROFILE_ENV = "TUNELAB_BENCH_PROFILE"  # set (by --profile): every worker runs under torch.profiler
 
 
-def profile_flag(parser) -> None:
-    """`--profile`: run every case under torch.profiler (few steps: give --steps 6 --warmup 2)."""
+def parse_run_args(parser, case_timeout: int):
+    """The arguments every distributed bench shares (steps, warm-up, work dir, per-case timeout, output, and
+    `--profile`: every case under torch.profiler, few steps, e.g. --steps 6 --warmup 2), parsed."""
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--work", default="/tmp/tunelab-bench")
+    parser.add_argument("--case-timeout", type=int, default=case_timeout)
+    parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true",
                         help=f"kernel tables to $OUT or WORK (profile-<case>-rank<r>.txt); sets {PROFILE_ENV}")
-
-
-def use_profile(args) -> None:
+    args = parser.parse_args()
     if args.profile:
         os.environ[PROFILE_ENV] = "1"
+    return args
 
 
 def case(name: str, shape: str, method: str, batch: int, seq: int, steps: int, **extra) -> dict:

@@ -59,14 +59,7 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full", help="comma-separated methods to measure [lora,full]")
     p.add_argument("--strategies", default="fsdp,auto",
                    help="one-process torchrun runs to set against the plain loop [fsdp,auto]")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--work", default="/tmp/tunelab-bench")
-    p.add_argument("--case-timeout", type=int, default=400)
-    p.add_argument("--out", default=None)
-    common.profile_flag(p)
-    args = p.parse_args()
-    common.use_profile(args)
+    args = common.parse_run_args(p, case_timeout=400)
     work = Path(args.work)
     rows = []
     for spec in specs(args.tiny, args.steps, args.methods):

@@ -62,14 +62,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, required=True, help="GPUs (processes) of the distributed side")
     p.add_argument("--cases", default=None, help=f"comma-separated: {', '.join(CASES)} (default: all but ddp)")
     p.add_argument("--tiny", action="store_true", help="tiny Llamas on the CPU (gloo): a smoke test")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--work", default="/tmp/tunelab-bench")
-    p.add_argument("--case-timeout", type=int, default=580)
-    p.add_argument("--out", default=None)
-    common.profile_flag(p)
-    args = p.parse_args()
-    common.use_profile(args)
+    args = common.parse_run_args(p, case_timeout=580)
     names = (args.cases.split(",") if args.cases else
              list(TINY) if args.tiny else [n for n in CASES if not n.endswith("ddp")])
     work, rows = Path(args.work), []

@@ -81,6 +81,11 @@ def sample_batch(tokenizer, texts=("the quick brown fox", "hello, how are you to
     return tokenizer(list(texts), return_tensors="pt", padding=True)
 
 
+def arithmetic_pairs(n: int) -> list[dict]:
+    """`n` instruction pairs ("what is i plus i?" -> "i plus i is 2i."): the tests' small instruction data."""
+    return [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(n)]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build_tiny, make_tokenizer, sample_batch, write_jsonl  # noqa: F401  (re-exported)
+from builders import (  # noqa: F401  (re-exported)
+    arithmetic_pairs, build_tiny, make_tokenizer, sample_batch, write_jsonl,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,5 +67,4 @@ def tiny_bert(tokenizer):
 
 @pytest.fixture
 def instruction_jsonl(tmp_path) -> Path:
-    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(40)]
-    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+    return write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(40))

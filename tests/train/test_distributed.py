@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from builders import arithmetic_pairs, write_jsonl
 
 from tunelab.config import RunConfig
 from tunelab.train import train
@@ -83,9 +84,7 @@ def runs(tiny_dirs, instruction_jsonl_module, tmp_path_factory):
 @pytest.fixture(scope="module")
 def instruction_jsonl_module(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist-data") / "pairs.jsonl"
-    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, arithmetic_pairs(40))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from builders import arithmetic_pairs, write_jsonl
 
 from tunelab.config import RunConfig
 from tunelab.methods import get_method
@@ -17,9 +18,7 @@ from tunelab.train.optim import lr_factor
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     path = tmp_path_factory.mktemp("train-data") / "pairs.jsonl"
-    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, arithmetic_pairs(40))
 
 
 def _cfg(tiny_dirs, pairs, tmp_path, **values) -> RunConfig:
