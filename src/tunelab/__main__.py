@@ -7,12 +7,15 @@ from tunelab.cli import main
 
 
 def _exit(code: int) -> None:
-    """Exit with `code`. A rank that still belongs to a process group (it stopped on an error, its own or a
-    peer's) leaves without the interpreter's teardown: destroying the group's live communication threads
-    there aborts the process (SIGABRT), which would replace the exit code its error line promised."""
+    """Exit with `code`. A rank started by torchrun leaves without the interpreter's teardown, whether or not it
+    still belongs to a process group: destroying the communication library's threads there can abort the
+    process (SIGABRT, "terminate called without an active exception"), which would replace the exit code its
+    error line promised, or fail a run that finished. Everything a run writes is fsynced before this point."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from tunelab.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

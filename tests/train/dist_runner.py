@@ -4,6 +4,7 @@ distributed tests stay fast): `torchrun --nproc-per-node 2 dist_runner.py A.json
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,4 +22,7 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as `python -m tunelab` under torchrun: no interpreter teardown of the live process group
