@@ -82,13 +82,23 @@ class Inputs:
         rows = [SimpleNamespace(request=SimpleNamespace(adapter=n)) for n in names]
         return prefill_batch(rows, self.ids.tolist(), 0, self.device, self.model.config)
 
-    def decode(self, prefilled):
-        """A one-token step after `prefilled` (whose cache holds the prompts); crop the cache back before each."""
+    def decode(self, prefilled, decoder=None):
+        """A one-token step after `prefilled` (whose cache holds the prompts), the cache set back before each:
+        on transformers' DynamicCache, or moved into `decoder`'s slot cache (what the engine's waves decode on)."""
         from tunelab.serve.batch import next_step
 
         rows = len(prefilled.rows)
         step = next_step(prefilled, [7] * rows, list(range(rows)))
         length = prefilled.mask.shape[1]
+        if decoder is not None:
+            step = decoder.adopt(step, length + 16)
+            held = list(step.cache.host)
+
+            def setup():  # every row back to its prompt's length
+                step.cache.host = list(held)
+                step.cache.lengths[:rows] = torch.tensor(held)
+                return step
+            return setup
 
         def setup():
             for layer in step.cache.layers:  # keys/values: (B, heads, S, head_dim); drop the last step's token
@@ -98,16 +108,22 @@ class Inputs:
 
 
 def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
-    """tunelab's engine forward: mixed (stacked and the loop before it), one adapter (stacked, active), base."""
+    """tunelab's engine forward: mixed (stacked and the loop before it), one adapter (stacked, active), base.
+
+    Decode steps run as the engine's waves do: on the slot cache, as CUDA graphs on a GPU (`serve/slots.py`);
+    `*_eager` cases decode on the slot cache without graphs; "one_active" and "mixed_before" on transformers'
+    DynamicCache (the active-adapter path, and the per-adapter loop the stacked path replaced)."""
     from tunelab.methods import stacked
     from tunelab.serve.engine import Engine
 
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=None)
     engine = Engine(model, tok, lock=threading.RLock(), mixed_batch=lambda n: True)
     rows = args.rows
-    cases = {"mixed": [names[i % len(names)] for i in range(rows)], "one": [names[0]] * rows,
-             "one_active": [names[0]] * rows, "base": [None] * rows, "mixed_before": None}
-    cases["mixed_before"] = cases["mixed"]
+    mixed = [names[i % len(names)] for i in range(rows)]
+    cases = {"mixed": mixed, "one": [names[0]] * rows, "base": [None] * rows, "mixed_eager": mixed,
+             "one_eager": [names[0]] * rows, "base_eager": [None] * rows, "one_active": [names[0]] * rows,
+             "mixed_before": mixed}
+    graphs = engine.decoder is not None and engine.decoder.graphs
     usable = stacked.usable
     out = {}
     for case, row_names in cases.items():
@@ -119,7 +135,11 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
                 prefill = timed(engine._forward, lambda names=row_names: inp.prefill(names), reps, warm, args.device)
                 first = inp.prefill(row_names)
                 logits = engine._forward(first).float()
-                decode = timed(engine._forward, inp.decode(first), reps, warm, args.device)
+                dynamic = case in ("one_active", "mixed_before")
+                if engine.decoder is not None:
+                    engine.decoder.graphs = graphs and not case.endswith("_eager")
+                decode = timed(engine._forward, inp.decode(first, None if dynamic else engine.decoder), reps, warm,
+                               args.device)
         finally:
             stacked.usable = usable
         out[case] = {"prefill_ms": prefill, "decode_ms": decode, "last_logits": logits}
@@ -179,24 +199,30 @@ def attach_tunelab(model, names: list[str], rank: int) -> None:
 
 
 def table(t: dict, p: dict | None, adapters: int) -> str:
-    """The issue's table: ms (median), tunelab's new path beside the loop it replaced and PEFT."""
+    """The issue's table: ms (median), tunelab's decode with and without CUDA graphs, the paths it replaced, PEFT."""
     def r(x, y):
         return f"{x / y:.2f}x" if x and y else ""
     p = p or {"mixed": {}, "one": {}}
-    lines = ["| ms (median) | tunelab prefill | tunelab decode | before (loop; one: fp32 active path): prefill "
-             "| before: decode | PEFT prefill | PEFT decode |", "|---|---|---|---|---|---|---|"]
+    lines = ["| ms (median) | tunelab prefill | tunelab decode | decode, no CUDA graphs | before (loop; one: active "
+             "path): prefill | before: decode | PEFT prefill | PEFT decode |", "|---|---|---|---|---|---|---|---|"]
     lines.append(f"| {adapters} adapters, mixed | {t['mixed']['prefill_ms']} | {t['mixed']['decode_ms']} "
-                 f"| {t['mixed_before']['prefill_ms']} | {t['mixed_before']['decode_ms']} "
-                 f"| {p['mixed'].get('prefill_ms', '')} | {p['mixed'].get('decode_ms', '')} |")
-    lines.append(f"| one adapter | {t['one']['prefill_ms']} | {t['one']['decode_ms']} "
+                 f"| {t['mixed_eager']['decode_ms']} | {t['mixed_before']['prefill_ms']} "
+                 f"| {t['mixed_before']['decode_ms']} | {p['mixed'].get('prefill_ms', '')} "
+                 f"| {p['mixed'].get('decode_ms', '')} |")
+    lines.append(f"| one adapter | {t['one']['prefill_ms']} | {t['one']['decode_ms']} | {t['one_eager']['decode_ms']} "
                  f"| {t['one_active']['prefill_ms']} | {t['one_active']['decode_ms']} "
                  f"| {p['one'].get('prefill_ms', '')} | {p['one'].get('decode_ms', '')} |")
-    lines.append(f"| base model | {t['base']['prefill_ms']} | {t['base']['decode_ms']} | | | | |")
+    lines.append(f"| base model | {t['base']['prefill_ms']} | {t['base']['decode_ms']} | {t['base_eager']['decode_ms']} "
+                 "| | | | |")
     ratio = [r(t["one"][k], t["mixed"][k]) for k in ("prefill_ms", "decode_ms")]
     before = [r(t["one_active"][k], t["mixed_before"][k]) for k in ("prefill_ms", "decode_ms")]
     peft_ratio = [r(p["one"].get(k), p["mixed"].get(k)) for k in ("prefill_ms", "decode_ms")]
-    lines.append(f"| mixed / one adapter (throughput) | {ratio[0]} | {ratio[1]} | {before[0]} | {before[1]} "
+    lines.append(f"| mixed / one adapter (throughput) | {ratio[0]} | {ratio[1]} "
+                 f"| {r(t['one_eager']['decode_ms'], t['mixed_eager']['decode_ms'])} | {before[0]} | {before[1]} "
                  f"| {peft_ratio[0]} | {peft_ratio[1]} |")
+    lines.append(f"| one adapter / base (time) | {r(t['one']['prefill_ms'], t['base']['prefill_ms'])} "
+                 f"| {r(t['one']['decode_ms'], t['base']['decode_ms'])} "
+                 f"| {r(t['one_eager']['decode_ms'], t['base_eager']['decode_ms'])} | | | | |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ def serve(
     prefill_chunk: Annotated[Optional[int], typer.Option(min=1, help="Prompt tokens (over the joining rows) "
                                                                      "prefilled between two decode steps of a running "
                                                                      "batch [2048].")] = None,
+    cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode "
+                                                        "steps as CUDA graphs on a GPU [on].")] = None,
     slot_wait: Annotated[Optional[float], typer.Option(min=0, help="Seconds a request for a non-resident adapter "
                                                                    "waits for a free slot before a 503 [30].")] = None,
     merge: Annotated[Optional[str], typer.Option(help="Fold this adapter into the base at start.")] = None,
@@ -58,8 +60,8 @@ def serve(
     file_values = load_yaml(config) if config else {}
     flags = dict(model=model, adapters=parse_adapter_pairs(adapter), host=host, port=port,
                  adapter_root=adapter_root, max_adapters=max_adapters, max_rank=max_rank,
-                 max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk, slot_wait=slot_wait,
-                 merge=merge,
+                 max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk,
+                 cuda_graphs=cuda_graphs, slot_wait=slot_wait, merge=merge,
                  served_model_name=served_model_name, dtype=dtype, device=device, chat_template=chat_template,
                  api_key=api_key, docs=docs)
     cfg = build_serve_config(file_values, flags, where=str(config) if config else "serve")
@@ -70,7 +72,8 @@ def serve(
     _check_listen_address(cfg.host, cfg.port)
     run_server(cfg.model, adapters, host=cfg.host, port=cfg.port, adapter_root=cfg.adapter_root,
                max_adapters=cfg.max_adapters, max_rank=cfg.max_rank, max_batch_size=cfg.max_batch_size,
-               max_tokens_limit=cfg.max_tokens_limit, prefill_chunk=cfg.prefill_chunk, merge=cfg.merge, api_key=cfg.api_key, docs=cfg.docs,
+               max_tokens_limit=cfg.max_tokens_limit, prefill_chunk=cfg.prefill_chunk,
+               cuda_graphs=cfg.cuda_graphs, merge=cfg.merge, api_key=cfg.api_key, docs=cfg.docs,
                served_model_name=cfg.served_model_name, dtype=cfg.dtype, device=cfg.device,
                slot_wait_s=cfg.slot_wait, chat_template=cfg.chat_template)
 

@@ -14,20 +14,22 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tunelab.serve.logits import Controls
+from tunelab.serve.slots import SlotCache
 
 
 @dataclass
 class Batch:
     """Rows decoding together. `ids` (B, L) is what the next forward feeds: the prompts, then one token per row;
-    `mask` (B, S + L) covers the cache's S positions and `ids`; `pos` (B, L) are the position ids of `ids`.
+    `mask` (B, S + L) covers the cache's S positions and `ids`; `pos` (B, L) are the position ids of `ids`
+    (both None on a `SlotCache`, which holds each row's length itself).
     `controls`: the rows' penalties and biases (None: no row has any); `top_k`: how many alternatives the step
     reports with each token's logprob (None: no row asks for logprobs)."""
 
     rows: list
     ids: torch.Tensor
-    mask: torch.Tensor
-    pos: torch.Tensor
-    cache: DynamicCache
+    mask: torch.Tensor | None
+    pos: torch.Tensor | None
+    cache: DynamicCache | SlotCache
     controls: Controls | None = None
     top_k: int | None = None
 
@@ -69,6 +71,8 @@ class Prefill:
 
 def next_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
     """After a forward: keep rows `keep` (finished ones leave the cache too) and feed each its new token."""
+    if isinstance(batch.cache, SlotCache):  # rows at their own lengths: no mask or positions to carry
+        return _next_slot_step(batch, tokens, keep)
     controls = batch.controls
     if len(keep) < len(batch.rows):
         sel = torch.tensor(keep, device=batch.mask.device)
@@ -83,8 +87,22 @@ def next_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
                  batch.top_k)
 
 
+def _next_slot_step(batch: Batch, tokens: list[int], keep: list[int]) -> Batch:
+    controls = batch.controls
+    if len(keep) < len(batch.rows):
+        batch.cache.keep(keep)
+        if controls is not None:
+            controls = controls.select(torch.tensor(keep, device=batch.ids.device))
+    ids = torch.tensor([[tokens[i]] for i in keep], device=batch.ids.device)  # (B', 1)
+    if controls is not None:
+        controls.observe(ids)
+    return Batch([batch.rows[i] for i in keep], ids, None, None, batch.cache, controls, batch.top_k)
+
+
 def can_merge(batch: Batch) -> bool:
     """Whether another batch can join this one: one token per row next, and a plain (non-sliding) cache."""
+    if isinstance(batch.cache, SlotCache):
+        return True
     return batch.ids.shape[1] == 1 and all(type(layer) is DynamicLayer for layer in batch.cache.layers)
 
 

@@ -34,6 +34,7 @@ from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
 from tunelab.serve.logits import Controls, prompt_logprobs, read_step, step_numbers
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.request import GenerationRequest, GenerationResult, Row, StepRead, settle
+from tunelab.serve.slots import Decoder, SlotCache
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult"]
 
@@ -54,7 +55,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, lock: threading.RLock, mixed_batch: Callable[[str], bool],
                  max_batch_size: int = 16, max_tokens_limit: int = 512, max_queue: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK, metrics: ServeMetrics | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, metrics: ServeMetrics | None = None,
+                 cuda_graphs: bool | None = None):
         self.model, self.tokenizer, self.lock, self.mixed_batch = model, tokenizer, lock, mixed_batch
         self.max_batch_size, self.max_tokens_limit, self.max_queue = max_batch_size, max_tokens_limit, max_queue
         self.prefill_chunk = prefill_chunk
@@ -76,6 +78,12 @@ class Engine:
         # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json; 1B, 32 rows) a stacked prefill took
         # 0.67x the active path's time and a stacked decode step 0.80x (19.8 ms against 24.8)
         self.stack_one_adapter = {"prefill", "decode"}
+        # decode steps of mixed-adapter waves on a preallocated slot cache, as CUDA graphs on a GPU (slots.py);
+        # None: the model's attention cannot take the slot cache's 4D mask, and waves decode on DynamicCache
+        self.decoder = (Decoder(model, rows=max_batch_size, context=self.context_length, cache_kw=self._cache_kw,
+                                graphs=cuda_graphs) if _slot_ready(model) else None)
+        self.metrics.gauge("tunelab_cuda_graphs", "decode steps captured as CUDA graphs so far",
+                           lambda: self.decoder.captures if self.decoder is not None else 0)
 
     # --- queue ----------------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -153,7 +161,8 @@ class Engine:
         for req in requests:
             self.check(req)
             rows.append(Row(req, Future(), self.tokenizer, self.eos_ids))
-        self._run_wave(rows, group=None)
+        groups = {self._group(req) for req in requests}
+        self._run_wave(rows, group=groups.pop() if len(groups) == 1 else None)
         return [row.future.result() for row in rows]
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -201,6 +210,7 @@ class Engine:
         """Decode `rows` (and rows of `group` that join) to the end; each row's future gets its result or error."""
         next(self.waves)
         wave = list(rows)  # grows as rows join
+        slotted = self.decoder is not None and group in (_MIXED, (_SCORING, _MIXED)) and self.decoder.claim()
         try:
             with torch.inference_mode():
                 batch, joining = self._start(rows), None
@@ -208,6 +218,8 @@ class Engine:
                     if batch is None:  # the running rows finished first: the joiners' prefill runs on alone
                         batch, joining = self._finish(joining), None
                         continue
+                    if slotted and not isinstance(batch.cache, SlotCache) and can_merge(batch):
+                        batch = self.decoder.adopt(batch, _need(batch.rows))
                     batch, joining = self._join(batch, group, wave, joining)
                     self.running = len(batch.rows)
                     batch = self._advance(batch, self._forward(batch))
@@ -215,6 +227,8 @@ class Engine:
             _fail(wave, err)
         finally:
             self.running = 0
+            if slotted:
+                self.decoder.release()
 
     def _prepare(self, rows: list[Row]) -> Batch:
         """The left-padded prompts of `rows` with an empty cache, their sampling controls and logprob width."""
@@ -293,7 +307,11 @@ class Engine:
         except Exception as err:
             _fail(joining.batch.rows, err)
             return batch, None
-        return (batch if extra is None else merge(batch, extra, self.model.config)), None
+        if extra is None:
+            return batch, None
+        if isinstance(batch.cache, SlotCache):
+            return self.decoder.join(batch, extra, _need(extra.rows)), None
+        return merge(batch, extra, self.model.config), None
 
     def _finish(self, joining: Prefill) -> Batch | None:
         """The rest of `joining`'s prefill, chunk by chunk with nothing to interleave; its first tokens chosen."""
@@ -326,12 +344,26 @@ class Engine:
             phase = "prefill" if batch.ids.shape[1] > 1 else "decode"
             state.row_adapters = list(names) if self._routed(names, phase) else None
             try:
+                if isinstance(batch.cache, SlotCache):
+                    return self.decoder.step(batch.ids, names)
                 out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos,
                                  use_cache=True, logits_to_keep=0 if every_position else 1,
                                  **{self._cache_kw: batch.cache})
             finally:
                 state.row_adapters, state.active = None, ()
         return out.logits if every_position else out.logits[:, -1, :]
+
+
+def _need(rows: list[Row]) -> int:
+    """The most positions any of `rows` can hold: its prompt and max_tokens."""
+    return max(len(r.request.prompt_ids) + r.request.max_tokens for r in rows)
+
+
+def _slot_ready(model) -> bool:
+    """Whether the model's attention takes the slot cache's additive 4D mask (eager and SDPA attention do)."""
+    cfg = model.config
+    return not getattr(cfg, "is_encoder_decoder", False) and getattr(cfg, "_attn_implementation", None) in (
+        "sdpa", "eager")
 
 
 def _fail(rows: list[Row], err: Exception) -> None:

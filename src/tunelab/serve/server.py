@@ -81,7 +81,7 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
           max_batch_size: int = 16, max_tokens_limit: int = 512, merge: str | None = None,
           api_key: str | None = None, docs: bool = False, served_model_name: str | None = None,
           dtype: str = "auto", device: str = "auto", slot_wait_s: float = SLOT_WAIT_S,
-          chat_template: str | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
+          chat_template: str | None = None, prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True) -> None:
     """Serve `model` (local HF dir or alias) with `adapters` (name -> adapter dir) until interrupted.
 
     Args:
@@ -95,6 +95,7 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
         max_tokens_limit: the largest `max_tokens` a request may ask for.
         prefill_chunk: prompt tokens (over the rows joining a running batch) prefilled between two of its
             decode steps.
+        cuda_graphs: on a GPU, replay each decode step as a CUDA graph (`serve/slots.py`); False: eager steps.
         merge: fold this adapter (one of `adapters`, of a mergeable method) into the base at start.
         api_key: every `/v1` route needs `Authorization: Bearer API_KEY`; None: the `TUNELAB_API_KEY`
             environment variable, if set. Without a key on a non-loopback `host`, one warning line is logged.
@@ -113,7 +114,8 @@ def serve(model: str, adapters: dict[str, Path], *, host: str = "127.0.0.1", por
     service = build_service(model, adapters, adapter_root=adapter_root, max_adapters=max_adapters,
                             max_rank=max_rank, max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit,
                             merge=merge, served_model_name=served_model_name, dtype=dtype, device=device,
-                            slot_wait_s=slot_wait_s, chat_template=chat_template, prefill_chunk=prefill_chunk)
+                            slot_wait_s=slot_wait_s, chat_template=chat_template, prefill_chunk=prefill_chunk,
+                            cuda_graphs=cuda_graphs)
     try:
         uvicorn.Server(uvicorn_config(create_app(service, api_key=api_key, docs=docs), host, port, "info")).run()
     finally:

@@ -112,7 +112,7 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
                   max_tokens_limit: int = 512, merge: str | None = None, device: str = "auto",
                   dtype: str = "auto", served_model_name: str | None = None,
                   slot_wait_s: float = SLOT_WAIT_S, chat_template: str | None = None,
-                  prefill_chunk: int = PREFILL_CHUNK) -> Service:
+                  prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True) -> Service:
     """Load `model` (a local HF model dir or an alias) and its adapters, and start the engine.
 
     `merge` folds that one adapter (of a mergeable method) into the base at start; it is then served under its
@@ -121,6 +121,7 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
     `slot_wait_s`: how long a request for a non-resident adapter waits for a free slot. `device`, `dtype`: as for
     `load_model`. `chat_template`: a Jinja file or a shipped template's name, for a tokenizer without one.
     `prefill_chunk`: prompt tokens (over the rows joining a running batch) prefilled between two of its decode steps.
+    `cuda_graphs`: on a GPU, replay decode steps as CUDA graphs (False: eager steps, as `--no-cuda-graphs`).
     Errors are `TunelabError`s naming the adapter or option.
     """
     adapters = dict(adapters or {})
@@ -155,7 +156,7 @@ def build_service(model, adapters: dict[str, Path] | None = None, *, adapter_roo
         tokenizer.chat_template = template  # --chat-template wins over the one an adapter carries
     engine = Engine(base, tokenizer, lock=lock, mixed_batch=registry.mixed_batch,
                     max_batch_size=max_batch_size, max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk,
-                    metrics=metrics)
+                    metrics=metrics, cuda_graphs=None if cuda_graphs else False)
     engine.start()
     return Service(base_name, tokenizer, registry, engine)
 

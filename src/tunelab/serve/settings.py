@@ -30,6 +30,7 @@ class ServeConfig(BaseModel):
     max_rank: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1)
     prefill_chunk: int = Field(2048, ge=1)
+    cuda_graphs: bool = True
     max_tokens_limit: int = Field(512, ge=1)
     slot_wait: float = Field(30.0, ge=0, allow_inf_nan=False)
     merge: str | None = None
