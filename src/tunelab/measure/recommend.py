@@ -240,9 +240,9 @@ def explain(pick: StrategyResult, ranking: list[StrategyResult], everything: lis
     if pick.tokens_per_second and ref.tokens_per_second:
         reasons.append(f"{pick.tokens_per_second:.0f} tokens/s against {ref.tokens_per_second:.0f}")
     if pick.forgetting and ref.forgetting and pick.forgetting.measure == "probe_accuracy":
-        reasons.append(f"forgetting probe accuracy {pick.forgetting.after_accuracy:.3f} after training "
-                       f"({-pick.forgetting.delta_percent:+.1f}%) against {ref.forgetting.after_accuracy:.3f} "
-                       f"({-ref.forgetting.delta_percent:+.1f}%) for {ref.name}")
+        reasons.append(f"forgetting probe accuracy {pick.forgetting.after_accuracy:.3f} after training (drop "
+                       f"{pick.forgetting.delta_percent:+.1f}%) against {ref.forgetting.after_accuracy:.3f} (drop "
+                       f"{ref.forgetting.delta_percent:+.1f}%) for {ref.name}")
     elif pick.forgetting and ref.forgetting:
         reasons.append(f"prose perplexity {pick.forgetting.delta_percent:+.1f}% after training against "
                        f"{ref.forgetting.delta_percent:+.1f}% for {ref.name}")

@@ -258,9 +258,11 @@ def print_table(results: CompareResults, console) -> None:
     else:
         forgot = ("probe acc: drop in the forgetting probe's accuracy on a general labelled task" if _probe(results)
                   else "prose ppl: change in perplexity on general prose")
+        na = ("; n/a: the method cannot apply to this model"
+              if any(s.status == "not applicable" for s in results.strategies) else "")
         console.print(f"memory: tensor peak on CPU (what tunelab plan predicts), allocator peak on a GPU; {forgot}, "
-                      f"+ = forgot more; ± half the spread over seeds; n/a: the method cannot apply to this model. "
-                      f"Full table: report.md", markup=False, highlight=False)
+                      f"+ = forgot more; ± half the spread over seeds{na}. Full table: report.md", markup=False,
+                      highlight=False)
     for line in recommendation_lines(results) + [f"warning: {w}" for w in results.warnings]:
         console.print(line, markup=False, highlight=False)
 
