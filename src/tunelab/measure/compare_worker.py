@@ -3,8 +3,9 @@
     python -m tunelab.measure.compare_worker KIND JOB RESULT
 
 KIND is `baseline` (load the base model and the data, score the untouched model on the validation batches and
-the reference prose), `strategy` (train one run of a strategy, then load what it wrote, timing the attach or
-load, and score it on the same reference prose) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
+the reference prose, or a classifier's forgetting probe; tell which compared methods cannot apply to the model),
+`strategy` (train one run of a strategy, then load what it wrote, timing the attach or load, and score it on the
+same reference prose or probe) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
 where this worker writes its result JSON.
 """
 
