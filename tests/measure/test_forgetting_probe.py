@@ -18,6 +18,7 @@ from tunelab.measure.forgetting import forgetting_record
 from tunelab.measure.probe import probe_accuracy, probe_examples
 from tunelab.measure.recommend import recommend
 from tunelab.measure.schema import CompareOptions, CompareResults, StrategyResult
+from tunelab.methods import get_method
 from tunelab.models import load_model
 
 # two classes with disjoint words and the same token count per text: separable on a model's features, and
@@ -159,3 +160,12 @@ def test_prefix_on_an_encoder_classifier_is_not_applicable(classified):
     report = (out / "report.md").read_text()
     assert "| prefix | not applicable |" in report and "**prefix not applicable**" in report
     assert "failed" not in report.split("## Run")[0]
+
+
+def test_not_applicable_is_decided_from_the_model(tiny_bert, tiny_llama):
+    why = get_method("prefix").not_applicable(tiny_bert)
+    assert "BertForSequenceClassification takes no key/value cache" in why
+    assert get_method("prefix").not_applicable(tiny_llama) is None
+    assert all(get_method(m).not_applicable(tiny_bert) is None for m in ("lora", "prompt", "full", "ia3"))
+    only = recommend([StrategyResult(name="prefix", method="prefix", status="not applicable", error=why)])
+    assert only.strategy is None and only.excluded == {} and "no compared method applies" in only.reasons[0]

@@ -144,7 +144,8 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
 
     Every option is checked before anything trains. A strategy that fails is recorded with its error and the
     others still run; one whose method cannot apply to the model (`Method.not_applicable`, asked in the
-    baseline worker) does not run and is recorded as 'not applicable' with the reason. Prints the trade-off table and the report's path on `console` (a rich Console).
+    baseline worker) does not run and is recorded as 'not applicable' with the reason. Prints the trade-off
+    table and the report's path on `console` (a rich Console).
     """
     console = console or Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     out = Path(opts.output)

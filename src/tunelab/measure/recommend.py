@@ -168,7 +168,8 @@ def recommend(strategies: list[StrategyResult], priority: Priority = "quality", 
                 eligible.remove(s)
     rec = Recommendation(strategy=None, priority=priority, gpu_memory=gpu_memory, tasks=tasks, excluded=excluded)
     if not eligible:
-        rec.reasons = ["no strategy is eligible: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())]
+        rec.reasons = ["no strategy is eligible: " + ("; ".join(f"{k}: {v}" for k, v in excluded.items())
+                                                      or "no compared method applies to this model")]
         return rec
     ranking = rank(eligible, priority, tasks, quality)
     rec.strategy, rec.ranking = ranking[0].name, [s.name for s in ranking]
