@@ -32,15 +32,19 @@ def table(results: CompareResults) -> str:
     cuda = results.hardware.device == "cuda"
     mem = "peak memory (CUDA allocator)" if cuda else "tensor peak / RSS growth"
     quality = "val accuracy" if cls else "val loss"
-    head = f"| strategy | lr | params updated | {mem} | artifact | tokens/s | {quality} | prose ppl change (+ = worse) |"
     b = results.baseline
+    probe = b.probe_accuracy is not None
+    forgot = "probe accuracy drop" if probe else "prose ppl change"
+    head = f"| strategy | lr | params updated | {mem} | artifact | tokens/s | {quality} | {forgot} (+ = worse) |"
+    before = (f"acc {b.probe_accuracy:.3f}" if probe else
+              "-" if b.reference_perplexity is None else f"ppl {b.reference_perplexity:.4g}")
     base_q = b.val_accuracy if cls else b.val_loss
     rows = [head, "|" + "---|" * 8,
             f"| base (no tuning) | - | 0 | - | {human_bytes(b.base_bytes)} | - | "
-            f"{'-' if base_q is None else format(base_q, '.3f')} | {'-' if b.reference_perplexity is None else f'ppl {b.reference_perplexity:.4g}'} |"]
+            f"{'-' if base_q is None else format(base_q, '.3f')} | {before} |"]
     for s in results.strategies:
         if s.status != "ok":
-            rows.append(f"| {s.name} | failed: {s.error} | | | | | | |")
+            rows.append(f"| {s.name} | {s.status}: {s.error} | | | | | | |")
             continue
         memory = human_bytes(s.peak_memory_bytes) if cuda else \
             f"{human_bytes(s.tensor_peak_bytes)} / {human_bytes(s.peak_memory_bytes)}"

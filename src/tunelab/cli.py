@@ -279,7 +279,7 @@ def compare(
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,
     chat_template: Annotated[Optional[str], typer.Option(help="Chat template: a Jinja file, or chatml / alpaca.")] = None,
     eval_batches: Annotated[Optional[int], typer.Option(min=1, help="Validation batches per figure.")] = None,
-    reference_data: Annotated[Optional[str], typer.Option(help="General prose for forgetting (default: BBC articles).")] = None,
+    reference_data: Annotated[Optional[str], typer.Option(help="Forgetting set: general prose (causal-lm; default: BBC articles) or a labelled task (classification; default: default:topics).")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the recommendation, e.g. 24GB.")] = None,
     tasks: Annotated[Optional[int], typer.Option(min=1, help="How many tasks you will serve (K).")] = None,
     priority: Annotated[Optional[str], typer.Option(help="quality, memory, speed or forgetting.")] = None,

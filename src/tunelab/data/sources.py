@@ -25,6 +25,8 @@ SUFFIXES = (".jsonl", ".csv", ".parquet")
 # small enough that tokenizing one row cannot exhaust memory.
 MAX_ROW_CHARS = 16 * 1024 * 1024
 DEFAULT_SPECS = ("default", "default:prose")
+# every embedded spec; `default:topics` is the general labelled task compare's forgetting probe uses by default
+KNOWN_DEFAULTS = (*DEFAULT_SPECS, "default:topics")
 
 
 @dataclass
@@ -59,15 +61,18 @@ def read_source(spec: str | Path, task: str) -> Table:
 
 
 def read_default(spec: str, task: str) -> Table:
-    """The embedded data sets: instruction pairs (causal-lm) or news topics (classification); prose articles."""
+    """The embedded data sets: instruction pairs (causal-lm) or news topics (classification); prose articles;
+    conversation topics (`default:topics`, labelled: a classification task)."""
     if spec == "default" and task == "classification":
         rows, name = defaults.news_classification(), "default (news topics)"
     elif spec == "default":
         rows, name = defaults.instruction_pairs(), "default (instruction pairs)"
     elif spec == "default:prose":
         rows, name = defaults.prose_articles(), "default:prose (news articles)"
+    elif spec == "default:topics":
+        rows, name = defaults.general_topics(), "default:topics (conversation topics)"
     else:
-        raise DataError(f"data spec {spec!r} is unknown; expected a file path or one of {', '.join(DEFAULT_SPECS)}")
+        raise DataError(f"data spec {spec!r} is unknown; expected a file path or one of {', '.join(KNOWN_DEFAULTS)}")
     columns = list(rows[0]) if rows else []
     return Table(name, columns, [(f"{name} row {i}", r) for i, r in enumerate(rows, 1)])
 

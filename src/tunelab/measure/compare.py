@@ -29,8 +29,8 @@ from tunelab.errors import ConfigError, closest
 from tunelab.jsonio import write_json_atomic
 from tunelab.measure.compare_budget import LoadSampler, auto_options, budget_steps, warnings_for
 from tunelab.measure.gather import (MetricsFollower, _predicted_memory, aggregate,  # noqa: F401 (tests use
-                                    baseline_record, read_records, speed_from_metrics,  # some from here)
-                                    strategy_record)
+                                    baseline_record, not_applicable_record, read_records,  # some from here)
+                                    speed_from_metrics, strategy_record)
 from tunelab.measure.recommend import recommend
 from tunelab.measure.report import CompareProgress, print_table, write_reports
 from tunelab.interrupts import raising_signals
@@ -143,7 +143,9 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     """Run the whole comparison and write results.json, report.md, report.html and plots/ into `opts.output`.
 
     Every option is checked before anything trains. A strategy that fails is recorded with its error and the
-    others still run. Prints the trade-off table and the report's path on `console` (a rich Console).
+    others still run; one whose method cannot apply to the model (`Method.not_applicable`, asked in the
+    baseline worker) does not run and is recorded as 'not applicable' with the reason. Prints the trade-off
+    table and the report's path on `console` (a rich Console).
     """
     console = console or Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     out = Path(opts.output)
@@ -160,13 +162,13 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     searches = sum(ctx.tune and m.name not in opts.lr_for for m in methods)
     with raising_signals(), CompareProgress(console, len(methods) * opts.seeds + searches) as progress:
         ctx.progress = progress
-        progress.status("baseline: scoring the base model on its validation data and the reference prose")
-        reference = out / "runs" / "_baseline" / "reference.json"
-        ctx.baseline = baseline_record(_run_worker("baseline", _baseline_job(opts, reference), reference.parent,
-                                                  poll=ctx.load.tick, env=ctx.env_for(ctx.devices[0])))
-        ctx.reference = reference if ctx.baseline.reference_perplexity is not None else None
+        skipped = _baseline(ctx, methods)
         ctx.steps = budget_steps(opts, ctx.baseline)
-        strategies = _compare_all(ctx, methods)
+        progress.n_strategies -= sum(opts.seeds + (ctx.tune and m.name not in opts.lr_for)
+                                     for m in methods if m.name in skipped)
+        done = _compare_all(ctx, [m for m in methods if m.name not in skipped])
+        strategies = [not_applicable_record(m, skipped[m.name]) if m.name in skipped else done[m.name]
+                      for m in methods]
     if ctx.reused:
         reused = [label for label in ctx.labels if label in ctx.reused]  # the order of a sequential compare
         console.print(f"reused finished strategies (same config, model and data): {', '.join(reused)}")
@@ -182,6 +184,20 @@ def run_compare(opts: CompareOptions, console=None) -> CompareResults:
     print_table(results, console)
     console.print(f"report: {html} (also {md}, results.json)")
     return results
+
+
+def _baseline(ctx: "_Context", methods: list) -> dict[str, str]:
+    """Run the baseline worker into `ctx.baseline` (and `ctx.reference`, the forgetting set every strategy's
+    worker scores); returns {method: why it cannot apply to this model} for the methods left out."""
+    what = "reference prose" if ctx.opts.task == "causal-lm" else "forgetting probe"
+    ctx.progress.status(f"baseline: scoring the base model on its validation data and the {what}")
+    reference = ctx.out / "runs" / "_baseline" / "reference.json"
+    result = _run_worker("baseline", _baseline_job(ctx.opts, reference, methods), reference.parent,
+                         poll=ctx.load.tick, env=ctx.env_for(ctx.devices[0]))
+    ctx.baseline = baseline_record(result)
+    measured = ctx.baseline.reference_perplexity is not None or ctx.baseline.probe_accuracy is not None
+    ctx.reference = reference if measured else None
+    return result.get("not_applicable") or {}
 
 
 class _Context:
@@ -209,9 +225,9 @@ class _Context:
         self.load.tick()
 
 
-def _compare_all(ctx: _Context, methods: list) -> list[StrategyResult]:
+def _compare_all(ctx: _Context, methods: list) -> dict[str, StrategyResult]:
     """Every strategy's lr search (with --tune-lr) and one fresh worker per seed, as jobs spread over the
-    devices (`compare_schedule`: a seed after its search), then aggregated over seeds in the order of `methods`."""
+    devices (`compare_schedule`: a seed after its search), then aggregated over seeds: {method: its record}."""
     opts, jobs, plans = ctx.opts, [], {}
     for m in methods:
         options, notes = auto_options(opts, m.name, ctx.baseline)
@@ -224,13 +240,13 @@ def _compare_all(ctx: _Context, methods: list) -> list[StrategyResult]:
             jobs.append(Job((m.name, i), functools.partial(_seed_run, ctx, m, i, lr, options, searched),
                             after=(m.name, "lr") if searched else None))
     done = run_jobs(jobs, ctx.devices, ctx.stop)
-    strategies = []
+    strategies = {}
     for m in methods:
         result = aggregate([done[(m.name, i)] for i in range(opts.seeds)])
         result.lr_search, result.notes = done.get((m.name, "lr")), plans[m.name] + result.notes
         if m.name in opts.lr_for and ctx.tune:
             result.notes.append(f"lr {opts.lr_for[m.name]:g} set by --lr-for; not searched")
-        strategies.append(result)
+        strategies[m.name] = result
     return strategies
 
 
@@ -305,10 +321,11 @@ def _run_strategy(ctx: _Context, method, cfg, label: str, tensor_peak: bool, dev
     return strategy_record(method, cfg, run_dir, worker, ctx.baseline, opts.warmup_steps_excluded)
 
 
-def _baseline_job(opts: CompareOptions, reference_file: Path) -> dict:
+def _baseline_job(opts: CompareOptions, reference_file: Path, methods: list) -> dict:
     run = strategy_config(opts, get_method("full"), reference_file.parent, steps=1)
     return {"run": run.model_dump(mode="json"), "reference_data": opts.reference_data,
-            "reference_sequences": opts.reference_sequences, "reference_file": str(reference_file)}
+            "reference_sequences": opts.reference_sequences, "reference_file": str(reference_file),
+            "methods": [m.name for m in methods]}
 
 
 def _tunelab_version() -> str:

@@ -7,7 +7,8 @@ method options compare sets by itself, and the warnings about how far its figure
   unless the user set `--set-for bitfit.include_norms=...`.
 - Warnings: a busy machine while timing (mean 1-minute load average above `BUSY_LOAD` x cores; the compare's
   own worker accounts for about one core's worth per core it uses), one seed only (no spread), forgetting too
-  small to show (every strategy moved prose perplexity by less than `FORGETTING_VISIBLE_PERCENT`).
+  small to show (every strategy moved prose perplexity, or the classification probe's accuracy, by less than
+  `FORGETTING_VISIBLE_PERCENT`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def warnings_for(results: CompareResults) -> list[str]:
                    "run-to-run noise (use --seeds 3)")
     ok = [s for s in results.strategies if s.status == "ok" and s.forgetting is not None]
     if ok and all(abs(s.forgetting.delta_percent) < FORGETTING_VISIBLE_PERCENT for s in ok):
+        what = ("the forgetting probe's accuracy" if ok[0].forgetting.measure == "probe_accuracy"
+                else "prose perplexity")
         out.append(f"the budget ({results.steps} steps) is too small for forgetting to show: every strategy moved "
-                   f"prose perplexity by less than {FORGETTING_VISIBLE_PERCENT:g}% (train longer, e.g. "
+                   f"{what} by less than {FORGETTING_VISIBLE_PERCENT:g}% (train longer, e.g. "
                    f"--budget epochs --epochs 3)")
     return out

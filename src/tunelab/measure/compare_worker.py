@@ -3,8 +3,9 @@
     python -m tunelab.measure.compare_worker KIND JOB RESULT
 
 KIND is `baseline` (load the base model and the data, score the untouched model on the validation batches and
-the reference prose), `strategy` (train one run of a strategy, then load what it wrote, timing the attach or
-load, and score it on the same reference prose) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
+the reference prose, or a classifier's forgetting probe; tell which compared methods cannot apply to the model),
+`strategy` (train one run of a strategy, then load what it wrote, timing the attach or load, and score it on the
+same reference prose or probe) or `lr_search` (train a strategy at each lr of its search). JOB is the JSON the parent wrote; RESULT is
 where this worker writes its result JSON.
 """
 
@@ -21,7 +22,9 @@ from tunelab.jsonio import read_json_object, write_json_atomic
 from tunelab.measure.forgetting import (load_examples, reference_examples, save_examples, score_reference,
                                         target_tokens)
 from tunelab.measure.portability import load_trained
+from tunelab.measure.probe import is_probe, probe_accuracy, probe_examples, save_probe
 from tunelab.measure.tensor_peak import tensor_peak_bytes
+from tunelab.methods import get_method
 from tunelab.methods.bitfit import has_bias_terms
 from tunelab.train import rng, train
 from tunelab.train.evaluate import evaluate
@@ -71,7 +74,8 @@ def served_bytes(model, path) -> int:
 
 
 def _baseline_worker(job: dict) -> dict:
-    """The untouched model: its size, its figures on the runs' validation batches, and the reference prose."""
+    """The untouched model: its size, its figures on the runs' validation batches, the reference prose (or the
+    forgetting probe of a classifier), and which of the compared methods cannot apply to it, and why."""
     cfg = RunConfig(**job["run"])
     rng.seed_everything(cfg.seed)  # a classification head is fresh: the same one in every baseline
     loaded, dataset = load_model_and_data(cfg)  # bad model or data stops the compare here
@@ -91,6 +95,14 @@ def _baseline_worker(job: dict) -> dict:
         save_examples(examples, Path(job["reference_file"]))
         result.update(reference_perplexity=score_reference(loaded, examples, cfg.batch_size),
                       reference_sequences=len(examples), reference_tokens=target_tokens(examples))
+    else:  # a classifier: the linear probe on a general labelled task (tunelab.measure.probe)
+        probe = probe_examples(job["reference_data"], loaded.tokenizer, cfg.seq_len)
+        save_probe(probe, Path(job["reference_file"]))
+        result.update(probe_accuracy=probe_accuracy(loaded.model, probe, loaded.pad_id, cfg.batch_size),
+                      probe_train_examples=len(probe["train"]), probe_test_examples=len(probe["test"]),
+                      probe_classes=len(probe["labels"]))
+    result["not_applicable"] = {name: why for name in job.get("methods", [])
+                                if (why := get_method(name).not_applicable(loaded.model))}
     return result
 
 
@@ -116,8 +128,11 @@ def _strategy_worker(job: dict) -> dict:
         return result
     if job.get("reference_file"):
         try:
-            examples = load_examples(job["reference_file"])
-            result["after_perplexity"] = score_reference(loaded, examples, cfg.batch_size)
+            reference = load_examples(job["reference_file"])
+            if is_probe(reference):
+                result["after_accuracy"] = probe_accuracy(loaded.model, reference, loaded.pad_id, cfg.batch_size)
+            else:
+                result["after_perplexity"] = score_reference(loaded, reference, cfg.batch_size)
         except Exception as e:
             result["notes"].append(f"forgetting not measured: {_error_line(e)}")
     return result

@@ -5,6 +5,9 @@ subset: the first N sequences, each truncated to the run's `seq_len`, so that ev
 are scored on exactly the same tokens: the baseline worker tokenizes the subset once and saves the token ids, which
 each strategy's worker reads back. "Before" is scored once on the base model; "after" inside each strategy's
 worker, right after training. Forgetting is the change in perplexity, absolute and in percent.
+
+A classifier has no prose perplexity: its forgetting is a linear probe's accuracy on a general labelled task
+(`tunelab.measure.probe`); both come out of `forgetting_record` with the same sign (positive is worse).
 """
 
 from __future__ import annotations
@@ -41,10 +44,15 @@ def reference_perplexity(model, examples: list[dict], pad_id: int, batch_size: i
     return float(result.get("perplexity", math.exp(result["loss"])))
 
 
-def forgetting_record(before: float, after: float) -> Forgetting:
-    """The change from `before` to `after` perplexity; positive means the model got worse at general prose."""
+def forgetting_record(before: float, after: float, measure: str = "prose_perplexity") -> Forgetting:
+    """The change from `before` to `after`, signed so that positive is worse: a rise in prose perplexity, or a
+    fall in the probe's accuracy (`measure` "probe_accuracy", `tunelab.measure.probe`)."""
+    if measure == "probe_accuracy":
+        delta = before - after
+        return Forgetting(measure=measure, before_accuracy=before, after_accuracy=after, delta=delta,
+                          delta_percent=100.0 * delta / before if before else 0.0)  # a probe at 0 before
     delta = after - before
-    return Forgetting(before_perplexity=before, after_perplexity=after, delta=delta,
+    return Forgetting(measure=measure, before_perplexity=before, after_perplexity=after, delta=delta,
                       delta_percent=100.0 * delta / before)
 
 
@@ -53,8 +61,8 @@ def save_examples(examples: list[dict], path: Path) -> None:
     path.write_text(json.dumps([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples]))
 
 
-def load_examples(path: Path) -> list[dict]:
-    """The reference subset written by `save_examples`."""
+def load_examples(path: Path) -> list[dict] | dict:
+    """The reference subset written by `save_examples` (or the probe set of `probe.save_probe`)."""
     return json.loads(Path(path).read_text())
 
 

@@ -21,9 +21,11 @@ from tunelab.measure.schema import Baseline, SeedRun, StrategyResult
 from tunelab.measure.stats import spread
 from tunelab.models import pick_device
 
-# the figures measured on every seed; `after_perplexity` and `forgetting_percent` come from `forgetting`
+# the figures measured on every seed; `after_perplexity` (causal LM), `after_accuracy` (the classification
+# probe) and `forgetting_percent` come from `forgetting`
 SEED_FIGURES = ("val_loss", "val_perplexity", "val_accuracy", "final_train_loss", "tokens_per_second",
-                "wall_seconds", "peak_memory_bytes", "tensor_peak_bytes", "after_perplexity", "forgetting_percent")
+                "wall_seconds", "peak_memory_bytes", "tensor_peak_bytes", "after_perplexity", "after_accuracy",
+                "forgetting_percent")
 INT_FIGURES = ("peak_memory_bytes", "tensor_peak_bytes")
 class MetricsFollower:
     """The records appended to a growing `metrics.jsonl` since the last call (complete lines only)."""
@@ -91,7 +93,6 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         notes.append(f"fewer than {warmup_steps + 1} logged steps: speed includes warm-up")
     peak, source = _peak_memory(summary)
     artifact = summary.get("artifact_bytes") or _artifact_size(run_dir / "artifact")
-    before, after = baseline.reference_perplexity, worker.get("after_perplexity")
     shared = baseline.served_bytes or baseline.base_bytes  # the base an adapter is served on, in the run's dtype
     return StrategyResult(
         name=method.name, method=method.name, family=method.family, status=worker.get("status", "failed"),
@@ -103,13 +104,28 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         artifact_bytes=artifact, final_train_loss=summary.get("final_train_loss"),
         val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
         val_accuracy=summary.get("val_accuracy"),
-        forgetting=forgetting_record(before, after) if before and after else None,
+        forgetting=_forgetting(baseline, worker),
         portability=portability_record(method.artifact, artifact, shared or 0,
                                        worker.get("attach_seconds"), worker.get("switch_seconds"))
         if artifact and (shared or method.artifact == "model") else None,
         loss_curve=[(r["step"], r["loss"]) for r in records if r.get("loss") is not None],
         val_curve=[(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
         run_dir=str(run_dir), notes=notes)
+
+
+def _forgetting(baseline: Baseline, worker: dict):
+    """The strategy's forgetting record: prose perplexity (causal LM) or the probe's accuracy (classification)."""
+    if baseline.reference_perplexity and worker.get("after_perplexity"):
+        return forgetting_record(baseline.reference_perplexity, worker["after_perplexity"])
+    if baseline.probe_accuracy is not None and worker.get("after_accuracy") is not None:
+        return forgetting_record(baseline.probe_accuracy, worker["after_accuracy"], "probe_accuracy")
+    return None
+
+
+def not_applicable_record(method, reason: str) -> StrategyResult:
+    """The record of a strategy whose method cannot apply to the model: no run, the reason in `error`."""
+    return StrategyResult(name=method.name, method=method.name, family=method.family, status="not applicable",
+                          error=reason)
 
 
 def baseline_record(result: dict) -> Baseline:
@@ -165,6 +181,7 @@ def seed_values(s: StrategyResult) -> dict[str, float | None]:
     """The `SEED_FIGURES` of one seed's record."""
     out = {k: getattr(s, k) for k in SEED_FIGURES if hasattr(s, k)}
     out["after_perplexity"] = s.forgetting.after_perplexity if s.forgetting else None
+    out["after_accuracy"] = s.forgetting.after_accuracy if s.forgetting else None
     out["forgetting_percent"] = s.forgetting.delta_percent if s.forgetting else None
     return out
 
@@ -191,6 +208,7 @@ def aggregate(runs: list[tuple[int, StrategyResult]]) -> StrategyResult:
     for key, sp in out.spread.items():
         if key in StrategyResult.model_fields:
             setattr(out, key, round(sp.mean) if key in INT_FIGURES else sp.mean)
-    if out.forgetting and "after_perplexity" in out.spread:
-        out.forgetting = forgetting_record(out.forgetting.before_perplexity, out.spread["after_perplexity"].mean)
+    key = "after_accuracy" if out.forgetting and out.forgetting.measure == "probe_accuracy" else "after_perplexity"
+    if out.forgetting and key in out.spread:
+        out.forgetting = forgetting_record(out.forgetting.before, out.spread[key].mean, out.forgetting.measure)
     return out

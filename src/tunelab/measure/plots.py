@@ -88,11 +88,15 @@ def quality_vs_memory(strategies: list[StrategyResult], path: Path, base: Baseli
 
 
 def quality_vs_forgetting(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:
-    """Validation loss against the change in perplexity on general prose (right = more forgotten)."""
+    """Validation loss against forgetting (right = more forgotten): the change in perplexity on general prose,
+    or for classification the drop in the forgetting probe's accuracy."""
     pts = [(s.name, s.forgetting.delta_percent, s.val_loss) for s in strategies
            if s.forgetting is not None and s.val_loss is not None]
-    return _scatter(pts, path, "Quality against forgetting", "prose perplexity change (%, right = forgot more)",
-                    "validation loss (lower is better)", base_y=base.val_loss if base else None)
+    probe = any(s.forgetting and s.forgetting.measure == "probe_accuracy" for s in strategies)
+    xlabel = ("probe accuracy drop (%, right = forgot more)" if probe
+              else "prose perplexity change (%, right = forgot more)")
+    return _scatter(pts, path, "Quality against forgetting", xlabel, "validation loss (lower is better)",
+                    base_y=base.val_loss if base else None)
 
 
 def lr_searches(strategies: list[StrategyResult], path: Path, base: Baseline | None = None) -> Path | None:

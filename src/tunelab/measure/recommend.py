@@ -2,7 +2,8 @@
 
 The rule, step by step (docs/compare.md states the same rule; tests/measure/test_recommend.py checks it):
 
-1. Leave out every strategy that failed, or that has no validation figure.
+1. Leave out every strategy that failed, or that has no validation figure. A strategy whose method cannot apply to
+   the model ('not applicable') is no candidate at all: it is not listed among those left out.
 2. Leave out every strategy whose peak memory exceeds the budget (`--gpu-memory`). The memory figure is the
    measured peak (GPU allocator peak on a GPU; peak RSS minus idle RSS on CPU), or `tunelab plan`'s
    prediction where nothing was measured.
@@ -12,7 +13,8 @@ The rule, step by step (docs/compare.md states the same rule; tests/measure/test
 4. Unless the priority is quality, leave out strategies below `MIN_QUALITY` (90%) of the best quality: a strategy
    that saves memory but has not learned the task is no answer.
 5. Score each strategy by the priority: quality (higher is better), memory (peak bytes, lower), speed
-   (tokens/s, higher), forgetting (prose perplexity after training, lower).
+   (tokens/s, higher), forgetting (prose perplexity after training, lower; for classification the forgetting
+   probe's accuracy after training, higher).
 6. Strategies within `TIE_TOLERANCE` (2%) of the best score are tied; so are strategies whose figure is
    indistinguishable from the best one's over the seeds (`--seeds N`, N >= 2: their spreads overlap, see
    `tunelab.measure.stats`). Among the tied, the one that needs the fewest bytes to serve K tasks (`--tasks K`:
@@ -66,6 +68,8 @@ def _eligible(strategies: list[StrategyResult], gpu_memory: int | None) -> tuple
     keep, excluded = [], {}
     for s in strategies:
         mem = memory_figure(s)
+        if s.status == "not applicable":
+            continue
         if s.status != "ok":
             excluded[s.name] = f"failed: {s.error or 'unknown error'}"
         elif s.val_loss is None and s.val_accuracy is None:
@@ -77,14 +81,23 @@ def _eligible(strategies: list[StrategyResult], gpu_memory: int | None) -> tuple
     return keep, excluded
 
 
-def _score(priority: Priority, quality: dict[str, float]) -> tuple[Callable[[StrategyResult], float], bool]:
-    """Step 5: the priority's score function and whether higher is better (missing figures score worst)."""
+def _by_probe(strategies: list[StrategyResult]) -> bool:
+    """Whether forgetting was measured by the classification probe's accuracy (else by prose perplexity)."""
+    return any(s.forgetting and s.forgetting.measure == "probe_accuracy" for s in strategies)
+
+
+def _score(priority: Priority, quality: dict[str, float],
+           probe: bool = False) -> tuple[Callable[[StrategyResult], float], bool]:
+    """Step 5: the priority's score function and whether higher is better (missing figures score worst);
+    `probe`: forgetting is the probe's accuracy after training (higher is better)."""
     if priority == "quality":
         return (lambda s: quality[s.name]), True
     if priority == "memory":
         return (lambda s: _or_inf(memory_figure(s))), False
     if priority == "speed":
         return (lambda s: s.tokens_per_second if s.tokens_per_second is not None else -math.inf), True
+    if probe:
+        return (lambda s: s.forgetting.after_accuracy if s.forgetting else -math.inf), True
     return (lambda s: s.forgetting.after_perplexity if s.forgetting else math.inf), False
 
 
@@ -105,13 +118,14 @@ def spread_key(priority: Priority, strategies: list[StrategyResult]) -> str:
     """The figure (a key of `StrategyResult.spread`) whose spread decides ties for `priority`."""
     if priority == "quality":
         return "val_accuracy" if _by_accuracy(strategies) else "val_loss"
-    return {"memory": "peak_memory_bytes", "speed": "tokens_per_second", "forgetting": "after_perplexity"}[priority]
+    forgetting = "after_accuracy" if _by_probe(strategies) else "after_perplexity"
+    return {"memory": "peak_memory_bytes", "speed": "tokens_per_second", "forgetting": forgetting}[priority]
 
 
 def tied_with_best(strategies: list[StrategyResult], priority: Priority,
                    quality: dict[str, float]) -> dict[str, bool]:
     """Step 6's ties: {strategy: tied with the best score}, by `TIE_TOLERANCE` or by overlapping spreads."""
-    score, higher_better = _score(priority, quality)
+    score, higher_better = _score(priority, quality, _by_probe(strategies))
     sign = -1 if higher_better else 1
     best = min(strategies, key=lambda s: sign * score(s))
     key = spread_key(priority, strategies)
@@ -122,7 +136,7 @@ def tied_with_best(strategies: list[StrategyResult], priority: Priority,
 def rank(strategies: list[StrategyResult], priority: Priority, tasks: int,
          quality: dict[str, float]) -> list[StrategyResult]:
     """Steps 5 and 6: the eligible strategies, best first."""
-    score, higher_better = _score(priority, quality)
+    score, higher_better = _score(priority, quality, _by_probe(strategies))
     sign = -1 if higher_better else 1
     order = {s.name: i for i, s in enumerate(strategies)}
     ties = tied_with_best(strategies, priority, quality)
@@ -154,7 +168,8 @@ def recommend(strategies: list[StrategyResult], priority: Priority = "quality", 
                 eligible.remove(s)
     rec = Recommendation(strategy=None, priority=priority, gpu_memory=gpu_memory, tasks=tasks, excluded=excluded)
     if not eligible:
-        rec.reasons = ["no strategy is eligible: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())]
+        rec.reasons = ["no strategy is eligible: " + ("; ".join(f"{k}: {v}" for k, v in excluded.items())
+                                                      or "no compared method applies to this model")]
         return rec
     ranking = rank(eligible, priority, tasks, quality)
     rec.strategy, rec.ranking = ranking[0].name, [s.name for s in ranking]
@@ -225,7 +240,11 @@ def explain(pick: StrategyResult, ranking: list[StrategyResult], everything: lis
                        f"{human_bytes(ps)} against {human_bytes(rs)}")
     if pick.tokens_per_second and ref.tokens_per_second:
         reasons.append(f"{pick.tokens_per_second:.0f} tokens/s against {ref.tokens_per_second:.0f}")
-    if pick.forgetting and ref.forgetting:
+    if pick.forgetting and ref.forgetting and pick.forgetting.measure == "probe_accuracy":
+        reasons.append(f"forgetting probe accuracy {pick.forgetting.after_accuracy:.3f} after training (drop "
+                       f"{pick.forgetting.delta_percent:+.1f}%) against {ref.forgetting.after_accuracy:.3f} (drop "
+                       f"{ref.forgetting.delta_percent:+.1f}%) for {ref.name}")
+    elif pick.forgetting and ref.forgetting:
         reasons.append(f"prose perplexity {pick.forgetting.delta_percent:+.1f}% after training against "
                        f"{ref.forgetting.delta_percent:+.1f}% for {ref.name}")
     return reasons

@@ -136,10 +136,13 @@ def trade_off_table(results: CompareResults) -> tuple[list[str], list[list[str]]
     headers = ["strategy", "status", "params updated", memory_header(results),
                *(["tensor peak (allocator)"] * tensor), *(["plan predicts (tensor peak)"] * predicted),
                "artifact", "tokens/s", "train time", "val loss", "val accuracy" if classification else
-               "val perplexity", "forgetting: prose ppl change (+ = worse)",
+               "val perplexity", forgetting_header(results),
                "serve " + "/".join(str(k) for k in TASK_COUNTS) + " tasks", "attach / load", "lr"]
     rows = [_base_row(results, tensor, predicted, classification)]
     for s in strategies:
+        if s.status == "not applicable":  # never ran: no figures, the reason is in the run details
+            rows.append([s.name, s.status] + ["-"] * (len(headers) - 2))
+            continue
         attach = s.portability.attach_seconds if s.portability else None
         rows.append([s.name, s.status, _params(s), human_bytes(s.peak_memory_bytes),
                      *([human_bytes(s.tensor_peak_bytes)] * tensor), *([_predicted(s)] * predicted),
@@ -147,6 +150,17 @@ def trade_off_table(results: CompareResults) -> tuple[list[str], list[list[str]]
                      _with_spread(s, "val_loss", s.val_loss, ".4f"), _quality_cell(s, classification),
                      _forgetting_cell(s), _serve(s), _seconds(attach), _lr(s)])
     return headers, rows
+
+
+def forgetting_header(results: CompareResults) -> str:
+    """The forgetting column's label: which measure it holds (prose perplexity, or the classification probe)."""
+    if _probe(results):
+        return "forgetting: probe accuracy drop (+ = worse)"
+    return "forgetting: prose ppl change (+ = worse)"
+
+
+def _probe(results: CompareResults) -> bool:
+    return results.baseline.probe_accuracy is not None
 
 
 def _predicted(s: StrategyResult) -> str:
@@ -168,7 +182,8 @@ def _forgetting_cell(s: StrategyResult) -> str:
 def _base_row(results: CompareResults, tensor: bool, predicted: bool, classification: bool) -> list[str]:
     b = results.baseline
     quality = _num(b.val_accuracy, ".3f") if classification else _num(b.val_perplexity, ".4g")
-    prose = f"ppl {b.reference_perplexity:.4g} (before)" if b.reference_perplexity else "-"
+    prose = (f"ppl {b.reference_perplexity:.4g} (before)" if b.reference_perplexity else
+             f"acc {b.probe_accuracy:.3f} (before)" if b.probe_accuracy is not None else "-")
     return [BASE_ROW, "ok" if b.error is None else "failed", "0", "-", *(["-"] * tensor), *(["-"] * predicted),
             human_bytes(b.base_bytes), "-", "-", _num(b.val_loss, ".4f"), quality, prose, "-", "-", "-"]
 
@@ -184,14 +199,16 @@ def narrow_table(results: CompareResults) -> tuple[list[str], list[list[str]]]:
     """The table for an 80-column terminal: one row per strategy, the figures that decide, mean ±half-spread."""
     classification = results.config.task == "classification"
     key = "val_accuracy" if classification else "val_loss"
-    headers = ["strategy", "val acc" if classification else "val loss", "prose ppl", "memory", "artifact", "tok/s"]
+    headers = ["strategy", "val acc" if classification else "val loss", "probe acc" if _probe(results) else
+               "prose ppl", "memory", "artifact", "tok/s"]
     b = results.baseline
-    rows = [["base", _num(b.val_accuracy if classification else b.val_loss, ".3f"),
-             f"ppl {b.reference_perplexity:.3g}" if b.reference_perplexity else "-", "-", human_bytes(b.base_bytes),
-             "-"]]
+    before = (f"ppl {b.reference_perplexity:.3g}" if b.reference_perplexity else
+              f"acc {b.probe_accuracy:.3f}" if b.probe_accuracy is not None else "-")
+    rows = [["base", _num(b.val_accuracy if classification else b.val_loss, ".3f"), before, "-",
+             human_bytes(b.base_bytes), "-"]]
     for s in results.strategies:
         if s.status != "ok":
-            rows.append([s.name, "failed", "", "", "", ""])
+            rows.append([s.name, "n/a" if s.status == "not applicable" else "failed", "", "", "", ""])
             continue
         mem = s.tensor_peak_bytes if s.tensor_peak_bytes is not None else s.peak_memory_bytes
         rows.append([s.name, plus_minus(s.spread.get(key)) if key in s.spread else _num(getattr(s, key), ".3f"),
@@ -239,9 +256,13 @@ def print_table(results: CompareResults, console) -> None:
     if wide:
         console.print(memory_source_note(results))
     else:
-        console.print("memory: tensor peak on CPU (what tunelab plan predicts), allocator peak on a GPU; prose ppl: "
-                      "change in perplexity on general prose, + = forgot more; ± half the spread over seeds. "
-                      "Full table: report.md", markup=False, highlight=False)
+        forgot = ("probe acc: drop in the forgetting probe's accuracy on a general labelled task" if _probe(results)
+                  else "prose ppl: change in perplexity on general prose")
+        na = ("; n/a: the method cannot apply to this model"
+              if any(s.status == "not applicable" for s in results.strategies) else "")
+        console.print(f"memory: tensor peak on CPU (what tunelab plan predicts), allocator peak on a GPU; {forgot}, "
+                      f"+ = forgot more; ± half the spread over seeds{na}. Full table: report.md", markup=False,
+                      highlight=False)
     for line in recommendation_lines(results) + [f"warning: {w}" for w in results.warnings]:
         console.print(line, markup=False, highlight=False)
 
@@ -284,16 +305,22 @@ def _details(results: CompareResults) -> list[tuple[str, str]]:
             out.append((f"{s.name} lr search", f"{s.lr_search.steps} steps, seed {s.lr_search.seed}; val loss by "
                                                f"lr {curve}{beyond}; chosen {s.lr_search.chosen_lr:.3g}"))
         if s.error:
-            out.append((f"{s.name} failed", s.error))
+            out.append((f"{s.name} {'not applicable' if s.status == 'not applicable' else 'failed'}", s.error))
         out += [(f"{s.name} note", n) for n in s.notes]
     return out
 
 
 def _forgetting_text(results: CompareResults) -> str:
     b, cfg = results.baseline, results.config
+    if b.probe_accuracy is not None:
+        return (f"a linear probe on {cfg.reference_data} ({b.probe_classes} classes): ridge regression on the "
+                f"encoder's mean-pooled last hidden state, fit on {b.probe_train_examples} examples and scored on "
+                f"{b.probe_test_examples} held out, with the trained adapter active, against the base model's "
+                f"accuracy {b.probe_accuracy:.3f}; a positive change (lower accuracy) means the encoder lost more "
+                f"general knowledge, so higher is worse")
     if b.reference_perplexity is None:
-        return "not measured (classification: no prose perplexity)" if cfg.task == "classification" else \
-            "not measured (the reference prose could not be scored)"
+        return f"not measured (the {'forgetting probe' if cfg.task == 'classification' else 'reference prose'} " \
+               f"could not be scored)"
     return (f"perplexity on the first {b.reference_sequences} sequences of {cfg.reference_data} "
             f"({b.reference_tokens} tokens) with the trained adapter active, against the base model's "
             f"{b.reference_perplexity:.4g}; a positive change (higher perplexity) means the model forgot more of "

@@ -61,8 +61,10 @@ class CompareOptions(_Strict):
     # Per-strategy learning rate (`--lr-for lora=3e-4`) and options (`--set-for lora.r=16`); else the method's default_lr.
     lr_for: dict[str, float] = Field(default_factory=dict)
     options_for: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # Forgetting: perplexity on general prose the training never saw, first N sequences truncated to seq_len.
-    reference_data: str = "default:prose"
+    # Forgetting. causal-lm: perplexity on general prose the training never saw, first N sequences truncated to
+    # seq_len. classification: a linear probe's accuracy on a general labelled task (`tunelab.measure.probe`).
+    # None: the task's default, default:prose or default:topics (set when the options are checked).
+    reference_data: str | None = None
     reference_sequences: int = Field(default=32, gt=0)
     # The user's constraints for the recommendation.
     gpu_memory: int | None = Field(default=None, gt=0)  # bytes; the CLI accepts '24GB'
@@ -111,6 +113,8 @@ class CompareOptions(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "CompareOptions":
+        if self.reference_data is None:
+            self.reference_data = "default:topics" if self.task == "classification" else "default:prose"
         if self.budget == "tokens" and self.tokens is None:
             raise ValueError("budget 'tokens' needs tokens (--tokens N): non-pad input tokens per strategy")
         if self.devices is not None:
@@ -179,6 +183,11 @@ class Baseline(_Strict):
     # count this one, so a bf16 full fine-tune is not set against an fp32 base file (None: as on disk)
     served_bytes: int | None = None
     reference_perplexity: float | None = None  # "before" perplexity on the reference prose
+    # classification: the linear probe's held-out accuracy on the untouched model ("before"), and its split
+    probe_accuracy: float | None = None
+    probe_train_examples: int = 0
+    probe_test_examples: int = 0
+    probe_classes: int = 0
     reference_sequences: int = 0
     reference_tokens: int = 0
     # the untouched model on the same validation batches as every strategy's final figures
@@ -223,13 +232,31 @@ class LrSearch(_Strict):
     extended: list[float] = Field(default_factory=list)  # lrs tried beyond the grid (its best lay at an edge)
 
 
-class Forgetting(_Strict):
-    """Perplexity on the reference prose before and after training (higher after = forgotten)."""
+ForgettingMeasure = Literal["prose_perplexity", "probe_accuracy"]
 
-    before_perplexity: float
-    after_perplexity: float
-    delta: float  # after - before
-    delta_percent: float  # 100 * (after - before) / before
+
+class Forgetting(_Strict):
+    """How much general knowledge training cost, before and after: perplexity on the reference prose (causal
+    LM; higher after = forgotten) or a linear probe's accuracy on a general labelled task (classification;
+    lower after = forgotten). `delta` is signed so that positive is worse for both."""
+
+    measure: ForgettingMeasure = "prose_perplexity"
+    before_perplexity: float | None = None
+    after_perplexity: float | None = None
+    before_accuracy: float | None = None
+    after_accuracy: float | None = None
+    delta: float  # perplexity: after - before; accuracy: before - after
+    delta_percent: float  # 100 * delta / before
+
+    @property
+    def before(self) -> float:
+        """The "before" figure of this measure."""
+        return self.before_accuracy if self.measure == "probe_accuracy" else self.before_perplexity
+
+    @property
+    def after(self) -> float:
+        """The "after" figure of this measure."""
+        return self.after_accuracy if self.measure == "probe_accuracy" else self.after_perplexity
 
 
 class Portability(_Strict):
@@ -244,12 +271,14 @@ class Portability(_Strict):
 
 
 class StrategyResult(_Strict):
-    """One strategy's measurements; `status` 'failed' keeps the error and whatever was measured before it."""
+    """One strategy's measurements; `status` 'failed' keeps the error and whatever was measured before it;
+    'not applicable' (the method cannot apply to this model, decided before anything trained) has the reason in
+    `error` and no figures."""
 
     name: str
     method: str
     family: str = ""
-    status: Literal["ok", "failed"] = "ok"
+    status: Literal["ok", "failed", "not applicable"] = "ok"
     error: str | None = None
     lr: float | None = None
     method_options: dict[str, Any] = Field(default_factory=dict)

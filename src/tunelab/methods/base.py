@@ -105,6 +105,14 @@ class Method:
         """Drop adapter `name`'s weights and the hooks no other adapter of the method needs."""
         raise NotImplementedError
 
+    def not_applicable(self, model: nn.Module) -> str | None:
+        """Why this method can never apply to `model` whatever its options (one line), or None when it can.
+
+        `tunelab compare` asks before anything trains and reports such a strategy as 'not applicable', not
+        'failed'; `attach` still refuses the same model with the same line.
+        """
+        return None
+
     def fold(self, model: nn.Module, name: str, merged: bool) -> None:
         """Fold adapter `name` into the base weights (`merged`) or take it out; all checks before any change."""
         raise ConfigError(f"method '{self.name}' cannot be merged into the base weights")

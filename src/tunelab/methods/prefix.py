@@ -99,6 +99,10 @@ class Prefix(Method):
     default_lr = 1e-2  # prefixes train with large steps (PEFT's examples use 1e-2)
     saved_prefix = "base_model."  # PEFT's prompt-learning models wrap the base one level less deep
 
+    def not_applicable(self, model: nn.Module) -> str | None:
+        """An encoder-decoder model, or one whose forward takes no key/value cache (BERT encoders)."""
+        return vt.unsupported(model, self.name) or _no_cache(model)
+
     def attach(self, model: nn.Module, options: PrefixOptions, name: str) -> list[str]:
         """Add prefixes `name`; return the self-attention modules they extend."""
         vt.refuse_unsupported(model, self.name)
@@ -171,11 +175,18 @@ def _dims(model: nn.Module) -> tuple[int, int]:
     return layers, kv_heads * head_dim
 
 
+def _no_cache(model: nn.Module) -> str | None:
+    if vt.cache_kwarg(model) is not None:
+        return None
+    return (f"method 'prefix': {type(model).__name__} takes no key/value cache (cache / past_key_values) in "
+            f"transformers {transformers.__version__}, and prefix-tuning needs one; use method 'prompt' or 'lora' "
+            f"for this model")
+
+
 def _refuse_no_cache(model: nn.Module) -> None:
-    if vt.cache_kwarg(model) is None:
-        raise ConfigError(f"method 'prefix': {type(model).__name__} takes no key/value cache (cache / "
-                          f"past_key_values) in transformers {transformers.__version__}, and prefix-tuning needs "
-                          "one; use method 'prompt' or 'lora' for this model")
+    why = _no_cache(model)
+    if why:
+        raise ConfigError(why)
 
 
 def _refuse_training(model: nn.Module, names: list[str], encoders: list[PrefixEncoder]) -> None:

@@ -73,6 +73,10 @@ class Prompt(Method):
     default_lr = 3e-2  # soft prompts need a large step (Lester et al. use 0.3 with Adafactor; PEFT 3e-2)
     saved_prefix = "base_model."  # PEFT's prompt-learning models wrap the base one level less deep
 
+    def not_applicable(self, model: nn.Module) -> str | None:
+        """An encoder-decoder model."""
+        return vt.unsupported(model, self.name)
+
     def attach(self, model: nn.Module, options: PromptOptions, name: str) -> list[str]:
         """Add soft prompt `name` (see the module docstring); return the input embedding it extends."""
         vt.refuse_unsupported(model, self.name)

@@ -176,11 +176,20 @@ def attention_dims(model: nn.Module) -> tuple[int, int, int, int]:
     return cfg.num_hidden_layers, heads, kv_heads, head_dim
 
 
-def refuse_unsupported(model: nn.Module, method: str) -> None:
-    """Encoder-decoder models (PEFT adds virtual tokens to both stacks there) are not supported."""
+def unsupported(model: nn.Module, method: str) -> str | None:
+    """Why `method` cannot apply to `model`: encoder-decoder models (PEFT adds virtual tokens to both stacks
+    there) are not supported. None when it can."""
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ConfigError(f"method '{method}' supports decoder-only and encoder-only models; "
-                          f"{type(model).__name__} is an encoder-decoder model")
+        return (f"method '{method}' supports decoder-only and encoder-only models; {type(model).__name__} is an "
+                f"encoder-decoder model")
+    return None
+
+
+def refuse_unsupported(model: nn.Module, method: str) -> None:
+    """Raise `unsupported`'s reason as a ConfigError."""
+    why = unsupported(model, method)
+    if why:
+        raise ConfigError(why)
 
 
 def peft_common_config(model: nn.Module, n: int, token_dim: int, num_heads: int, layers: int) -> dict[str, Any]:
