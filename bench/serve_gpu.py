@@ -111,18 +111,19 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
     """tunelab's engine forward: mixed (stacked and the loop before it), one adapter (stacked, active), base.
 
     Decode steps run as the engine's waves do: on the slot cache, as CUDA graphs on a GPU (`serve/slots.py`);
-    `*_eager` cases decode on the slot cache without graphs; "one_active" and "mixed_before" on transformers'
-    DynamicCache (the active-adapter path, and the per-adapter loop the stacked path replaced)."""
+    `*_eager` cases decode on the slot cache without graphs; "one_active", "mixed_dynamic" and "mixed_before" on
+    transformers' DynamicCache (the active-adapter path, the stacked path, and the per-adapter loop the stacked
+    path replaced)."""
     from tunelab.methods import stacked
     from tunelab.serve.engine import Engine
 
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=None)
-    engine = Engine(model, tok, lock=threading.RLock(), mixed_batch=lambda n: True)
+    engine = Engine(model, tok, lock=threading.RLock(), mixed_batch=lambda n: True, max_batch_size=args.rows)
     rows = args.rows
     mixed = [names[i % len(names)] for i in range(rows)]
     cases = {"mixed": mixed, "one": [names[0]] * rows, "base": [None] * rows, "mixed_eager": mixed,
              "one_eager": [names[0]] * rows, "base_eager": [None] * rows, "one_active": [names[0]] * rows,
-             "mixed_before": mixed}
+             "mixed_dynamic": mixed, "mixed_before": mixed}
     graphs = engine.decoder is not None and engine.decoder.graphs
     usable = stacked.usable
     out = {}
@@ -135,7 +136,7 @@ def tunelab_rows(model, names: list[str], inp: Inputs, args) -> dict:
                 prefill = timed(engine._forward, lambda names=row_names: inp.prefill(names), reps, warm, args.device)
                 first = inp.prefill(row_names)
                 logits = engine._forward(first).float()
-                dynamic = case in ("one_active", "mixed_before")
+                dynamic = case in ("one_active", "mixed_dynamic", "mixed_before")
                 if engine.decoder is not None:
                     engine.decoder.graphs = graphs and not case.endswith("_eager")
                 decode = timed(engine._forward, inp.decode(first, None if dynamic else engine.decoder), reps, warm,

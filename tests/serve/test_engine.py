@@ -14,7 +14,6 @@ from serve.helpers import (  # noqa: F401  (fixtures)
 from tunelab.methods.base import adapter_state
 from tunelab.serve.engine import GenerationRequest
 from tunelab.serve.sampling import StopText
-from tunelab.serve.slots import row_bucket
 
 N = 10
 
@@ -271,6 +270,5 @@ def test_joiners_prefill_in_chunks_between_decode_steps_and_stay_exact(make_serv
     assert (2, width) not in seen and seen.count((2, 1)) >= width  # the joiners' prompts: one column a forward
     if running_tokens == 30:  # a decode step of the running row after every chunk; after the last, of all three
         first = seen.index((2, 1))
-        three = row_bucket(3, service.engine.max_batch_size)  # a slot-cache step runs a bucket of rows
-        assert seen[first:first + 2 * width] == [(2, 1), (1, 1)] * (width - 1) + [(2, 1), (three, 1)]
+        assert seen[first:first + 2 * width] == [(2, 1), (1, 1)] * (width - 1) + [(2, 1), (3, 1)]
     assert next(service.engine.waves) == 1

@@ -36,6 +36,8 @@ def test_metrics_count_requests_tokens_loads_and_evictions(make_service, adapter
     assert got["tunelab_adapter_load_seconds_count"] == 2 and got["tunelab_adapter_load_seconds_sum"] > 0
     assert got["tunelab_time_to_first_token_seconds_count"] == 3
     assert 3 <= got["tunelab_completion_tokens_total"] <= 9 and got["tunelab_prompt_tokens_total"] > 0
+    # counted step by step, the same tokens once every request has finished
+    assert got["tunelab_generation_tokens_total"] == got["tunelab_completion_tokens_total"]
     assert got["tunelab_batch_rows_count"] >= 3 and got['tunelab_batch_rows_bucket{le="+Inf"}'] >= 3
     assert got["tunelab_queue_depth"] == 0 and got["tunelab_adapters_resident"] == 1
 

@@ -60,7 +60,8 @@ def _fake_capture(fn, pool):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_slot_decoding_equals_dynamic_cache_decoding(kind, graphs, tokenizer, monkeypatch):
     monkeypatch.setattr(slots, "capture", _fake_capture)
-    engine = _engine(kind, tokenizer, cuda_graphs=graphs)
+    engine = _engine(kind, tokenizer, cuda_graphs=True)
+    engine.decoder.graphs = graphs  # False: eager steps on the slot cache (a set of adapters that cannot be captured)
     requests = _requests(tokenizer, ["a1", None, "a0", "a2", "a1", "a3"])
     used = []
     adopt = engine.decoder.adopt
@@ -157,6 +158,11 @@ def test_slot_cache_rows_leave_join_and_grow(tokenizer):
     assert cache.length == 512 and cache.generation == 1 and torch.equal(cache.keys[0][1, :, :5], keys[0])
     cache.reserve(600, limit=550)
     assert cache.length == 600  # the limit is the context, but what is needed is always allocated
+
+
+def test_without_cuda_graphs_waves_decode_on_dynamic_cache(tokenizer):
+    assert _engine("llama", tokenizer, cuda_graphs=False).decoder is None
+    assert (_engine("llama", tokenizer).decoder is not None) == torch.cuda.is_available()  # default: on a GPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -29,7 +29,6 @@ def test_one_adapter_takes_the_stacked_path_in_prefill_and_decode(make_service, 
     tokens, seen = _generate(service, tokenizer, key)
     assert seen[0] == ([key, key], (key,))  # prefill: the stacked path
     assert all(rows == [key, key] and active == (key,) for rows, active in seen[1:])  # decode steps too
-    service.engine.decoder = None  # decode on a DynamicCache, where `stack_one_adapter` chooses the path
     for phases in ({"prefill"}, set()):  # decode on the active path, or every step: the same tokens
         service.engine.stack_one_adapter = phases
         again, seen = _generate(service, tokenizer, key)

@@ -78,10 +78,13 @@ class Engine:
         # active-adapter path: on an H200 (bench/results/serve_gpu_h200.json; 1B, 32 rows) a stacked prefill took
         # 0.67x the active path's time and a stacked decode step 0.80x (19.8 ms against 24.8)
         self.stack_one_adapter = {"prefill", "decode"}
-        # decode steps of mixed-adapter waves on a preallocated slot cache, as CUDA graphs on a GPU (slots.py);
-        # None: the model's attention cannot take the slot cache's 4D mask, and waves decode on DynamicCache
+        # decode steps of mixed-adapter waves replayed as CUDA graphs on a preallocated slot cache (slots.py):
+        # by default on a GPU. None: waves decode eagerly on transformers' DynamicCache, which measured faster than
+        # eager steps on the slot cache for mixed batches (H200, 1B, 32 rows: 29.8 ms a step in
+        # bench/results/serve_gpu_h200_prev.json against 45.8 in serve_gpu_h200.json), and always when the model's attention cannot take the slot cache's 4D mask
+        graphs = _device(model).type == "cuda" if cuda_graphs is None else cuda_graphs
         self.decoder = (Decoder(model, rows=max_batch_size, context=self.context_length, cache_kw=self._cache_kw,
-                                graphs=cuda_graphs) if _slot_ready(model) else None)
+                                graphs=True) if graphs and _slot_ready(model) else None)
         self.metrics.gauge("tunelab_cuda_graphs", "decode steps captured as CUDA graphs so far",
                            lambda: self.decoder.captures if self.decoder is not None else 0)
 
@@ -271,6 +274,8 @@ class Engine:
         """Metrics of one step: the batch size, first tokens (time since queueing), finished rows' tokens."""
         m = self.metrics
         m.observe("tunelab_batch_rows", len(rows))
+        m.add("tunelab_generation_tokens_total", sum(row.finish_reason not in ("cancelled", "error")
+                                                     for row in rows))
         now = time.monotonic()
         for row in rows:
             if row.generated == 1:

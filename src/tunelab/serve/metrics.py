@@ -44,6 +44,7 @@ COUNTERS = {
     "tunelab_requests_total": "completion requests accepted into the queue",
     "tunelab_prompt_tokens_total": "prompt tokens of finished requests",
     "tunelab_completion_tokens_total": "tokens generated for finished requests",
+    "tunelab_generation_tokens_total": "tokens generated, counted at each decode step (running requests too)",
     "tunelab_adapter_loads_total": "adapters loaded onto the base",
     "tunelab_adapter_evictions_total": "idle adapters removed to make room (--max-adapters)",
 }
