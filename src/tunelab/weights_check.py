@@ -8,6 +8,7 @@ from the model built on the `meta` device, which allocates nothing.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,9 +42,22 @@ def _keys_with_value(config: dict, value: int) -> list[str]:
     return [k for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool) and v == value]
 
 
+_FITTED: set[tuple] = set()  # the (config, files) this process has checked and found to fit
+
+
 def check_config_fits_weights(path: Path, config: dict, files: list[Path], trust_remote_code: bool = False) -> None:
     """Refuse, in one line naming the config key, a config.json whose layer count or tensor shapes disagree
-    with the weight headers of `files`."""
+    with the weight headers of `files`. A model dir that passed is not checked again in this process while its
+    config and files are unchanged (the check builds the model on the meta device: about a second)."""
+    key = (json.dumps(config, sort_keys=True, default=str), trust_remote_code,
+           tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key in _FITTED:
+        return
+    _check_fit(path, config, files, trust_remote_code)
+    _FITTED.add(key)
+
+
+def _check_fit(path: Path, config: dict, files: list[Path], trust_remote_code: bool) -> None:
     from transformers import AutoConfig
 
     source = path / "config.json"

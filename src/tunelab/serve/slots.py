@@ -332,7 +332,9 @@ class Decoder:
 def capture(fn, pool) -> tuple:
     """`fn()` captured as a CUDA graph in memory pool `pool` (None: a new one): (replay, its output, the pool)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the server's other threads (HTTP, tokenizing, adapter files) may use CUDA meanwhile; only this
+    # thread's stream is captured, and forwards and adapter loads never overlap (both hold the model lock)
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out, graph.pool()
 
