@@ -82,6 +82,14 @@ def test_without_seeds_the_old_two_percent_rule_holds():
     strategies = [_strategy("lora", [2.30]), _strategy("adapter", [2.20])]
     rec = recommend(strategies, "quality", None, 1)
     assert rec.strategy == "adapter" and rec.tied == []
+    assert not any("ties" in r for r in rec.reasons)  # one seed: no spread to tell a tie by
+
+
+def test_a_clear_winner_at_several_seeds_is_said_to_have_no_tie():
+    strategies = [_strategy("lora", [2.30, 2.32]), _strategy("adapter", [2.10, 2.12]), _strategy("ia3", [2.5, 2.6])]
+    rec = recommend(strategies, "quality", None, 1)
+    assert rec.strategy == "adapter" and rec.tied == []
+    assert rec.reasons[1].startswith("no strategy ties with adapter in val loss at 2 seeds: the next, lora")
 
 
 def test_budget_in_steps_epochs_and_tokens():

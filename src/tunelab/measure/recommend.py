@@ -178,7 +178,22 @@ def recommend(strategies: list[StrategyResult], priority: Priority = "quality", 
     rec.tied = [s.name for s in ranking[1:] if ties[s.name]]
     if rec.tied:
         rec.reasons.insert(1, tie_reason(ranking[0], [s for s in ranking if s.name in rec.tied], priority, eligible))
+    elif len(ranking) > 1 and (apart := no_tie_reason(ranking[0], ranking[1], priority, eligible)):
+        rec.reasons.insert(1, apart)
     return rec
+
+
+def no_tie_reason(pick: StrategyResult, runner_up: StrategyResult, priority: Priority,
+                  eligible: list[StrategyResult]) -> str | None:
+    """'no strategy ties with adapter in val loss at 2 seeds: the next, full 3.653 [...], lies outside ...' when
+    the seeds give spreads (None with one seed: there is no spread to tell a tie by)."""
+    key = spread_key(priority, eligible)
+    mine, theirs = pick.spread.get(key), runner_up.spread.get(key)
+    if mine is None or theirs is None or min(mine.n, theirs.n) < 2:
+        return None
+    return (f"no strategy ties with {pick.name} in {key.replace('_', ' ')} at {min(mine.n, theirs.n)} seeds: the "
+            f"next, {runner_up.name} {spread_text(theirs)}, is more than {TIE_TOLERANCE:.0%} away and its spread "
+            f"does not overlap {pick.name}'s {spread_text(mine)}")
 
 
 def tie_reason(pick: StrategyResult, tied: list[StrategyResult], priority: Priority,
