@@ -25,9 +25,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
 from tunelab.config import RunConfig
 from tunelab.errors import ArtifactError
 from tunelab.jsonio import fsync_path
@@ -39,10 +36,8 @@ from tunelab.train.state import TrainState, Trainables, read_meta, state_meta
 log = logging.getLogger("tunelab.train")
 
 SHARDS = "dcp"
-OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the trainable parameters only, as one process saves
-# loading sets the trainable parameters alone (the frozen base is not in the checkpoint); `dcp.load` has
-# already refused a checkpoint that lacks any of them
-LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+# torch.distributed.checkpoint is imported where it is used: it pulls in DTensor and sympy (about 2.5 s), which a
+# one-process run (every compare worker, every CLI call) never needs
 
 
 def is_sharded(path: Path) -> bool:
@@ -51,7 +46,10 @@ def is_sharded(path: Path) -> bool:
 
 
 def _state(model, optimizer) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # the trainable parameters only, as one process saves
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -71,6 +69,8 @@ def save(world: World, root: Path, t: Trainables, optimizer, scheduler, state: T
 
     main_only(world, prepare)
     try:
+        import torch.distributed.checkpoint as dcp
+
         dcp.save(_state(t.model, optimizer), checkpoint_id=tmp / SHARDS)
         _write_json(tmp / f"rank-{world.rank}.json", {"rng": rng.capture()})
         fsync_path(tmp / f"rank-{world.rank}.json")  # by its writer: on a shared file system that is what counts
@@ -116,11 +116,16 @@ def load(world: World, path: Path, t: Trainables, optimizer, scheduler) -> Train
         log.warning("%s: saved by %d ranks, resuming on %d: DCP reshards the state; the samples are the same, "
                     "dropout draws and float summation order are not (not bit-identical)", path, saved_world,
                     world.size)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     state = _state(t.model, optimizer)
     try:
         dcp.load(state, checkpoint_id=path / SHARDS)
+        # the trainable parameters alone (the frozen base is not in the checkpoint); `dcp.load` has already
+        # refused a checkpoint that lacks any of them
         set_state_dict(t.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=LOAD_OPTIONS)
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
         scheduler.load_state_dict(meta["scheduler"])
         rank_file = path / f"rank-{world.rank}.json"
         rng.restore(json.loads((rank_file if rank_file.is_file() else path / "rank-0.json").read_text())["rng"])
