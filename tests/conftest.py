@@ -5,6 +5,7 @@ them from there); they are re-exported here for tests that still import them fro
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ from builders import (  # noqa: F401  (re-exported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# a suite started with SIGINT ignored (a background job of a non-interactive shell inherits SIG_IGN, and Python then
+# installs no KeyboardInterrupt handler) still tests the Ctrl-C handling, which expects Python's default handler
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
