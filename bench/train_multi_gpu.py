@@ -30,6 +30,7 @@ CASES = {
     "1b-full": ("1b", "full", 8, 2048, "fsdp", {}),
     "1b-lora-ddp": ("1b", "lora", 8, 2048, "ddp", {}),
     "8b-lora": ("8b", "lora", 4, 2048, "fsdp", {}),
+    "8b-lora-ddp": ("8b", "lora", 4, 2048, "ddp", {}),  # the frozen base replicated (16 GB in bf16 per GPU)
     "8b-full": ("8b", "full", 2, 2048, "fsdp", {"checkpointing": True}),  # one GPU needs it for 8B full
 }
 TINY = {"tiny-lora": ("tiny", "lora", 2, 64, "fsdp", {}), "tiny-full": ("tiny", "full", 2, 64, "fsdp", {}),
