@@ -139,6 +139,17 @@ def test_graphs_are_kept_and_recaptured_when_the_adapters_change(tokenizer, monk
     assert [r.token_ids for r in engine.generate(late)] == tokens
 
 
+def test_the_least_recently_replayed_graph_goes_first_beyond_the_limit(tokenizer, monkeypatch):
+    monkeypatch.setattr(slots, "capture", _fake_capture)
+    monkeypatch.setattr(slots, "MAX_GRAPHS", 2)
+    engine = _engine("llama", tokenizer, cuda_graphs=True)
+    requests = _requests(tokenizer, ["a1", None, "a0", "a2", "a1", "a3"])  # rows leave: buckets 8, 4, 2, 1
+    tokens, _ = _run(engine, requests)
+    assert len(engine.decoder._captured) == 2 and engine.decoder.captures > 2
+    engine.decoder = None
+    assert _run(engine, requests)[0] == tokens
+
+
 def test_slot_cache_rows_leave_join_and_grow(tokenizer):
     """absorb copies each row's positions to column 0, keep compacts, reserve grows without losing any."""
     from transformers import DynamicCache

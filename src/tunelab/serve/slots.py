@@ -35,6 +35,9 @@ from tunelab.serve.logits import Controls
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_COLUMNS = 64  # the smallest window of columns a step attends over
 MIN_LENGTH = 256  # the smallest column capacity a cache is allocated with
+# graphs kept at once (least recently replayed dropped first): each holds its (rows, vocab) output in the graphs'
+# shared memory pool, and buckets of rows x windows of columns x base-only could otherwise reach a few hundred
+MAX_GRAPHS = 48
 
 
 def row_bucket(rows: int, most: int) -> int:
@@ -296,14 +299,16 @@ class Decoder:
             self._slot_ids[:rows].copy_(torch.tensor(slots))
             self._slot_rows = (tuple(names), loaded, rows)
         key = (rows, columns, all(n is None for n in names))  # a batch of base rows has a graph of its own
-        entry = self._captured.get(key)
+        entry = self._captured.pop(key, None)  # re-inserted below: the dict's order is least recently replayed first
         if entry is not None and not entry.valid(loaded, self.cache.generation):
-            del self._captured[key]
             entry = None
         if entry is None:
             entry = self._capture(key, loaded)
             if entry is None:
                 return None
+        self._captured[key] = entry
+        while len(self._captured) > MAX_GRAPHS:
+            del self._captured[next(iter(self._captured))]
         entry.replay()
         return entry.logits.clone()  # the next replay overwrites the graph's output
 
@@ -324,9 +329,7 @@ class Decoder:
                   for k in (LORA_STACK, IA3_STACK) if k in m.__dict__]
         replay, logits, self._pool = capture(run, self._pool)
         self.captures += 1
-        entry = _Graph(replay, logits, loaded, self.cache.generation, stacks)
-        self._captured[key] = entry
-        return entry
+        return _Graph(replay, logits, loaded, self.cache.generation, stacks)
 
 
 def capture(fn, pool) -> tuple:
