@@ -115,6 +115,10 @@ def test_a_module_that_groups_rows_keeps_its_adapters_eager(tokenizer, monkeypat
     tokens, _ = _run(engine, requests)
     assert engine.decoder.captures == 0
     assert tuple(adapter_state(engine.model).methods) in engine.decoder._eager
+    used = []
+    adopt = engine.decoder.adopt
+    monkeypatch.setattr(engine.decoder, "adopt", lambda *a: used.append(1) or adopt(*a))
+    assert _run(engine, requests)[0] == tokens and not used  # the next waves decode on DynamicCache
     engine.decoder = None
     assert _run(engine, requests)[0] == tokens
 

@@ -221,7 +221,8 @@ class Engine:
                     if batch is None:  # the running rows finished first: the joiners' prefill runs on alone
                         batch, joining = self._finish(joining), None
                         continue
-                    if slotted and not isinstance(batch.cache, SlotCache) and can_merge(batch):
+                    if (slotted and not isinstance(batch.cache, SlotCache) and can_merge(batch)
+                            and self.decoder.capturable()):
                         batch = self.decoder.adopt(batch, _need(batch.rows))
                     batch, joining = self._join(batch, group, wave, joining)
                     self.running = len(batch.rows)

@@ -234,6 +234,11 @@ class Decoder:
                 self.cache.clear()
         self._claim.release()
 
+    def capturable(self) -> bool:
+        """Whether the loaded adapters' steps can be captured (not found to group rows by adapter): a wave on a
+        set that cannot be decodes on transformers' DynamicCache, which is faster than eager slot steps."""
+        return tuple(adapter_state(self.model).methods) not in self._eager
+
     def adopt(self, batch, need: int):
         """`batch`, just prefilled on a `DynamicCache` (and its next tokens chosen), moved into the slot cache;
         `need`: the most positions any of its rows can reach (prompt + max_tokens)."""
