@@ -34,7 +34,7 @@ from tunelab.serve.errors import BadRequest, ClientGone, QueueFull
 from tunelab.serve.logits import Controls, prompt_logprobs, read_step, step_numbers
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.request import GenerationRequest, GenerationResult, Row, StepRead, settle
-from tunelab.serve.slots import Decoder, SlotCache
+from tunelab.serve.slots import Decoder, SlotCache, positions_needed, slot_ready
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult"]
 
@@ -84,7 +84,7 @@ class Engine:
         # bench/results/serve_gpu_h200_prev.json against 45.8 in serve_gpu_h200.json), and always when the model's attention cannot take the slot cache's 4D mask
         graphs = _device(model).type == "cuda" if cuda_graphs is None else cuda_graphs
         self.decoder = (Decoder(model, rows=max_batch_size, context=self.context_length, cache_kw=self._cache_kw,
-                                graphs=True) if graphs and _slot_ready(model) else None)
+                                graphs=True) if graphs and slot_ready(model) else None)
         self.metrics.gauge("tunelab_cuda_graphs", "decode steps captured as CUDA graphs so far",
                            lambda: self.decoder.captures if self.decoder is not None else 0)
 
@@ -223,7 +223,7 @@ class Engine:
                         continue
                     if (slotted and not isinstance(batch.cache, SlotCache) and can_merge(batch)
                             and self.decoder.capturable()):
-                        batch = self.decoder.adopt(batch, _need(batch.rows))
+                        batch = self.decoder.adopt(batch, positions_needed(batch.rows))
                     batch, joining = self._join(batch, group, wave, joining)
                     self.running = len(batch.rows)
                     batch = self._advance(batch, self._forward(batch))
@@ -316,7 +316,7 @@ class Engine:
         if extra is None:
             return batch, None
         if isinstance(batch.cache, SlotCache):
-            return self.decoder.join(batch, extra, _need(extra.rows)), None
+            return self.decoder.join(batch, extra, positions_needed(extra.rows)), None
         return merge(batch, extra, self.model.config), None
 
     def _finish(self, joining: Prefill) -> Batch | None:
@@ -358,18 +358,6 @@ class Engine:
             finally:
                 state.row_adapters, state.active = None, ()
         return out.logits if every_position else out.logits[:, -1, :]
-
-
-def _need(rows: list[Row]) -> int:
-    """The most positions any of `rows` can hold: its prompt and max_tokens."""
-    return max(len(r.request.prompt_ids) + r.request.max_tokens for r in rows)
-
-
-def _slot_ready(model) -> bool:
-    """Whether the model's attention takes the slot cache's additive 4D mask (eager and SDPA attention do)."""
-    cfg = model.config
-    return not getattr(cfg, "is_encoder_decoder", False) and getattr(cfg, "_attn_implementation", None) in (
-        "sdpa", "eager")
 
 
 def _fail(rows: list[Row], err: Exception) -> None:

@@ -49,6 +49,18 @@ def power_of_two(n: int, least: int) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
+def positions_needed(rows: list) -> int:
+    """The most positions any of `rows` can hold: its prompt and max_tokens."""
+    return max(len(r.request.prompt_ids) + r.request.max_tokens for r in rows)
+
+
+def slot_ready(model) -> bool:
+    """Whether the model's attention takes the slot cache's additive 4D mask (eager and SDPA attention do)."""
+    cfg = model.config
+    return not getattr(cfg, "is_encoder_decoder", False) and getattr(cfg, "_attn_implementation", None) in (
+        "sdpa", "eager")
+
+
 class SlotCache:
     """Keys and values of up to `rows` rows, each in its own slot from column 0 (see the module docstring).
 
