@@ -5,7 +5,9 @@ Weak scaling with the same global batch on both sides, so the losses can be comp
 - N GPUs: `--strategy fsdp` (or ddp), micro-batch B, grad_accum N: each rank runs one micro-batch of B a step;
 - 1 GPU: the plain loop, micro-batch B, grad_accum N: the same N*B examples a step, in N micro-batches.
 Reported per case: tokens/s on 1 and N GPUs (median step after `--warmup`), scaling efficiency
-tps_N / (N * tps_1), the peak memory of every GPU, and the loss parity over the first `--steps` (20) steps.
+tps_N / (N * tps_1), the MFU per GPU (model FLOPs as bench/train_gpu.py counts them, against 989 TFLOP/s), the
+peak memory of every GPU, and the loss parity over the first `--steps` (20) steps. A side that fails (one GPU
+out of memory) is recorded with its error, and the other side's figures are kept.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 
     PYTHONPATH=src python3 bench/train_multi_gpu.py --nproc 8 --out bench/results/train_multi_gpu_h200x8.json
@@ -23,15 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_dist_common as common  # noqa: E402
 import train_gpu_cases as cases  # noqa: E402
+from train_gpu import PEAK_FLOPS, matmul_params  # noqa: E402
 
 # name: (shape, method, micro-batch, seq, strategy, extra case keys)
 CASES = {
     "1b-lora": ("1b", "lora", 8, 2048, "fsdp", {}),
     "1b-full": ("1b", "full", 8, 2048, "fsdp", {}),
     "1b-lora-ddp": ("1b", "lora", 8, 2048, "ddp", {}),
+    "1b-full-ddp": ("1b", "full", 8, 2048, "ddp", {}),  # weights, gradients and AdamW state replicated (~20 GB)
     "8b-lora": ("8b", "lora", 4, 2048, "fsdp", {}),
     "8b-lora-ddp": ("8b", "lora", 4, 2048, "ddp", {}),  # the frozen base replicated (16 GB in bf16 per GPU)
-    "8b-full": ("8b", "full", 2, 2048, "fsdp", {"checkpointing": True}),  # one GPU needs it for 8B full
+    # 4x2048 per GPU, the shape; one GPU cannot hold 8B full FT with fp32 master weights and AdamW
+    # (16 bytes a parameter, 128 GB before activations): its side is tried and its error recorded
+    "8b-full": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True}),
 }
 TINY = {"tiny-lora": ("tiny", "lora", 2, 64, "fsdp", {}), "tiny-full": ("tiny", "full", 2, 64, "fsdp", {}),
         "tiny-lora-ddp": ("tiny", "lora", 2, 64, "ddp", {})}
@@ -40,18 +46,27 @@ TINY = {"tiny-lora": ("tiny", "lora", 2, 64, "fsdp", {}), "tiny-full": ("tiny", 
 def measure(name: str, nproc: int, args, work: Path) -> dict:
     shape, method, batch, seq, strategy, extra = {**CASES, **TINY}[name]
     spec = common.case(f"{name}-{batch}x{seq}", shape, method, batch, seq, args.steps, accum=nproc, **extra)
-    one = common.run_case({**spec, "name": spec["name"] + "-1gpu"}, work, None, args.case_timeout)
+    one = {"error": "not run (--n-gpu-only)"} if args.n_gpu_only else \
+        common.run_case({**spec, "name": spec["name"] + "-1gpu"}, work, None, args.case_timeout)
     many = common.run_case({**spec, "name": f"{spec['name']}-{nproc}gpu-{strategy}", "set": {"strategy": strategy}},
                            work, nproc, args.case_timeout)
     row = {"case": name, "method": method, "strategy": strategy, "nproc": nproc, "micro_batch": batch, "seq": seq,
            "global_batch": batch * nproc, **extra}
-    if "error" in one or "error" in many:
+    if "error" in many:
         return row | {"one_gpu_error": one.get("error"), "n_gpu_error": many.get("error")}
     tokens = batch * nproc * seq  # a step's tokens, on both sides
-    a, b = common.throughput(one, tokens, args.warmup), common.throughput(many, tokens, args.warmup)
+    shape_ = cases.SHAPES[shape]
+    per_token = (6 if method == "full" else 4) * matmul_params(shape_) + \
+        12 * shape_["num_hidden_layers"] * shape_["hidden_size"] * seq
+    b = common.throughput(many, tokens, args.warmup)
+    row |= {"n_gpu": b | {"mfu_per_gpu": per_token * b["tokens_per_second"] / nproc / PEAK_FLOPS,
+                          "peak_memory_per_gpu": many["peak_memory_per_rank"], "world_size": many["world_size"]}}
+    if "error" in one:
+        return row | {"one_gpu_error": one["error"]}
+    a = common.throughput(one, tokens, args.warmup)
     return row | {
-        "one_gpu": a | {"peak_memory_bytes": one["peak_memory_bytes"]},
-        "n_gpu": b | {"peak_memory_per_gpu": many["peak_memory_per_rank"], "world_size": many["world_size"]},
+        "one_gpu": a | {"mfu": per_token * a["tokens_per_second"] / PEAK_FLOPS,
+                        "peak_memory_bytes": one["peak_memory_bytes"]},
         "speedup": b["tokens_per_second"] / a["tokens_per_second"],
         "scaling_efficiency": b["tokens_per_second"] / (nproc * a["tokens_per_second"]),
         "loss_parity": common.loss_parity(one["losses"], many["losses"], 20),
@@ -62,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, required=True, help="GPUs (processes) of the distributed side")
     p.add_argument("--cases", default=None, help=f"comma-separated: {', '.join(CASES)} (default: all but ddp)")
+    p.add_argument("--n-gpu-only", action="store_true", help="skip the one-GPU side (a case one GPU cannot hold)")
     p.add_argument("--tiny", action="store_true", help="tiny Llamas on the CPU (gloo): a smoke test")
     args = common.parse_run_args(p, case_timeout=580)
     names = (args.cases.split(",") if args.cases else

@@ -234,3 +234,20 @@ def test_launcher_arguments_and_qlora_refusal():
     assert choose_strategy("auto", torch.nn.Linear(2, 2), "lora") == "ddp"  # small: replicated
     assert choose_strategy("auto", torch.nn.Linear(2, 2), "lora", 1) == "none"  # one process: no wrapper
     assert choose_strategy("fsdp", torch.nn.Linear(2, 2), "lora", 1) == "fsdp"  # unless asked for
+
+
+def test_auto_replicates_what_fits_a_gpu_and_shards_the_rest(monkeypatch):
+    """`auto` on a GPU: DDP while weights + (gradient, bucket, two AdamW moments) of the trainables take at most
+    half the GPU's memory, else FSDP2; on CPU the parameter count decides."""
+    from tunelab.train import distributed as d
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))  # 2 x 20 fp32 parameters
+    model[0].requires_grad_(False)  # a frozen base part: weights only
+    assert d.replicated_state(model) == 40 * 4 + 20 * 16
+    assert d.replicated_state_fits(model, gpu_memory=2 * 480)
+    assert not d.replicated_state_fits(model, gpu_memory=2 * 480 - 1)
+    assert d.replicated_state_fits(model)  # on CPU: 40 parameters, below FSDP_AUTO_PARAMS
+    monkeypatch.setattr(d, "FSDP_AUTO_PARAMS", 40)
+    assert not d.replicated_state_fits(model)
+    assert d.choose_strategy("auto", model, "lora") == "fsdp"
+    assert d.choose_strategy("auto", model, "qlora") == "ddp"  # NF4 cannot be sharded: replicated regardless
