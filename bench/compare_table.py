@@ -1,6 +1,7 @@
 """The README's compare table, from a compare's results.json: one row for the untouched base model, one per strategy.
 
     python bench/compare_table.py bench/results/compare_smollm2_cpu.json
+    python bench/compare_table.py bench/results/compare_h200_minilm.json --recommend   # + today's rule's pick
 
 Figures over seeds are means with their spread (min-max for 2 seeds, 95% interval for 3 or more), as in the
 report; memory is the tensor peak on CPU (the quantity `tunelab plan` predicts) with the OS RSS growth beside it,
@@ -59,5 +60,20 @@ def table(results: CompareResults) -> str:
     return "\n".join(rows)
 
 
+def recommendation(results: CompareResults) -> str:
+    """The current rule (tunelab.measure.recommend) applied to a results file's measurements, with the run's
+    own settings (priority, memory budget, tasks): what compare recommends today from those figures."""
+    from tunelab.measure.recommend import recommend
+
+    c = results.config
+    rec = recommend(results.strategies, priority=c.priority, gpu_memory=c.gpu_memory, tasks=c.tasks)
+    return "\n".join([f"Recommended today: {rec.strategy} (priority {c.priority}, {c.tasks} task(s))",
+                      *(f"- {r}" for r in rec.reasons)])
+
+
 if __name__ == "__main__":
-    print(table(CompareResults.model_validate_json(Path(sys.argv[1]).read_text())))
+    results = CompareResults.model_validate_json(Path(sys.argv[1]).read_text())
+    print(table(results))
+    if "--recommend" in sys.argv[2:]:
+        print()
+        print(recommendation(results))

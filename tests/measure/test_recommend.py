@@ -63,17 +63,46 @@ def test_priority_memory_picks_least_memory_above_the_quality_floor():
 
 
 def test_k_tasks_storage_breaks_a_quality_tie():
-    # lora is at 2.00 / 2.03 = 98.5% of full: tied within 2%. One task: full is one model (540 MB) against base
-    # + adapter (544 MB) -> full. Ten tasks: 5.4 GB against 582 MB -> lora.
+    # lora is at 2.00 / 2.03 = 98.5% of full: tied within 2%. Ten tasks: 5.4 GB against 582 MB -> lora.
     strategies = [full(), lora()]
-    rec = recommend(strategies, priority="quality", tasks=1)
-    assert rec.strategy == "full"
-    assert rec.reasons[0] == "full: the best validation loss, 2; lora reaches 2.03 (98.5% of it)"
     rec = recommend(strategies, priority="quality", tasks=10)
     assert rec.strategy == "lora"
     assert storage_for(strategies[0], 10) == 10 * BASE
     assert storage_for(strategies[1], 10) == BASE + 10 * int(4.2 * MB)
     assert any("10 task(s) take 582.0 MB against 5.4 GB" in r for r in rec.reasons)
+    # one task: full is one model (540 MB), lora the base + its adapter (544.2 MB, 0.8% more): bytes within 2%
+    # do not decide; lora forgets less (prose ppl 21 against 26) -> lora
+    rec = recommend(strategies, priority="quality", tasks=1)
+    assert rec.strategy == "lora"
+    assert "then forgets least" in rec.reasons[1]
+    # an adapter 3.7% bigger than the one model (20 MB): the bytes decide -> full
+    big = strategy("adapter", 2.03, int(0.8 * GB), size=20 * MB, after_ppl=21.0)
+    rec = recommend([full(), big], priority="quality", tasks=1)
+    assert rec.strategy == "full"
+    assert rec.reasons[0] == "full: the best validation loss, 2; adapter reaches 2.03 (98.5% of it)"
+
+
+def test_forgetting_breaks_a_tie_only_where_measured():
+    # no forgetting figure for lora: it counts as the worst; equal forgetting: the better quality decides
+    unmeasured = lora()
+    unmeasured.forgetting = None
+    rec = recommend([full(), unmeasured], priority="quality", tasks=1)
+    assert rec.strategy == "full"  # full's forgetting is measured (26), lora's is not (counts as worst)
+    both = [full(), lora()]
+    both[1].forgetting = both[0].forgetting
+    assert recommend(both, priority="quality", tasks=1).strategy == "full"  # equal forgetting: better quality
+
+
+def test_probe_forgetting_breaks_a_classification_tie():
+    def probed(s, after):
+        s.forgetting = Forgetting(measure="probe_accuracy", before_accuracy=0.93, after_accuracy=after,
+                                  delta=0.93 - after, delta_percent=100 * (0.93 - after) / 0.93)
+        return s
+
+    a = probed(full(val_loss=0.16, val_accuracy=0.950), 0.72)
+    b = probed(lora(val_loss=0.13, val_accuracy=0.946), 0.905)
+    rec = recommend([a, b], priority="quality", tasks=1)
+    assert rec.strategy == "lora"  # tied in accuracy, bytes within 2%: the probe keeps more after lora
 
 
 def test_reasons_are_numbers_against_full():

@@ -17,9 +17,13 @@ The rule, step by step (docs/compare.md states the same rule; tests/measure/test
    probe's accuracy after training, higher).
 6. Strategies within `TIE_TOLERANCE` (2%) of the best score are tied; so are strategies whose figure is
    indistinguishable from the best one's over the seeds (`--seeds N`, N >= 2: their spreads overlap, see
-   `tunelab.measure.stats`). Among the tied, the one that needs the fewest bytes to serve K tasks (`--tasks K`:
-   K whole models, or one base + K adapters) wins; then the better quality; then the order in which the
-   strategies were compared. The reasons name the strategies tied with the pick.
+   `tunelab.measure.stats`). Among the tied, those that need the fewest bytes to serve K tasks (`--tasks K`:
+   K whole models, or one base + K adapters; within `TIE_TOLERANCE` of the fewest) go first; among them the one
+   that forgets least (prose perplexity after training, or the probe's accuracy after, where measured), then the
+   better quality, then the order in which the strategies were compared. The reasons name the strategies tied
+   with the pick. (With one task, full fine-tuning's one model and a base plus one small adapter need about the
+   same bytes; forgetting then tells them apart, where a difference of a fraction of a percent in bytes would
+   not.)
 """
 
 from __future__ import annotations
@@ -133,18 +137,32 @@ def tied_with_best(strategies: list[StrategyResult], priority: Priority,
             or indistinguishable(s.spread.get(key), best.spread.get(key)) for s in strategies}
 
 
+def forgetting_score(s: StrategyResult, probe: bool) -> float:
+    """How much `s` forgot, lower is better (inf when not measured): prose perplexity after training, or minus
+    the forgetting probe's accuracy after training."""
+    if s.forgetting is None:
+        return math.inf
+    value = -s.forgetting.after_accuracy if probe else s.forgetting.after_perplexity
+    return math.inf if value is None else value
+
+
 def rank(strategies: list[StrategyResult], priority: Priority, tasks: int,
          quality: dict[str, float]) -> list[StrategyResult]:
     """Steps 5 and 6: the eligible strategies, best first."""
-    score, higher_better = _score(priority, quality, _by_probe(strategies))
+    probe = _by_probe(strategies)
+    score, higher_better = _score(priority, quality, probe)
     sign = -1 if higher_better else 1
     order = {s.name: i for i, s in enumerate(strategies)}
     ties = tied_with_best(strategies, priority, quality)
+    fewest = min((_or_inf(storage_for(s, tasks)) for s in strategies if ties[s.name]), default=math.inf)
 
     def key(s: StrategyResult):
-        tied = ties[s.name]
-        storage = _or_inf(storage_for(s, tasks))
-        first = (0, storage) if tied else (1, sign * score(s))
+        if ties[s.name]:
+            storage = _or_inf(storage_for(s, tasks))
+            near_fewest = storage <= fewest * (1 + TIE_TOLERANCE)
+            first = (0, 0.0 if near_fewest else storage, forgetting_score(s, probe))
+        else:
+            first = (1, sign * score(s), 0.0)
         return (*first, -quality[s.name], order[s.name])
 
     return sorted(strategies, key=key)
@@ -207,7 +225,8 @@ def tie_reason(pick: StrategyResult, tied: list[StrategyResult], priority: Prior
     how = (f"at {seeds} seeds (spreads overlap, or within {TIE_TOLERANCE:.0%}): {figures}" if seeds >= 2
            else f"within {TIE_TOLERANCE:.0%} of each other")
     return (f"{listed} are indistinguishable in {key.replace('_', ' ')} {how}; among them {pick.name} needs "
-            f"the fewest bytes to serve the tasks, then has the better quality")
+            f"the fewest bytes to serve the tasks (within {TIE_TOLERANCE:.0%}), then forgets least, then has the "
+            f"better quality")
 
 
 def _reference(pick: StrategyResult, ranking: list[StrategyResult], everything: list[StrategyResult]):
