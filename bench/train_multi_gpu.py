@@ -38,6 +38,9 @@ CASES = {
     # 4x2048 per GPU, the shape; one GPU cannot hold 8B full FT with fp32 master weights and AdamW
     # (16 bytes a parameter, 128 GB before activations): its side is tried and its error recorded
     "8b-full": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True}),
+    # --master-weights: fp32 shards of the weights, gradients and AdamW moments (FSDP2), fp32 masters (DDP, 1 GPU)
+    "8b-full-master": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True, "set": {"master_weights": True}}),
+    "1b-full-master-ddp": ("1b", "full", 8, 2048, "ddp", {"set": {"master_weights": True}}),
 }
 TINY = {"tiny-lora": ("tiny", "lora", 2, 64, "fsdp", {}), "tiny-full": ("tiny", "full", 2, 64, "fsdp", {}),
         "tiny-lora-ddp": ("tiny", "lora", 2, 64, "ddp", {})}
@@ -48,8 +51,8 @@ def measure(name: str, nproc: int, args, work: Path) -> dict:
     spec = common.case(f"{name}-{batch}x{seq}", shape, method, batch, seq, args.steps, accum=nproc, **extra)
     one = {"error": "not run (--n-gpu-only)"} if args.n_gpu_only else \
         common.run_case({**spec, "name": spec["name"] + "-1gpu"}, work, None, args.case_timeout)
-    many = common.run_case({**spec, "name": f"{spec['name']}-{nproc}gpu-{strategy}", "set": {"strategy": strategy}},
-                           work, nproc, args.case_timeout)
+    many = common.run_case({**spec, "name": f"{spec['name']}-{nproc}gpu-{strategy}",
+                            "set": {**spec.get("set", {}), "strategy": strategy}}, work, nproc, args.case_timeout)
     row = {"case": name, "method": method, "strategy": strategy, "nproc": nproc, "micro_batch": batch, "seq": seq,
            "global_batch": batch * nproc, **extra}
     if "error" in many:

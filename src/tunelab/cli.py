@@ -70,6 +70,9 @@ def train(
         help="With --gradient-checkpointing on CUDA: keep checkpointed block inputs in host memory.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
+    master_weights: Annotated[Optional[bool], typer.Option(
+        "--master-weights/--no-master-weights",
+        help="Update weights that train in bf16/fp16 (full, bitfit) through fp32 copies.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,
@@ -107,7 +110,7 @@ def train(
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, seed=seed,
                      output=output, save_every=save_every, keep_last=keep_last, nan_policy=nan_policy,
                      gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
-                     method_options=options or None, resume=resume or None, force=force or None,
+                     master_weights=master_weights, method_options=options or None, resume=resume or None, force=force or None,
                      overwrite=overwrite or None, trust_remote_code=trust_remote_code or None,
                      columns=parse_columns(columns), chat_template=chat_template, warmup_steps=warmup_steps,
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
@@ -288,6 +291,9 @@ def compare(
                                                         "a time, e.g. cuda:0,cuda:1 (default: --device).")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output dir for results.json, report.md/.html, plots.")] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
+    master_weights: Annotated[Optional[bool], typer.Option(
+        "--master-weights/--no-master-weights",
+        help="Runs update weights that train in bf16/fp16 (full) through fp32 copies.")] = None,
     combine: Annotated[Optional[str], typer.Option(help="Also combine the plain-LoRA strategies (linear, svd, ties, "
                                                         "...) and score the result against them (combined.json).")] = None,
 ) -> None:
@@ -301,7 +307,7 @@ def compare(
                   tune_lr=tune_lr, lr_grid=lr_grid, tune_fraction=tune_fraction, lr_for=lr_for,
                   options_for=set_for, columns=columns, chat_template=chat_template, eval_batches=eval_batches,
                   reference_data=reference_data, gpu_memory=gpu_memory, tasks=tasks, priority=priority,
-                  device=device, devices=devices, output=output, nproc=nproc)
+                  device=device, devices=devices, output=output, nproc=nproc, master_weights=master_weights)
     opts = build_options(values, load_yaml(config) if config else None, where=str(config) if config else "compare")
     if combine is not None:
         check_combination(combine)  # before anything trains
@@ -333,6 +339,8 @@ def plan(
     nproc: Annotated[int, typer.Option(min=1, help="GPUs of an FSDP2 run: predict the peak of each GPU.")] = 1,
     offload_activations: Annotated[bool, typer.Option("--offload-activations", help="With --gradient-checkpointing "
                                                       "on cuda: block inputs wait in host memory.")] = False,
+    master_weights: Annotated[bool, typer.Option("--master-weights", help="As train --master-weights: fp32 "
+                                                 "copies of the weights that train in bf16/fp16.")] = False,
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
@@ -345,7 +353,7 @@ def plan(
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
                        options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen,
-                       nproc=nproc, offload_activations=offload_activations)
+                       nproc=nproc, offload_activations=offload_activations, master_weights=master_weights)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

@@ -29,7 +29,7 @@ RESULT_KEYS = (
     "model", "data", "task", "method", "method_options", "seed", "batch_size", "grad_accum", "lr",
     "weight_decay", "schedule", "warmup_steps", "max_steps", "epochs", "seq_len", "packing", "max_grad_norm",
     "val_fraction", "truncation", "adam_betas", "adam_eps", "columns", "chat_template", "packing_mask",
-    "add_tokens",
+    "add_tokens", "master_weights",
 )
 # the column names `columns` may map to (every format's, LLaMA-Factory's Alpaca and ShareGPT included)
 DATA_COLUMNS = ("text", "label", "prompt", "response", "messages", "instruction", "input", "output", "system",
@@ -84,6 +84,9 @@ class RunConfig(BaseModel):
     fused_loss: bool = True  # causal-lm: output head + cross-entropy chunked over tokens, never full logits
     liger_kernels: bool = True  # CUDA, liger-kernel installed: its RMSNorm, SwiGLU, RoPE (and fused loss kernel)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # mixed precision with fp32 master weights: parameters that train in a 16-bit dtype (full, bitfit on a bf16
+    # model) are updated through fp32 copies (train/optim.py), so small updates do not round away
+    master_weights: bool = False
     device: str = "auto"
     trust_remote_code: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"

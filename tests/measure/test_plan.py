@@ -477,3 +477,25 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
     totals = [by_method(plan(cfg, batch_size=1, seq_len=1024, methods=["full"], nproc=n))["full"].total_bytes
               for n in (1, 2, 8)]
     assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 2
+
+
+def test_master_weights_add_fp32_copies_and_moments_by_hand():
+    """`--master-weights` on a bf16 model: one process keeps bf16 weights and gradients plus fp32 masters and
+    moments (12 bytes a trained weight) and an fp32 gradient chunk at the step; FSDP2 holds the trained weights,
+    gradients and moments in fp32 shards. Adapter methods (already fp32) are unchanged."""
+    kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora"])
+    plain, master = by_method(plan(LLAMA, **kw)), by_method(plan(LLAMA, master_weights=True, **kw))
+    n = plain["full"].params_trainable
+    assert master["full"].weights_bytes == plain["full"].weights_bytes == 2 * n
+    assert master["full"].gradients_bytes == 2 * n
+    assert plain["full"].optimizer_bytes == 2 * 2 * n and master["full"].optimizer_bytes == (4 + 8) * n
+    assert master["full"].total_bytes >= plain["full"].total_bytes + 8 * n  # masters + fp32 moments are held
+    assert master["lora"] == plain["lora"]
+    two_plain = by_method(plan(LLAMA, nproc=2, **kw))
+    two = by_method(plan(LLAMA, master_weights=True, nproc=2, **kw))
+    assert two["full"].gradients_bytes == pytest.approx(4 * n / 2, abs=4)
+    assert two["full"].optimizer_bytes == pytest.approx(8 * n / 2, abs=8)
+    assert two["full"].weights_bytes == pytest.approx(two_plain["full"].weights_bytes + 2 * n / 2, abs=4)
+    fp32 = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="float32", device="cuda", methods=["full"],
+                          master_weights=True))
+    assert fp32["full"].optimizer_bytes == 2 * 4 * n  # an fp32 model has nothing to copy

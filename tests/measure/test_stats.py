@@ -72,8 +72,10 @@ def test_overlapping_spreads_are_ties_and_the_recommendation_says_so():
                   _strategy("adapter", [2.26, 2.33, 2.40], size=10 * 10**6),
                   _strategy("prefix", [3.70, 3.80, 3.90], size=10**6)]
     rec = recommend(strategies, "quality", None, 1)
-    assert rec.strategy == "lora"  # tied on quality; the smallest artifact to serve wins the tie
-    assert set(rec.tied) == {"dora", "adapter"} and "prefix" not in rec.tied and "full" not in rec.tied
+    # tied on quality; lora (102 MB to serve) and dora (103 MB) are within 2% of the fewest bytes, adapter
+    # (110 MB) is not; of the two, dora forgets less (prose ppl 20 + its mean loss: 22.353 against 22.36)
+    assert rec.strategy == "dora"
+    assert set(rec.tied) == {"lora", "adapter"} and "prefix" not in rec.tied and "full" not in rec.tied
     assert any("indistinguishable in val loss at 3 seeds" in r and "lora" in r and "adapter" in r
                for r in rec.reasons)
 

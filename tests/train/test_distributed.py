@@ -26,6 +26,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 LIMIT = 150  # seconds: any launch that takes longer hangs (the tests' bound on "no hang")
 CASES = {"lora-fsdp": ("lora", "fsdp"), "full-fsdp": ("full", "fsdp"), "lora-ddp": ("lora", "ddp")}
+# bf16 weights with fp32 masters: FSDP2 holds them in fp32 shards, one process in MasterWeightAdamW's state
+MASTER = {"full-fsdp-master": ("full", "fsdp"), "full-ddp-master": ("full", "ddp")}
+MASTER_SETTINGS = {"dtype": "bfloat16", "master_weights": True}
 
 
 def env(**extra) -> dict:
@@ -67,8 +70,9 @@ def runs(tiny_dirs, instruction_jsonl_module, tmp_path_factory):
     """Every case on 2 ranks (one torchrun launch) and on 1 process: {case: (one_dir, two_dir, cfg)}."""
     tmp = tmp_path_factory.mktemp("dist")
     out, files = {}, []
-    for case, (method, strategy) in CASES.items():
+    for case, (method, strategy) in (CASES | MASTER).items():
         cfg = config(tiny_dirs, instruction_jsonl_module, tmp / f"{case}-2", method, strategy)
+        cfg |= MASTER_SETTINGS if case in MASTER else {}
         files.append(tmp / f"{case}.json")
         files[-1].write_text(json.dumps(cfg))
         one = tmp / f"{case}-1"
@@ -96,6 +100,20 @@ def test_two_ranks_give_the_one_process_loss_curve(runs, case):
     summary = json.loads((two / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == CASES[case][1]
     assert len(summary["peak_memory_per_rank"]) == 2 and all(p > 0 for p in summary["peak_memory_per_rank"])
+
+
+@pytest.mark.parametrize("case", list(MASTER))
+def test_master_weights_on_two_ranks_follow_the_one_process_curve_and_save_bf16(runs, case):
+    """bf16 compute on both sides; FSDP2 reduces fp32 gradients into fp32 shards where one process steps fp32
+    copies of bf16 gradients, so the curves agree to bf16 rounding, not bit for bit."""
+    from safetensors import safe_open
+
+    one, two, _ = runs[case]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-2)
+    assert json.loads((two / "run.json").read_text())["strategy"] == MASTER[case][1]
+    for run in (one, two):
+        with safe_open(str(run / "artifact" / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # the model's own dtype
 
 
 def test_one_process_under_torchrun_wraps_nothing_and_gives_the_same_curve(runs, tmp_path):

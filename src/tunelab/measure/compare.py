@@ -130,7 +130,7 @@ def strategy_config(opts: CompareOptions, method, run_dir: Path, *, steps: int |
                   max_steps=steps or opts.max_steps, batch_size=opts.batch_size, seq_len=opts.seq_len,
                   lr=lr or opts.lr_for.get(method.name, method.default_lr), columns=opts.columns,
                   chat_template=opts.chat_template, eval_batches=opts.eval_batches, device=opts.device,
-                  dtype=opts.dtype)
+                  dtype=opts.dtype, master_weights=opts.master_weights)
     return build_config({}, values, where=f"compare strategy '{method.name}'")
 
 

@@ -149,7 +149,8 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
         result = plan(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, device=device,
                       options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task,
                       gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.fused_loss,
-                      offload_activations=cfg.offload_activations and device == "cuda")
+                      offload_activations=cfg.offload_activations and device == "cuda",
+                      master_weights=cfg.master_weights)
         if cfg.gradient_checkpointing and cfg.checkpoint_every != 1:
             notes.append(f"tunelab plan models checkpoint_every=1; this run recomputes every "
                          f"{cfg.checkpoint_every}th block only, so it keeps more than planned")

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from tunelab.errors import ConfigError, closest
 from tunelab.measure.plan_formulas import (
-    ADAMW_MOMENTS,
+    FP32,
     Runtime,
     block_bytes,
     final_bytes,
@@ -43,6 +43,7 @@ from tunelab.measure.plan_methods import TERMS, Strategy, build_strategy
 from tunelab.measure.plan_model import ModelInfo, describe_model
 from tunelab.methods import get_method
 from tunelab.methods.base import MethodOptions
+from tunelab.train.optim import MasterWeightAdamW
 from tunelab.validation import parse_model
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -161,6 +162,8 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
     loss_fwd += p * 2 * info.kv_dim * (s + st.prefix_tokens) * batch * info.layers if st.prefix_tokens else 0
     grads = st.trainable_bytes
     out = {"optimizer step": grads + optimizer_step_temp(rt, st.largest_trainable_bytes)}
+    if st.master == "optimizer":  # fp32 copies of one chunk's 16-bit gradients while it steps
+        out["optimizer step"] += min(MasterWeightAdamW.CHUNK_BYTES, FP32 * st.base_trainable)
     stored = _checkpointed_inputs(st, info, rt, batch, seq)
     kept = (stored if ckpt else blocks) + final
     out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes)
@@ -183,7 +186,7 @@ def activation_total(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq
 
 def estimate(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckpt: bool) -> StrategyEstimate:
     """The breakdown and peak of strategy `st` at batch size `batch` and sequence length `seq`."""
-    states = ADAMW_MOMENTS * st.trainable_bytes
+    states = st.optimizer_bytes
     by_phase = phases(st, info, rt, batch, seq, ckpt)
     phase = max(by_phase, key=by_phase.get)
     peak = st.weights_bytes + states + by_phase[phase] + rt.workspace_bytes
@@ -260,7 +263,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
-         fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False) -> PlanResult:
+         fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False,
+         master_weights: bool = False) -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -285,6 +289,9 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
             `batch_size` the micro-batch of one GPU (`plan_fsdp`).
         offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
             are planned in host memory (each strategy's notes give how much).
+        master_weights: the run's `--master-weights` on a 16-bit model: weights that train in the model dtype
+            (full fine-tuning) get fp32 master copies and fp32 AdamW moments (in the optimizer's state; under
+            FSDP2, `nproc` > 1, as fp32 shards with fp32 gradients).
 
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
@@ -308,6 +315,10 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     estimates = []
     for method in chosen:
         whole = build_strategy(method, info, opts[method], rt)
+        if master_weights and param_bytes < FP32 and whole.base_trainable:
+            whole.master = "held" if nproc > 1 else "optimizer"
+            if whole.master == "held":  # the trained weights' shards are fp32
+                whole.weights_bytes += whole.base_trainable * (FP32 - param_bytes)
         st = sharded(whole, info, nproc)
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
         est.params_trainable = whole.params_trainable  # the model's, not one GPU's share

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from tunelab.errors import ConfigError
 from tunelab.measure.plan_formulas import (
-    ADAPTER_BYTES, FP32, NF4_BYTES_PER_PARAM, NF4_DEQUANT_COPIES, NF4_DEQUANT_INDEX_BYTES, Keeps, Runtime,
+    ADAMW_MOMENTS, ADAPTER_BYTES, FP32, NF4_BYTES_PER_PARAM, NF4_DEQUANT_COPIES, NF4_DEQUANT_INDEX_BYTES, Keeps, Runtime,
     head_input_bytes,
 )
 from tunelab.measure.plan_model import Linear, ModelInfo
@@ -45,6 +45,9 @@ class Strategy:
     whole_model: bool = False  # every weight trains in the model dtype (the method's artifact is a model)
     adapter_params: int = 0  # fp32 trainable parameters (adapters, head copy, bias deltas)
     base_trainable: int = 0  # trainable parameters in the model dtype (full fine-tuning)
+    # `--master-weights` on a 16-bit model: "optimizer" (fp32 copies in MasterWeightAdamW's state) or "held"
+    # (FSDP2: the trained weights, their gradients and moments in fp32 shards); None: off
+    master: str | None = None
     weights_bytes: float = 0.0
     nf4_linears: bool = False  # the frozen linears below the head are stored as NF4 (4-bit)
     keeps: Keeps = field(default_factory=Keeps)
@@ -64,7 +67,17 @@ class Strategy:
     @property
     def trainable_bytes(self) -> float:
         """Bytes of the trainable parameters, which is also the bytes of their gradients."""
-        return self.adapter_params * ADAPTER_BYTES + self.base_trainable * self.param_bytes
+        base = FP32 if self.master == "held" else self.param_bytes
+        return self.adapter_params * ADAPTER_BYTES + self.base_trainable * base
+
+    @property
+    def optimizer_bytes(self) -> float:
+        """AdamW's two moments (in the trained parameter's dtype, fp32 with master weights), plus the fp32
+        master copies when the optimizer holds them."""
+        if self.master is None:
+            return ADAMW_MOMENTS * self.trainable_bytes
+        moments = ADAMW_MOMENTS * (self.adapter_params * ADAPTER_BYTES + self.base_trainable * FP32)
+        return moments + (self.base_trainable * FP32 if self.master == "optimizer" else 0)
 
 
 def build_strategy(method: str, info: ModelInfo, opts: MethodOptions, rt: Runtime) -> Strategy:

@@ -57,6 +57,8 @@ class World:
     strategy: str | None = None  # "fsdp", "ddp" or "none" once `wrap` ran
     forward_model: nn.Module | None = None  # what the loop calls (the DDP wrapper; the model itself under FSDP2)
     peak_bytes: list[int] = field(default_factory=list)
+    # `--master-weights` under FSDP2: the parameters held in fp32 for training, by name, with their own dtype
+    masters: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -182,6 +184,16 @@ def wrap(world: World, model: nn.Module, strategy: str, bf16: bool) -> None:
     world.forward_model = model
 
 
+def hold_trained_in_fp32(world: World, model: nn.Module) -> None:
+    """`--master-weights` under FSDP2: every trained 16-bit parameter becomes fp32 in place (tied ones once), so
+    its shards, gradients and AdamW moments are fp32 while `MixedPrecisionPolicy(param_dtype=bf16)` gathers
+    and computes in bf16 (as torchtitan trains). `consolidate` gives the artifact their own dtype back."""
+    for name, p in model.named_parameters():  # FSDP2 keeps these names for the sharded parameters
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            world.masters[name] = p.dtype
+            p.data = p.data.float()
+
+
 def rank_share(window: list[list[int]], batch_size: int, world: World) -> list[list[int]]:
     """This rank's micro-batches of a window (lists of example indices); `[]` marks a padding micro-batch.
 
@@ -277,12 +289,12 @@ def consolidate(world: World, model: nn.Module, trainable_only: bool) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     whole: dict[int, nn.Parameter] = {}
-    for _, p in model.named_parameters():  # the same order on every rank
+    for name, p in model.named_parameters():  # the same order on every rank
         if trainable_only and not p.requires_grad:
             continue
-        full = full_value(p)
-        if world.is_main:
-            whole[id(p)] = nn.Parameter(full.detach().cpu(), requires_grad=p.requires_grad)
+        full = full_value(p).detach().cpu()
+        if world.is_main:  # a master held in fp32 goes back to its own dtype
+            whole[id(p)] = nn.Parameter(full.to(world.masters.get(name, full.dtype)), requires_grad=p.requires_grad)
     if not world.is_main:
         return
     for module in model.modules():

@@ -100,7 +100,10 @@ def spread(world: distributed.World, cfg: RunConfig, loaded: LoadedModel, method
     """Shard (FSDP2) or replicate (DDP) the model over the ranks; trainables found before now are refreshed,
     since FSDP2 puts a sharded parameter in place of each one."""
     strategy = distributed.choose_strategy(cfg.strategy, loaded.model, method.name, world.size)
-    bf16 = torch.device(loaded.device).type == "cuda" and loaded.dtype == torch.bfloat16
+    if strategy == "fsdp" and cfg.master_weights:
+        distributed.hold_trained_in_fp32(world, loaded.model)  # FSDP2's policy casts them to bf16 for compute
+    cuda = torch.device(loaded.device).type == "cuda"
+    bf16 = loaded.dtype == torch.bfloat16 and (cuda or bool(world.masters))
     distributed.wrap(world, loaded.model, strategy, bf16)
     params = dict(loaded.model.named_parameters())
     t.extra = {q: params[q] for q in t.extra}
