@@ -9,9 +9,9 @@
 #   bash bench/compare_h200.sh smollm2    # SmolLM2-135M, the default instruction data, forgetting on BBC prose
 #   bash bench/compare_h200.sh minilm     # all-MiniLM-L6-v2, BBC news 5-topic classification (accuracy)
 #   bash bench/compare_h200.sh all        # both, one after the other
-#   bash bench/compare_h200.sh master     # full fine-tuning alone on both, with --master-weights (fp32 copies of
-#                                         # the bf16 weights): compare_h200_<name>_full_master.json, beside the
-#                                         # bf16-only full rows of the runs above
+#   bash bench/compare_h200.sh master     # full fine-tuning alone on both (smollm2_master, minilm_master: one),
+#                                         # with --master-weights (fp32 copies of the bf16 weights):
+#                                         # compare_h200_<name>_full_master.json, beside the bf16-only full rows
 #
 # Each writes bench/results/compare_h200_<name>.json (results.json), compare_h200_<name>_report.md and
 # compare_h200_<name>_plots/*.png, plus the console log; with $OUT set (the device tool), copies go there too.
@@ -62,12 +62,13 @@ run_one() {  # name, then the compare flags
 }
 
 case "$which" in
-  smollm2|all) run_one smollm2 --model smollm2-135m --data default ;;&
-  minilm|all) run_one minilm --model minilm-l6 --data default --task classification ;;
-  smollm2) ;;
-  master)
-    run_one smollm2_full_master --model smollm2-135m --data default --methods full --master-weights
-    run_one minilm_full_master --model minilm-l6 --data default --task classification --methods full \
-      --master-weights ;;
-  *) echo "usage: bash bench/compare_h200.sh smollm2|minilm|all|master" >&2; exit 2 ;;
+  smollm2|minilm|all|master|smollm2_master|minilm_master) ;;
+  *) echo "usage: bash bench/compare_h200.sh smollm2|minilm|all|master|smollm2_master|minilm_master" >&2; exit 2 ;;
 esac
+case "$which" in smollm2|all) run_one smollm2 --model smollm2-135m --data default ;; esac
+case "$which" in minilm|all) run_one minilm --model minilm-l6 --data default --task classification ;; esac
+case "$which" in master|smollm2_master)
+  run_one smollm2_full_master --model smollm2-135m --data default --methods full --master-weights ;; esac
+case "$which" in master|minilm_master)
+  run_one minilm_full_master --model minilm-l6 --data default --task classification --methods full \
+    --master-weights ;; esac
