@@ -121,3 +121,12 @@ def worker() -> None:
 
 if __name__ == "__main__":
     worker()
+    if "WORLD_SIZE" in os.environ:  # as `python -m tunelab` under torchrun (tunelab/__main__.py): leave the process
+        # group, then exit without the interpreter's teardown, which can abort a rank of a finished run (SIGSEGV
+        # or SIGABRT in the communication library's threads) while rank 0 is still writing its artifact
+        from tunelab.train.distributed import shutdown
+
+        shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
