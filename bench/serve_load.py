@@ -101,6 +101,8 @@ async def load(url: str, service, models: list[str], prompt: str, args) -> dict:
 
     log = {"ttft": [], "itl": [], "tpot": []}
     generated = service.engine.metrics.counters
+    decoder = service.engine.decoder
+    captures = decoder.captures if decoder is not None else 0
     http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=args.clients + 4))
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
                                   http_client=http) as api:
@@ -116,6 +118,8 @@ async def load(url: str, service, models: list[str], prompt: str, args) -> dict:
     def pct(xs, q):
         return round(statistics.quantiles(xs, n=100)[q - 1] * 1e3, 2) if len(xs) >= 2 else None
     return {"output_tokens_per_s": round(tokens / wall, 1), "requests_first_token": len(log["ttft"]),
+            # CUDA graphs captured during this load (a capture stalls the batch it serves: a first-seen size)
+            "graph_captures": (decoder.captures if decoder is not None else 0) - captures,
             "requests_finished": len(log["tpot"]),
             "ttft_ms_p50": pct(log["ttft"], 50), "ttft_ms_p99": pct(log["ttft"], 99),
             "itl_ms_p50": pct(log["itl"], 50), "itl_ms_p99": pct(log["itl"], 99),

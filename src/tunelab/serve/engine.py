@@ -79,9 +79,10 @@ class Engine:
         # 0.67x the active path's time and a stacked decode step 0.80x (19.8 ms against 24.8)
         self.stack_one_adapter = {"prefill", "decode"}
         # decode steps of mixed-adapter waves replayed as CUDA graphs on a preallocated slot cache (slots.py):
-        # by default on a GPU. None: waves decode eagerly on transformers' DynamicCache, which measured faster than
-        # eager steps on the slot cache for mixed batches (H200, 1B, 32 rows: 29.8 ms a step in
-        # bench/results/serve_gpu_h200_prev.json against 45.8 in serve_gpu_h200.json), and always when the model's attention cannot take the slot cache's 4D mask
+        # by default on a GPU. None: waves decode eagerly on transformers' DynamicCache, which measured as fast as
+        # eager steps on the slot cache for mixed batches (H200, 1B, 32 rows: 28.0 against 28.6 ms a step in
+        # bench/results/serve_gpu_h200.json), and always when the model's attention cannot take the slot cache's
+        # 4D mask
         graphs = _device(model).type == "cuda" if cuda_graphs is None else cuda_graphs
         self.decoder = (Decoder(model, rows=max_batch_size, context=self.context_length, cache_kw=self._cache_kw,
                                 graphs=True) if graphs and slot_ready(model) else None)
