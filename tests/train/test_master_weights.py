@@ -27,17 +27,19 @@ def _steps(opt, p, grads):
         opt.zero_grad()
 
 
-def test_small_updates_round_away_in_bf16_and_accumulate_through_the_master():
+@pytest.mark.parametrize("fused", [False, True])  # fused: the kernel a GPU run steps with (CPU has it too)
+def test_small_updates_round_away_in_bf16_and_accumulate_through_the_master(fused):
     grads = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(20)]
     plain = torch.nn.Parameter(_weights())
     _steps(torch.optim.AdamW([plain], lr=1e-5, weight_decay=0.0), plain, grads)
     assert torch.equal(plain.detach(), _weights())  # every update of 1e-5 fell under half a bf16 step
 
     p = torch.nn.Parameter(_weights())
-    opt = MasterWeightAdamW([p], lr=1e-5, weight_decay=0.0)
+    opt = MasterWeightAdamW([p], lr=1e-5, weight_decay=0.0, fused=fused)
     _steps(opt, p, grads)
     reference = torch.nn.Parameter(_weights().float())  # fp32 AdamW on the same (bf16-valued) gradients
-    _steps(torch.optim.AdamW([reference], lr=1e-5, weight_decay=0.0), reference, [g.float() for g in grads])
+    _steps(torch.optim.AdamW([reference], lr=1e-5, weight_decay=0.0, fused=fused), reference,
+           [g.float() for g in grads])
     master = opt.state[p]["master"]
     assert master.dtype == torch.float32 and torch.equal(master, reference.detach())
     assert torch.equal(p.detach(), reference.detach().to(torch.bfloat16))  # the model holds the rounded master
