@@ -72,7 +72,7 @@ def train(
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     master_weights: Annotated[Optional[bool], typer.Option(
         "--master-weights/--no-master-weights",
-        help="Update weights that train in bf16/fp16 (full, bitfit) through fp32 copies.")] = None,
+        help="Update weights that train in bf16/fp16 (full fine-tuning) through fp32 copies.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,

@@ -84,7 +84,7 @@ class RunConfig(BaseModel):
     fused_loss: bool = True  # causal-lm: output head + cross-entropy chunked over tokens, never full logits
     liger_kernels: bool = True  # CUDA, liger-kernel installed: its RMSNorm, SwiGLU, RoPE (and fused loss kernel)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # mixed precision with fp32 master weights: parameters that train in a 16-bit dtype (full, bitfit on a bf16
+    # mixed precision with fp32 master weights: parameters that train in a 16-bit dtype (full fine-tuning of a bf16
     # model) are updated through fp32 copies (train/optim.py), so small updates do not round away
     master_weights: bool = False
     device: str = "auto"

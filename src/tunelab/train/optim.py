@@ -1,8 +1,9 @@
 """The optimizer (AdamW over the method's parameter groups) and the learning-rate schedules.
 
 `--master-weights` (mixed precision with fp32 master weights): a parameter that trains in a 16-bit dtype (full
-fine-tuning or BitFit of a bf16 model) loses every update smaller than half a step of its dtype at its
-magnitude (bf16 keeps 8 significant bits: about 6e-5 for a weight of 0.02, so an lr of 1e-5 rounds away).
+fine-tuning of a bf16 model; adapters and BitFit's deltas are fp32 already) loses every update smaller than half
+a step of its dtype at its magnitude (bf16 keeps 8 significant bits: about 6e-5 for a weight of 0.02, so an lr
+of 1e-5 rounds away).
 `MasterWeightAdamW` keeps an fp32 copy of each such parameter in its state, applies AdamW to the copy, and
 writes the rounded result back, so the model still computes in bf16 and small updates accumulate. Under FSDP2
 the trained parameters are held in fp32 instead and the mixed-precision policy casts them for compute
