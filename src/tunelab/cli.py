@@ -336,11 +336,13 @@ def plan(
     set_for: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE option of one method "
                                                               "(repeatable; wins over --set).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    nproc: Annotated[int, typer.Option(min=1, help="GPUs of an FSDP2 run: predict the peak of each GPU.")] = 1,
+    nproc: Annotated[int, typer.Option(min=1, help="GPUs of the run: predict the peak of each GPU.")] = 1,
     offload_activations: Annotated[bool, typer.Option("--offload-activations", help="With --gradient-checkpointing "
                                                       "on cuda: block inputs wait in host memory.")] = False,
     master_weights: Annotated[bool, typer.Option("--master-weights", help="As train --master-weights: fp32 "
                                                  "copies of the weights that train in bf16/fp16.")] = False,
+    strategy: Annotated[str, typer.Option(help="With --nproc: auto (as train decides; give --gpu-memory), fsdp "
+                                               "or ddp.")] = "auto",
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
@@ -353,7 +355,8 @@ def plan(
     result = make_plan(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
                        options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen,
-                       nproc=nproc, offload_activations=offload_activations, master_weights=master_weights)
+                       nproc=nproc, offload_activations=offload_activations, master_weights=master_weights,
+                       strategy=strategy)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

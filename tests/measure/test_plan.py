@@ -458,7 +458,7 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
     final norm, head) and two blocks, plus one block's gradient and its fp32 copy (`measure/plan_fsdp.py`)."""
     one = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora"]))
     two = plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora", "qlora"],
-               nproc=2)
+               nproc=2, strategy="fsdp")
     est = by_method(two)
     outside = 2 * V * H + H  # untied embeddings and head, final norm
     block = (hand_llama_params() - outside) / L
@@ -474,8 +474,8 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
     assert est["full"].total_bytes > one["full"].total_bytes
     cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
-    totals = [by_method(plan(cfg, batch_size=1, seq_len=1024, methods=["full"], nproc=n))["full"].total_bytes
-              for n in (1, 2, 8)]
+    totals = [by_method(plan(cfg, batch_size=1, seq_len=1024, methods=["full"], nproc=n,
+                             strategy="fsdp"))["full"].total_bytes for n in (1, 2, 8)]
     assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 2
 
 
@@ -491,11 +491,34 @@ def test_master_weights_add_fp32_copies_and_moments_by_hand():
     assert plain["full"].optimizer_bytes == 2 * 2 * n and master["full"].optimizer_bytes == (4 + 8) * n
     assert master["full"].total_bytes >= plain["full"].total_bytes + 8 * n  # masters + fp32 moments are held
     assert master["lora"] == plain["lora"]
-    two_plain = by_method(plan(LLAMA, nproc=2, **kw))
-    two = by_method(plan(LLAMA, master_weights=True, nproc=2, **kw))
+    two_plain = by_method(plan(LLAMA, nproc=2, strategy="fsdp", **kw))
+    two = by_method(plan(LLAMA, master_weights=True, nproc=2, strategy="fsdp", **kw))
     assert two["full"].gradients_bytes == pytest.approx(4 * n / 2, abs=4)
     assert two["full"].optimizer_bytes == pytest.approx(8 * n / 2, abs=8)
     assert two["full"].weights_bytes == pytest.approx(two_plain["full"].weights_bytes + 2 * n / 2, abs=4)
     fp32 = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="float32", device="cuda", methods=["full"],
                           master_weights=True))
     assert fp32["full"].optimizer_bytes == 2 * 4 * n  # an fp32 model has nothing to copy
+
+
+def test_nproc_plans_the_strategy_train_would_take():
+    """`--strategy auto` as train decides it: DDP (a whole copy plus DDP's gradient buckets) when the replicated
+    state fits half the GPU, else FSDP2; without --gpu-memory by parameter count; qlora always DDP."""
+    kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora", "qlora"])
+    one = by_method(plan(LLAMA, **kw))
+    auto = by_method(plan(LLAMA, nproc=2, gpu_memory="80GB", **kw))
+    assert {m: e.distributed for m, e in auto.items()} == {"full": "ddp", "lora": "ddp", "qlora": "ddp"}
+    for m in ("full", "lora"):
+        assert auto[m].weights_bytes == one[m].weights_bytes + one[m].gradients_bytes  # + the buckets
+        assert auto[m].activations_bytes == one[m].activations_bytes and "DDP on 2 GPUs" in auto[m].notes[-1]
+    assert auto["qlora"].supported  # FSDP2 refuses NF4; auto replicates it
+    assert by_method(plan(LLAMA, nproc=2, **kw))["full"].distributed == "ddp"  # no budget: under 1B parameters
+    tight = by_method(plan(LLAMA, nproc=2, gpu_memory=one["full"].weights_bytes, **kw))
+    assert tight["full"].distributed == "fsdp" and tight["qlora"].distributed == "ddp"
+    cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
+    big = by_method(plan(cfg, batch_size=4, seq_len=2048, methods=["full", "lora"], nproc=2, gpu_memory="141GB",
+                         gradient_checkpointing=True))
+    assert big["full"].distributed == "fsdp" and big["lora"].distributed == "ddp"  # as measured on two H200s
+    with pytest.raises(ConfigError, match="strategy 'zero3': expected auto, fsdp or ddp"):
+        plan(LLAMA, nproc=2, strategy="zero3", **kw)

@@ -71,6 +71,7 @@ class StrategyEstimate(BaseModel):
     supported: bool = True
     fits: bool | None = None
     max_batch_size: int | None = None
+    distributed: str | None = None  # nproc > 1: "fsdp" or "ddp", the strategy the figures are per GPU of
     notes: list[str] = []
 
 
@@ -87,7 +88,8 @@ class PlanResult(BaseModel):
     device: str
     gradient_checkpointing: bool
     offload_activations: bool = False
-    nproc: int = 1  # GPUs the model is sharded over (FSDP2); every figure is per GPU
+    nproc: int = 1  # GPUs of the run (FSDP2 or DDP, per strategy); every figure is per GPU
+    strategy: str = "auto"  # the run's --strategy under nproc > 1: auto, fsdp or ddp
     gpu_memory_bytes: int | None
     options: dict[str, dict[str, Any]]  # each planned method's own options, as validated
     strategies: list[StrategyEstimate]
@@ -259,12 +261,42 @@ def _methods(methods: list[str] | None) -> list[str]:
     return chosen
 
 
+def distributed_strategy(requested: str, st: Strategy, info: ModelInfo, nproc: int,
+                         gpu_memory: int | None) -> str | None:
+    """The strategy a `train --nproc N --strategy REQUESTED` run of `st` would take (None on one process), by
+    the rule of `train/distributed.choose_strategy`, with `gpu_memory` standing for the GPU's memory."""
+    from tunelab.train.distributed import DDP_AUTO_SHARE, FSDP_AUTO_PARAMS, TRAINING_BYTES_PER_TRAINABLE
+
+    if nproc <= 1:
+        return None
+    if requested != "auto":
+        return requested
+    if st.nf4_linears:  # FSDP2 cannot shard NF4: auto replicates qlora
+        return "ddp"
+    if gpu_memory is None:
+        return "ddp" if info.params_total < FSDP_AUTO_PARAMS else "fsdp"
+    state = st.weights_bytes + st.params_trainable * TRAINING_BYTES_PER_TRAINABLE
+    return "ddp" if state <= DDP_AUTO_SHARE * gpu_memory else "fsdp"
+
+
+def replicated(st: Strategy, nproc: int) -> Strategy:
+    """`st` as one of `nproc` DDP ranks holds it: the whole model, plus DDP's gradient buckets (a flat copy of
+    the gradients it all-reduces)."""
+    note = (f"DDP on {nproc} GPUs: a whole copy per GPU, plus DDP's gradient buckets "
+            f"({human_gib(st.trainable_bytes)} GiB, a copy of the gradients)")
+    return dataclasses.replace(st, weights_bytes=st.weights_bytes + st.trainable_bytes, notes=[*st.notes, note])
+
+
+def human_gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
 def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
          fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False,
-         master_weights: bool = False) -> PlanResult:
+         master_weights: bool = False, strategy: str = "auto") -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -285,8 +317,11 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
             bitfit).
         task: causal-lm or classification; default from the config.
         fused_loss: the run's `fused_loss` switch (the loss without full logits; on by default).
-        nproc: GPUs of an FSDP2 run (`train --nproc N --strategy fsdp`): every figure is then per GPU, with
-            `batch_size` the micro-batch of one GPU (`plan_fsdp`).
+        nproc: GPUs of a `train --nproc N` run: every figure is then per GPU, with `batch_size` the micro-batch
+            of one GPU, under FSDP2 (`plan_fsdp`) or DDP (a whole copy plus its gradient buckets).
+        strategy: the run's `--strategy` with `nproc` > 1. `auto` decides per method as `train` does
+            (`train/distributed.py`): DDP when the replicated state fits half of `gpu_memory`, else FSDP2;
+            without `gpu_memory`, FSDP2 from `FSDP_AUTO_PARAMS` parameters on; qlora always DDP.
         offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
             are planned in host memory (each strategy's notes give how much).
         master_weights: the run's `--master-weights` on a 16-bit model: weights that train in the model dtype
@@ -303,6 +338,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
     if nproc < 1:
         raise ConfigError(f"nproc = {nproc}: expected a positive integer")
+    if strategy not in ("auto", "fsdp", "ddp"):
+        raise ConfigError(f"strategy {strategy!r}: expected auto, fsdp or ddp")
     if offload_activations and not (gradient_checkpointing and device == "cuda"):
         raise ConfigError("offload_activations: expected gradient_checkpointing on a cuda device; it parks the "
                           "checkpointed block inputs in host memory")
@@ -315,13 +352,15 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     estimates = []
     for method in chosen:
         whole = build_strategy(method, info, opts[method], rt)
+        spread = distributed_strategy(strategy, whole, info, nproc, budget)
         if master_weights and param_bytes < FP32 and whole.base_trainable:
-            whole.master = "held" if nproc > 1 else "optimizer"
+            whole.master = "held" if spread == "fsdp" else "optimizer"
             if whole.master == "held":  # the trained weights' shards are fp32
                 whole.weights_bytes += whole.base_trainable * (FP32 - param_bytes)
-        st = sharded(whole, info, nproc)
+        st = sharded(whole, info, nproc) if spread == "fsdp" else replicated(whole, nproc) if spread else whole
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
         est.params_trainable = whole.params_trainable  # the model's, not one GPU's share
+        est.distributed = spread
         if budget is not None:
             est.fits = est.supported and est.total_bytes <= budget
             est.max_batch_size = (largest_batch(st, info, rt, seq_len, gradient_checkpointing, budget)
@@ -331,9 +370,19 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
         batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
         gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations, nproc=nproc,
+        strategy=strategy,
         gpu_memory_bytes=budget,
         options={m: o.model_dump() for m, o in opts.items()}, strategies=estimates, notes=_plan_notes(info),
     )
+
+
+def _spread_title(result: PlanResult) -> str:
+    """', FSDP2 on 2 GPUs (per GPU)' (or DDP, or both where auto chose per method) for the table's title."""
+    if result.nproc <= 1:
+        return ""
+    kinds = sorted({e.distributed for e in result.strategies if e.distributed}, reverse=True)
+    names = " or ".join({"fsdp": "FSDP2", "ddp": "DDP"}[k] for k in kinds) or "FSDP2"
+    return f", {names} on {result.nproc} GPUs (per GPU)"
 
 
 def _plan_notes(info: ModelInfo) -> list[str]:
@@ -351,7 +400,7 @@ def render_plan(result: PlanResult):
              f"{result.batch_size} x seq {result.seq_len}, {result.dtype} on {result.device}"
              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}"
              f"{', activations offloaded' if result.offload_activations else ''}"
-             f"{f', FSDP2 on {result.nproc} GPUs (per GPU)' if result.nproc > 1 else ''}")
+             f"{_spread_title(result)}")
     notes = [f"{e.method}: {note}" for e in result.strategies for note in e.notes] + list(result.notes)
     table = Table(title=title, caption="\n".join(notes) or None)
     columns = ["method", "trainable", "weights", "grads", "AdamW", "activations", "logits", "total GiB",
