@@ -337,6 +337,22 @@ def test_compare_prediction_honours_set_for_dropout(tiny_dirs):
     assert predicted({"dropout": 0.1}) == with_dropout > predicted({})
 
 
+def test_compare_prediction_under_nproc_is_per_gpu_for_the_strategy_the_run_took(tiny_dirs):
+    """`compare --nproc 2`: the prediction is one GPU's, for the strategy in the run's run.json."""
+    from tunelab.config import build_config
+    from tunelab.measure.compare import _predicted_memory
+
+    cfg = build_config({}, dict(model=str(tiny_dirs["llama"]), method="full", batch_size=2, seq_len=16,
+                                device="cpu", output="unused"))
+    for strategy in ("ddp", "fsdp"):
+        expected = plan(tiny_dirs["llama"], batch_size=2, seq_len=16, device="cpu", methods=["full"], nproc=2,
+                        strategy=strategy).strategies[0].peak_tensor_bytes
+        assert _predicted_memory(cfg, [], 2, strategy) == expected
+    assert _predicted_memory(cfg, [], 2, "ddp") != _predicted_memory(cfg, [], 2, "fsdp")
+    assert _predicted_memory(cfg, []) == plan(tiny_dirs["llama"], batch_size=2, seq_len=16, device="cpu",
+                                             methods=["full"]).strategies[0].peak_tensor_bytes
+
+
 # --- against PyTorch itself: saved tensors and the allocator peak of real steps on CPU ------------------
 
 def saved_activation_bytes(model, **inputs) -> int:

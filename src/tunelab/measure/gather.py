@@ -100,7 +100,9 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         params_total=summary.get("params_total"), params_trainable=summary.get("params_trainable"),
         trainable_percent=summary.get("trainable_percent"), peak_memory_bytes=peak, peak_memory_source=source,
         tensor_peak_bytes=peak if source and "cuda" in source else worker.get("tensor_peak_bytes"),
-        predicted_memory_bytes=_predicted_memory(cfg, notes), tokens_per_second=tps, wall_seconds=seconds,
+        predicted_memory_bytes=_predicted_memory(cfg, notes, summary.get("world_size") or 1,
+                                                 summary.get("strategy")),
+        tokens_per_second=tps, wall_seconds=seconds,
         artifact_bytes=artifact, final_train_loss=summary.get("final_train_loss"),
         val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
         val_accuracy=summary.get("val_accuracy"),
@@ -137,8 +139,9 @@ def baseline_record(result: dict) -> Baseline:
     return Baseline(**{k: result[k] for k in Baseline.model_fields if k in result})
 
 
-def _predicted_memory(cfg, notes: list[str]) -> int | None:
-    """`tunelab plan`'s estimate of this run's tensor peak on the run's device, where it has one.
+def _predicted_memory(cfg, notes: list[str], world_size: int = 1, strategy: str | None = None) -> int | None:
+    """`tunelab plan`'s estimate of this run's tensor peak on the run's device (per GPU, for the strategy the run
+    took, under `compare --nproc`), where it has one.
 
     The planner reads only the model's config, and the run's method options as `train --set` reads them
     (every option reaches the planner; the few that change memory but are not modelled are planned at their
@@ -150,7 +153,8 @@ def _predicted_memory(cfg, notes: list[str]) -> int | None:
                       options_for={cfg.method: cfg.method_options}, methods=[cfg.method], task=cfg.task,
                       gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.fused_loss,
                       offload_activations=cfg.offload_activations and device == "cuda",
-                      master_weights=cfg.master_weights)
+                      master_weights=cfg.master_weights, nproc=world_size,
+                      strategy=strategy if strategy in ("fsdp", "ddp") else "auto")
         if cfg.gradient_checkpointing and cfg.checkpoint_every != 1:
             notes.append(f"tunelab plan models checkpoint_every=1; this run recomputes every "
                          f"{cfg.checkpoint_every}th block only, so it keeps more than planned")
