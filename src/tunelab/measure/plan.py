@@ -38,7 +38,7 @@ from tunelab.measure.plan_formulas import (
     optimizer_step_temp,
     runtime,
 )
-from tunelab.measure.plan_fsdp import sharded
+from tunelab.measure.plan_fsdp import distributed_strategy, per_gpu
 from tunelab.measure.plan_methods import TERMS, Strategy, build_strategy
 from tunelab.measure.plan_model import ModelInfo, describe_model
 from tunelab.methods import get_method
@@ -261,36 +261,6 @@ def _methods(methods: list[str] | None) -> list[str]:
     return chosen
 
 
-def distributed_strategy(requested: str, st: Strategy, info: ModelInfo, nproc: int,
-                         gpu_memory: int | None) -> str | None:
-    """The strategy a `train --nproc N --strategy REQUESTED` run of `st` would take (None on one process), by
-    the rule of `train/distributed.choose_strategy`, with `gpu_memory` standing for the GPU's memory."""
-    from tunelab.train.distributed import DDP_AUTO_SHARE, FSDP_AUTO_PARAMS, TRAINING_BYTES_PER_TRAINABLE
-
-    if nproc <= 1:
-        return None
-    if requested != "auto":
-        return requested
-    if st.nf4_linears:  # FSDP2 cannot shard NF4: auto replicates qlora
-        return "ddp"
-    if gpu_memory is None:
-        return "ddp" if info.params_total < FSDP_AUTO_PARAMS else "fsdp"
-    state = st.weights_bytes + st.params_trainable * TRAINING_BYTES_PER_TRAINABLE
-    return "ddp" if state <= DDP_AUTO_SHARE * gpu_memory else "fsdp"
-
-
-def replicated(st: Strategy, nproc: int) -> Strategy:
-    """`st` as one of `nproc` DDP ranks holds it: the whole model, plus DDP's gradient buckets (a flat copy of
-    the gradients it all-reduces)."""
-    note = (f"DDP on {nproc} GPUs: a whole copy per GPU, plus DDP's gradient buckets "
-            f"({human_gib(st.trainable_bytes)} GiB, a copy of the gradients)")
-    return dataclasses.replace(st, weights_bytes=st.weights_bytes + st.trainable_bytes, notes=[*st.notes, note])
-
-
-def human_gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
 def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
@@ -353,11 +323,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     for method in chosen:
         whole = build_strategy(method, info, opts[method], rt)
         spread = distributed_strategy(strategy, whole, info, nproc, budget)
-        if master_weights and param_bytes < FP32 and whole.base_trainable:
-            whole.master = "held" if spread == "fsdp" else "optimizer"
-            if whole.master == "held":  # the trained weights' shards are fp32
-                whole.weights_bytes += whole.base_trainable * (FP32 - param_bytes)
-        st = sharded(whole, info, nproc) if spread == "fsdp" else replicated(whole, nproc) if spread else whole
+        st = per_gpu(whole, info, nproc, spread, master_weights)
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
         est.params_trainable = whole.params_trainable  # the model's, not one GPU's share
         est.distributed = spread
@@ -420,7 +386,7 @@ def render_plan(result: PlanResult):
     return table
 
 
-def _gib(n: int) -> str:
+def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f}"
 
 

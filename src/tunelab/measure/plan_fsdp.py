@@ -1,8 +1,12 @@
-"""The per-GPU terms of a strategy trained with FSDP2 on N GPUs (`tunelab plan --nproc N`).
+"""The per-GPU terms of a strategy trained on N GPUs (`tunelab plan --nproc N`): which of FSDP2 and DDP the run
+takes (`distributed_strategy`, train's own rule), and what one GPU holds under it (`per_gpu`).
 
-`fully_shard` on every transformer block and on the root (`train/distributed.py`) splits each parameter, its
-gradient and its AdamW state over the N ranks: a rank holds 1/N of each. On top of that share it holds, at the
-peak, the weights FSDP2 has gathered to compute with, in the run dtype (the bf16 mixed-precision policy):
+Under DDP a GPU holds what one process holds, plus DDP's gradient buckets (a flat copy of the gradients).
+
+Under FSDP2, `fully_shard` on every transformer block and on the root (`train/distributed.py`) splits each
+parameter, its gradient and its AdamW state over the N ranks: a rank holds 1/N of each. On top of that share it
+holds, at the peak, the weights FSDP2 has gathered to compute with, in the run dtype (the bf16 mixed-precision
+policy):
 - the root group (embeddings, final norm, output head), gathered from the forward until the end of backward;
 - two blocks: the one computing and the one prefetched;
 - in backward, one block's whole gradient before its reduce-scatter, and its fp32 copy for the fp32 reduction.
@@ -43,3 +47,37 @@ def sharded(st: Strategy, info: ModelInfo, nproc: int) -> Strategy:
         st, weights_bytes=st.weights_bytes / nproc + gathered + block_grad,
         adapter_params=math.ceil(st.adapter_params / nproc), base_trainable=math.ceil(st.base_trainable / nproc),
         largest_trainable_bytes=st.largest_trainable_bytes / nproc, notes=[*st.notes, note])
+
+
+def distributed_strategy(requested: str, st: Strategy, info: ModelInfo, nproc: int,
+                         gpu_memory: int | None) -> str | None:
+    """The strategy a `train --nproc N --strategy REQUESTED` run of `st` would take (None on one process), by
+    train's own rule (`train/distributed.prefers_ddp`), with `gpu_memory` standing for the GPU's memory."""
+    from tunelab.train.distributed import TRAINING_BYTES_PER_TRAINABLE, prefers_ddp
+
+    if nproc <= 1:
+        return None
+    if requested != "auto":
+        return requested
+    if st.nf4_linears:  # FSDP2 cannot shard NF4: auto replicates qlora
+        return "ddp"
+    state = st.weights_bytes + st.params_trainable * TRAINING_BYTES_PER_TRAINABLE
+    return "ddp" if prefers_ddp(state, info.params_total, gpu_memory) else "fsdp"
+
+
+def per_gpu(whole: Strategy, info: ModelInfo, nproc: int, spread: str | None, master_weights: bool) -> Strategy:
+    """`whole` as one GPU of the run holds it: with `--master-weights` on a 16-bit model, fp32 masters in the
+    optimizer (one process, DDP) or fp32 shards (FSDP2); then sharded (FSDP2) or replicated (DDP)."""
+    if master_weights and whole.param_bytes < FP32 and whole.base_trainable:
+        whole.master = "held" if spread == "fsdp" else "optimizer"
+        if whole.master == "held":  # the trained weights' shards are fp32
+            whole.weights_bytes += whole.base_trainable * (FP32 - whole.param_bytes)
+    return sharded(whole, info, nproc) if spread == "fsdp" else replicated(whole, nproc) if spread else whole
+
+
+def replicated(st: Strategy, nproc: int) -> Strategy:
+    """`st` as one of `nproc` DDP ranks holds it: the whole model, plus DDP's gradient buckets (a flat copy of
+    the gradients it all-reduces)."""
+    note = (f"DDP on {nproc} GPUs: a whole copy per GPU, plus DDP's gradient buckets "
+            f"({st.trainable_bytes / 2**30:.2f} GiB, a copy of the gradients)")
+    return dataclasses.replace(st, weights_bytes=st.weights_bytes + st.trainable_bytes, notes=[*st.notes, note])

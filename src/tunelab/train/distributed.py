@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import ConfigError, PeerFailed
+from tunelab.train.optim import LOW_PRECISION
 
 FSDP_AUTO_PARAMS = 1_000_000_000  # `--strategy auto` on CPU: FSDP2 from 1B parameters on (else DDP)
 DDP_AUTO_SHARE = 0.5  # `--strategy auto` on CUDA: DDP when the replicated state takes at most this share of a GPU
@@ -132,15 +133,20 @@ def replicated_state(model: nn.Module) -> int:
 
 
 def replicated_state_fits(model: nn.Module, gpu_memory: int | None = None) -> bool:
-    """`auto`'s test for DDP: with a GPU's memory (`gpu_memory`, else that of the GPU the model is on), the
-    replicated state within `DDP_AUTO_SHARE` of it (the rest is for activations); on CPU, fewer than
-    `FSDP_AUTO_PARAMS` parameters."""
+    """`auto`'s test for DDP on `model`, with a GPU's memory (`gpu_memory`, else that of the GPU the model is on)."""
     first = next(model.parameters(), None)
     if gpu_memory is None and first is not None and first.is_cuda:
         gpu_memory = torch.cuda.get_device_properties(first.device).total_memory
+    return prefers_ddp(replicated_state(model), sum(p.numel() for p in model.parameters()), gpu_memory)
+
+
+def prefers_ddp(state_bytes: float, params: int, gpu_memory: int | None) -> bool:
+    """The rule of `auto` (train, and `tunelab plan --nproc`): with a GPU's memory, DDP when the replicated
+    state takes at most `DDP_AUTO_SHARE` of it (the rest is for activations); without one (CPU), DDP below
+    `FSDP_AUTO_PARAMS` parameters."""
     if gpu_memory is not None:
-        return replicated_state(model) <= DDP_AUTO_SHARE * gpu_memory
-    return sum(p.numel() for p in model.parameters()) < FSDP_AUTO_PARAMS
+        return state_bytes <= DDP_AUTO_SHARE * gpu_memory
+    return params < FSDP_AUTO_PARAMS
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -189,7 +195,7 @@ def hold_trained_in_fp32(world: World, model: nn.Module) -> None:
     its shards, gradients and AdamW moments are fp32 while `MixedPrecisionPolicy(param_dtype=bf16)` gathers
     and computes in bf16 (as torchtitan trains). `consolidate` gives the artifact their own dtype back."""
     for name, p in model.named_parameters():  # FSDP2 keeps these names for the sharded parameters
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+        if p.requires_grad and p.dtype in LOW_PRECISION:
             world.masters[name] = p.dtype
             p.data = p.data.float()
 
