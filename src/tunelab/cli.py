@@ -91,6 +91,9 @@ def train(
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train on N processes of this machine (one per GPU) "
                                                          "through torchrun.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="Under torchrun: auto, fsdp (FSDP2) or ddp.")] = None,
+    reshard_after_forward: Annotated[Optional[str], typer.Option(
+        help="FSDP2: auto, always or never free each block's gathered weights after its forward (auto keeps them "
+             "when the model in bf16 takes at most 15% of the GPU).")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Trackers beside metrics.jsonl: tensorboard, wandb "
                                                           "(comma-separated), all or none.")] = None,
     add_tokens: Annotated[Optional[list[str]], typer.Option(help="New special tokens, comma-separated or a file "
@@ -116,7 +119,8 @@ def train(
                      schedule=schedule, weight_decay=weight_decay, val_fraction=val_fraction, eval_every=eval_every,
                      eval_batches=eval_batches, packing=packing, packing_mask=packing_mask,
                      checkpoint_every=checkpoint_every, offload_activations=offload_activations,
-                     strategy=strategy, report_to=report_to, add_tokens=parse_tokens(add_tokens))
+                     strategy=strategy, reshard_after_forward=reshard_after_forward, report_to=report_to,
+                     add_tokens=parse_tokens(add_tokens))
     cfg = build_config(file_values, overrides, where=str(config) if config else "train")
     _check_output_path(Path(cfg.output))
     leaves(f"{cfg.output} holds no finished run; its checkpoints, if any, are intact (continue with --resume)")
@@ -343,6 +347,8 @@ def plan(
                                                  "copies of the weights that train in bf16/fp16.")] = False,
     strategy: Annotated[str, typer.Option(help="With --nproc: auto (as train decides; give --gpu-memory), fsdp "
                                                "or ddp.")] = "auto",
+    reshard_after_forward: Annotated[str, typer.Option(help="With --nproc under FSDP2: auto (as train decides; "
+                                                            "give --gpu-memory), always or never.")] = "auto",
 ) -> None:
     """Predict the peak training memory of each strategy (weights, grads, AdamW, activations, logits) and artifact size."""
     from rich.console import Console
@@ -356,7 +362,7 @@ def plan(
                        gradient_checkpointing=gradient_checkpointing, method_options=parse_set(set_) or None,
                        options_for=parse_options_for(set_for) or None, gpu_memory=gpu_memory, methods=chosen,
                        nproc=nproc, offload_activations=offload_activations, master_weights=master_weights,
-                       strategy=strategy)
+                       strategy=strategy, reshard_after_forward=reshard_after_forward)
     if json_:
         typer.echo(result.model_dump_json(indent=1))
     else:

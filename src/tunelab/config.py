@@ -93,6 +93,9 @@ class RunConfig(BaseModel):
     # under torchrun (docs: README "Several GPUs"): how the model is spread over the ranks, and how long a
     # collective may wait for a rank before the run stops
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # FSDP2: whether each block frees its gathered weights after the forward (gathered again for the backward);
+    # auto keeps them when the whole model in the compute dtype takes at most 15% of the GPU (train/distributed.py)
+    reshard_after_forward: Literal["auto", "always", "never"] = "auto"
     dist_timeout: float = Field(default=600.0, gt=0)
     resume: bool = False
     force: bool = False  # resume even though a result-affecting key changed

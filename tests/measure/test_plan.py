@@ -495,6 +495,27 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
     assert totals[0] > totals[1] > totals[2] and totals[2] < totals[0] / 2
 
 
+
+def test_fsdp2_blocks_that_keep_their_gathered_weights_hold_every_block():
+    """`reshard_after_forward`: never holds every block gathered (in the run dtype) from forward to backward;
+    auto does so where the model in the run dtype takes at most 15% of --gpu-memory, as train decides."""
+    layers = 6
+    deep = {**LLAMA, "num_hidden_layers": layers}
+    kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full"], nproc=2, strategy="fsdp")
+    block = 2 * H * H + 2 * H * KV_DIM + 3 * H * I + 2 * H  # q, o; k, v; gate, up, down; two norms
+    base = by_method(plan(deep, **kw))["full"]
+    keep = by_method(plan(deep, reshard_after_forward="never", **kw))["full"]
+    assert keep.weights_bytes == round(base.weights_bytes + (layers - 2) * block * 2)
+    assert "every block" in keep.notes[-1] and "two blocks" in base.notes[-1]
+    assert by_method(plan(deep, reshard_after_forward="always", **kw))["full"].weights_bytes == base.weights_bytes
+    whole = plan(deep, **kw).params_total * 2  # the model in bf16
+    edge = whole / 0.15  # ... is exactly 15% of this GPU
+    assert by_method(plan(deep, gpu_memory=int(edge) + 1, **kw))["full"].weights_bytes == keep.weights_bytes
+    assert by_method(plan(deep, gpu_memory=int(edge) - 1, **kw))["full"].weights_bytes == base.weights_bytes
+    with pytest.raises(ConfigError, match="reshard_after_forward 'sometimes': expected auto, always or never"):
+        plan(deep, reshard_after_forward="sometimes", **kw)
+
+
 def test_master_weights_add_fp32_copies_and_moments_by_hand():
     """`--master-weights` on a bf16 model: one process keeps bf16 weights and gradients plus fp32 masters and
     moments (12 bytes a trained weight) and an fp32 gradient chunk at the step; FSDP2 holds the trained weights,

@@ -29,6 +29,8 @@ CASES = {"lora-fsdp": ("lora", "fsdp"), "full-fsdp": ("full", "fsdp"), "lora-ddp
 # bf16 weights with fp32 masters: FSDP2 holds them in fp32 shards, one process in MasterWeightAdamW's state
 MASTER = {"full-fsdp-master": ("full", "fsdp"), "full-ddp-master": ("full", "ddp")}
 MASTER_SETTINGS = {"dtype": "bfloat16", "master_weights": True}
+# FSDP2 blocks that keep their gathered weights from the forward to the backward (auto's choice on a large GPU)
+KEEP = {"full-fsdp-keep": ("full", "fsdp")}
 
 
 def env(**extra) -> dict:
@@ -70,9 +72,9 @@ def runs(tiny_dirs, instruction_jsonl_module, tmp_path_factory):
     """Every case on 2 ranks (one torchrun launch) and on 1 process: {case: (one_dir, two_dir, cfg)}."""
     tmp = tmp_path_factory.mktemp("dist")
     out, files = {}, []
-    for case, (method, strategy) in (CASES | MASTER).items():
+    for case, (method, strategy) in (CASES | MASTER | KEEP).items():
         cfg = config(tiny_dirs, instruction_jsonl_module, tmp / f"{case}-2", method, strategy)
-        cfg |= MASTER_SETTINGS if case in MASTER else {}
+        cfg |= MASTER_SETTINGS if case in MASTER else {"reshard_after_forward": "never"} if case in KEEP else {}
         files.append(tmp / f"{case}.json")
         files[-1].write_text(json.dumps(cfg))
         one = tmp / f"{case}-1"
@@ -100,6 +102,25 @@ def test_two_ranks_give_the_one_process_loss_curve(runs, case):
     summary = json.loads((two / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == CASES[case][1]
     assert len(summary["peak_memory_per_rank"]) == 2 and all(p > 0 for p in summary["peak_memory_per_rank"])
+
+
+def test_blocks_that_keep_their_gathered_weights_give_the_same_curve(runs):
+    """reshard_after_forward never: the backward reuses the forward's gathered weights instead of gathering them
+    again; the arithmetic is the same. On CPU auto reshards (no GPU memory to weigh)."""
+    one, two, _ = runs["full-fsdp-keep"]
+    assert losses(two) == pytest.approx(losses(one), rel=2e-5)
+    assert json.loads((two / "run.json").read_text())["keep_gathered"] is True
+    assert json.loads((runs["full-fsdp"][1] / "run.json").read_text())["keep_gathered"] is False
+
+
+def test_keeping_gathered_weights_is_chosen_by_the_models_share_of_the_gpu():
+    from tunelab.train.distributed import keeps_gathered
+
+    h200 = 143_771 * 2**20
+    assert keeps_gathered("auto", 8.03e9 * 2, h200)  # 8B in bf16: 11% of an H200, as measured 2.4% faster
+    assert not keeps_gathered("auto", 70.6e9 * 2, h200)  # 70B: gathering it whole would not fit
+    assert not keeps_gathered("auto", 1e6, None)  # CPU: nothing to weigh it against
+    assert keeps_gathered("never", 70.6e9 * 2, None) and not keeps_gathered("always", 1e6, h200)
 
 
 @pytest.mark.parametrize("case", list(MASTER))

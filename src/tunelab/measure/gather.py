@@ -101,7 +101,7 @@ def strategy_record(method, cfg, run_dir: Path, worker: dict, baseline: Baseline
         trainable_percent=summary.get("trainable_percent"), peak_memory_bytes=peak, peak_memory_source=source,
         tensor_peak_bytes=peak if source and "cuda" in source else worker.get("tensor_peak_bytes"),
         predicted_memory_bytes=_predicted_memory(cfg, notes, summary.get("world_size") or 1,
-                                                 summary.get("strategy")),
+                                                 summary.get("strategy"), summary.get("keep_gathered")),
         tokens_per_second=tps, wall_seconds=seconds,
         artifact_bytes=artifact, final_train_loss=summary.get("final_train_loss"),
         val_loss=summary.get("final_val_loss"), val_perplexity=summary.get("val_perplexity"),
@@ -139,9 +139,10 @@ def baseline_record(result: dict) -> Baseline:
     return Baseline(**{k: result[k] for k in Baseline.model_fields if k in result})
 
 
-def _predicted_memory(cfg, notes: list[str], world_size: int = 1, strategy: str | None = None) -> int | None:
+def _predicted_memory(cfg, notes: list[str], world_size: int = 1, strategy: str | None = None,
+                      keep_gathered: bool | None = None) -> int | None:
     """`tunelab plan`'s estimate of this run's tensor peak on the run's device (per GPU, for the strategy the run
-    took, under `compare --nproc`), where it has one.
+    took, under `compare --nproc`, and whether its FSDP2 blocks kept their gathered weights), where it has one.
 
     The planner reads only the model's config, and the run's method options as `train --set` reads them
     (every option reaches the planner; the few that change memory but are not modelled are planned at their
@@ -154,7 +155,9 @@ def _predicted_memory(cfg, notes: list[str], world_size: int = 1, strategy: str 
                       gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.fused_loss,
                       offload_activations=cfg.offload_activations and device == "cuda",
                       master_weights=cfg.master_weights, nproc=world_size,
-                      strategy=strategy if strategy in ("fsdp", "ddp") else "auto")
+                      strategy=strategy if strategy in ("fsdp", "ddp") else "auto",
+                      reshard_after_forward=cfg.reshard_after_forward if keep_gathered is None
+                      else "never" if keep_gathered else "always")
         if cfg.gradient_checkpointing and cfg.checkpoint_every != 1:
             notes.append(f"tunelab plan models checkpoint_every=1; this run recomputes every "
                          f"{cfg.checkpoint_every}th block only, so it keeps more than planned")

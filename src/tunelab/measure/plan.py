@@ -90,6 +90,7 @@ class PlanResult(BaseModel):
     offload_activations: bool = False
     nproc: int = 1  # GPUs of the run (FSDP2 or DDP, per strategy); every figure is per GPU
     strategy: str = "auto"  # the run's --strategy under nproc > 1: auto, fsdp or ddp
+    reshard_after_forward: str = "auto"  # the run's FSDP2 switch: auto, always or never
     gpu_memory_bytes: int | None
     options: dict[str, dict[str, Any]]  # each planned method's own options, as validated
     strategies: list[StrategyEstimate]
@@ -266,7 +267,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
          fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False,
-         master_weights: bool = False, strategy: str = "auto") -> PlanResult:
+         master_weights: bool = False, strategy: str = "auto", reshard_after_forward: str = "auto") -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -292,6 +293,9 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         strategy: the run's `--strategy` with `nproc` > 1. `auto` decides per method as `train` does
             (`train/distributed.py`): DDP when the replicated state fits half of `gpu_memory`, else FSDP2;
             without `gpu_memory`, FSDP2 from `FSDP_AUTO_PARAMS` parameters on; qlora always DDP.
+        reshard_after_forward: the run's switch under FSDP2 (auto, always, never): whether each block frees
+            its gathered weights after the forward; auto keeps them when the model in the run dtype takes at
+            most 15% of `gpu_memory` (never without it), as `train` decides.
         offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
             are planned in host memory (each strategy's notes give how much).
         master_weights: the run's `--master-weights` on a 16-bit model: weights that train in the model dtype
@@ -310,6 +314,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         raise ConfigError(f"nproc = {nproc}: expected a positive integer")
     if strategy not in ("auto", "fsdp", "ddp"):
         raise ConfigError(f"strategy {strategy!r}: expected auto, fsdp or ddp")
+    if reshard_after_forward not in ("auto", "always", "never"):
+        raise ConfigError(f"reshard_after_forward {reshard_after_forward!r}: expected auto, always or never")
     if offload_activations and not (gradient_checkpointing and device == "cuda"):
         raise ConfigError("offload_activations: expected gradient_checkpointing on a cuda device; it parks the "
                           "checkpointed block inputs in host memory")
@@ -323,7 +329,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     for method in chosen:
         whole = build_strategy(method, info, opts[method], rt)
         spread = distributed_strategy(strategy, whole, info, nproc, budget)
-        st = per_gpu(whole, info, nproc, spread, master_weights)
+        st = per_gpu(whole, info, nproc, spread, master_weights, reshard_after_forward, budget)
         est = estimate(st, info, rt, batch_size, seq_len, gradient_checkpointing)
         est.params_trainable = whole.params_trainable  # the model's, not one GPU's share
         est.distributed = spread
@@ -336,7 +342,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         model=info.source, model_type=info.model_type, task=info.task, params_total=info.params_total,
         batch_size=batch_size, seq_len=seq_len, dtype=dtype_name, device=device,
         gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations, nproc=nproc,
-        strategy=strategy,
+        strategy=strategy, reshard_after_forward=reshard_after_forward,
         gpu_memory_bytes=budget,
         options={m: o.model_dump() for m, o in opts.items()}, strategies=estimates, notes=_plan_notes(info),
     )

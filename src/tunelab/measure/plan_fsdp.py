@@ -8,7 +8,9 @@ parameter, its gradient and its AdamW state over the N ranks: a rank holds 1/N o
 holds, at the peak, the weights FSDP2 has gathered to compute with, in the run dtype (the bf16 mixed-precision
 policy):
 - the root group (embeddings, final norm, output head), gathered from the forward until the end of backward;
-- two blocks: the one computing and the one prefetched;
+- two blocks: the one computing and the one prefetched; or, where the blocks keep their gathered weights from
+  the forward to the backward (`reshard_after_forward`, train's rule `train/distributed.keeps_gathered`), every
+  block;
 - in backward, one block's whole gradient before its reduce-scatter, and its fp32 copy for the fp32 reduction.
 Activations are those of one rank's micro-batch, as on one GPU. NCCL's own buffers are not counted.
 """
@@ -30,8 +32,9 @@ def block_params(info: ModelInfo) -> tuple[float, float]:
     return max(info.params_total - outside, 0) / max(info.layers, 1), outside
 
 
-def sharded(st: Strategy, info: ModelInfo, nproc: int) -> Strategy:
-    """`st` as one of `nproc` FSDP2 ranks holds it (see the module docstring); `nproc` 1 changes nothing."""
+def sharded(st: Strategy, info: ModelInfo, nproc: int, keep_gathered: bool = False) -> Strategy:
+    """`st` as one of `nproc` FSDP2 ranks holds it (see the module docstring); `nproc` 1 changes nothing.
+    `keep_gathered`: every block's gathered weights are held to its backward."""
     if nproc <= 1:
         return st
     if st.nf4_linears:
@@ -39,10 +42,11 @@ def sharded(st: Strategy, info: ModelInfo, nproc: int) -> Strategy:
                                                     "--strategy ddp: a whole copy per GPU)")
     block, outside = block_params(info)
     p = st.param_bytes
-    gathered = (outside + 2 * block) * p
+    gathered = (outside + (max(info.layers, 1) if keep_gathered else 2) * block) * p
     block_grad = (block if st.whole_model else st.params_trainable / max(info.layers, 1)) * (p + FP32)
+    held = "every block (kept from forward to backward)" if keep_gathered else "two blocks"
     note = (f"FSDP2 on {nproc} GPUs: a 1/{nproc} share of weights, gradients and AdamW states per GPU, plus the "
-            f"gathered root group and two blocks in the run dtype")
+            f"gathered root group and {held} in the run dtype")
     return dataclasses.replace(
         st, weights_bytes=st.weights_bytes / nproc + gathered + block_grad,
         adapter_params=math.ceil(st.adapter_params / nproc), base_trainable=math.ceil(st.base_trainable / nproc),
@@ -65,14 +69,21 @@ def distributed_strategy(requested: str, st: Strategy, info: ModelInfo, nproc: i
     return "ddp" if prefers_ddp(state, info.params_total, gpu_memory) else "fsdp"
 
 
-def per_gpu(whole: Strategy, info: ModelInfo, nproc: int, spread: str | None, master_weights: bool) -> Strategy:
+def per_gpu(whole: Strategy, info: ModelInfo, nproc: int, spread: str | None, master_weights: bool,
+            reshard_after_forward: str = "auto", gpu_memory: int | None = None) -> Strategy:
     """`whole` as one GPU of the run holds it: with `--master-weights` on a 16-bit model, fp32 masters in the
-    optimizer (one process, DDP) or fp32 shards (FSDP2); then sharded (FSDP2) or replicated (DDP)."""
+    optimizer (one process, DDP) or fp32 shards (FSDP2); then sharded (FSDP2, its blocks keeping their gathered
+    weights by train's rule for `reshard_after_forward` on a GPU of `gpu_memory`) or replicated (DDP)."""
+    from tunelab.train.distributed import keeps_gathered
+
     if master_weights and whole.param_bytes < FP32 and whole.base_trainable:
         whole.master = "held" if spread == "fsdp" else "optimizer"
         if whole.master == "held":  # the trained weights' shards are fp32
             whole.weights_bytes += whole.base_trainable * (FP32 - whole.param_bytes)
-    return sharded(whole, info, nproc) if spread == "fsdp" else replicated(whole, nproc) if spread else whole
+    if spread == "fsdp":
+        keep = keeps_gathered(reshard_after_forward, info.params_total * whole.param_bytes, gpu_memory)
+        return sharded(whole, info, nproc, keep)
+    return replicated(whole, nproc) if spread else whole
 
 
 def replicated(st: Strategy, nproc: int) -> Strategy:

@@ -204,6 +204,8 @@ def finish(run: Run, state: TrainState, outcome: LoopOutcome, train_seconds: flo
     if run.world.enabled:  # the peak that must fit is the largest rank's
         summary |= {"world_size": run.world.size, "strategy": run.world.strategy, "peak_memory_bytes": max(peaks),
                     "peak_memory_per_rank": peaks}
+        if run.world.strategy == "fsdp":
+            summary["keep_gathered"] = run.world.keep_gathered
     report = run.trainables.method.memory_report(run.model, cfg.adapter_name)
     if report is not None:  # methods that change how the base is stored (qlora: NF4 bytes saved)
         summary["memory_report"] = report

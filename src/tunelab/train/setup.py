@@ -104,10 +104,11 @@ def spread(world: distributed.World, cfg: RunConfig, loaded: LoadedModel, method
         distributed.hold_trained_in_fp32(world, loaded.model)  # FSDP2's policy casts them to bf16 for compute
     cuda = torch.device(loaded.device).type == "cuda"
     bf16 = loaded.dtype == torch.bfloat16 and (cuda or bool(world.masters))
-    distributed.wrap(world, loaded.model, strategy, bf16)
+    distributed.wrap(world, loaded.model, strategy, bf16, cfg.reshard_after_forward)
     params = dict(loaded.model.named_parameters())
     t.extra = {q: params[q] for q in t.extra}
-    log.info("rank %d of %d: %s", world.rank, world.size, strategy)
+    log.info("rank %d of %d: %s%s", world.rank, world.size, strategy,
+             " (gathered weights kept from forward to backward)" if world.keep_gathered else "")
 
 
 def check_every_target_matched(model: nn.Module, options, touched: list[str]) -> None:
