@@ -42,7 +42,10 @@ def parse_run_args(parser, case_timeout: int):
 
 
 def case(name: str, shape: str, method: str, batch: int, seq: int, steps: int, **extra) -> dict:
-    """A bench/train_gpu_cases.py case of tunelab's loop (`set`: RunConfig values such as strategy)."""
+    """A bench/train_gpu_cases.py case of tunelab's loop (`set`: RunConfig values such as strategy). Full
+    fine-tuning trains bf16 weights and moments unless the case sets `master_weights` (its *-master cases)."""
+    if method == "full":
+        extra["set"] = {"master_weights": False, **extra.get("set", {})}
     return {"name": name, "impl": "tunelab", "shape": shape, "method": method, "batch": batch, "seq": seq,
             "full": method == "full", "steps": steps, **extra}
 

@@ -29,6 +29,8 @@ LR = {"lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "full": 1e-5}
 
 
 def _case(name, impl, shape, method, batch, seq, **extra):
+    if impl == "tunelab" and method == "full":  # bf16 weights and AdamW moments, as the references train them
+        extra["set"] = {"master_weights": False, **extra.get("set", {})}
     return {"name": name, "impl": impl, "shape": shape, "method": method, "batch": batch, "seq": seq,
             "full": method == "full", **extra}
 

@@ -72,7 +72,8 @@ def train(
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     master_weights: Annotated[Optional[bool], typer.Option(
         "--master-weights/--no-master-weights",
-        help="Update weights that train in bf16/fp16 (full fine-tuning) through fp32 copies.")] = None,
+        help="Update weights that train in bf16/fp16 (full fine-tuning) through fp32 copies (default: on; "
+             "off: bf16 AdamW, half the optimizer memory, small updates round away).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model dir.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=question,response=answer.")] = None,
@@ -297,7 +298,7 @@ def compare(
     nproc: Annotated[Optional[int], typer.Option(min=1, help="Train each strategy on N processes (torchrun).")] = None,
     master_weights: Annotated[Optional[bool], typer.Option(
         "--master-weights/--no-master-weights",
-        help="Runs update weights that train in bf16/fp16 (full) through fp32 copies.")] = None,
+        help="Runs update weights that train in bf16/fp16 (full) through fp32 copies (default: on).")] = None,
     combine: Annotated[Optional[str], typer.Option(help="Also combine the plain-LoRA strategies (linear, svd, ties, "
                                                         "...) and score the result against them (combined.json).")] = None,
 ) -> None:
@@ -343,8 +344,9 @@ def plan(
     nproc: Annotated[int, typer.Option(min=1, help="GPUs of the run: predict the peak of each GPU.")] = 1,
     offload_activations: Annotated[bool, typer.Option("--offload-activations", help="With --gradient-checkpointing "
                                                       "on cuda: block inputs wait in host memory.")] = False,
-    master_weights: Annotated[bool, typer.Option("--master-weights", help="As train --master-weights: fp32 "
-                                                 "copies of the weights that train in bf16/fp16.")] = False,
+    master_weights: Annotated[bool, typer.Option("--master-weights/--no-master-weights", help="As train "
+                                                 "--master-weights: fp32 copies of the weights that train in "
+                                                 "bf16/fp16.")] = True,
     strategy: Annotated[str, typer.Option(help="With --nproc: auto (as train decides; give --gpu-memory), fsdp "
                                                "or ddp.")] = "auto",
     reshard_after_forward: Annotated[str, typer.Option(help="With --nproc under FSDP2: auto (as train decides; "

@@ -85,8 +85,8 @@ class RunConfig(BaseModel):
     liger_kernels: bool = True  # CUDA, liger-kernel installed: its RMSNorm, SwiGLU, RoPE (and fused loss kernel)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # mixed precision with fp32 master weights: parameters that train in a 16-bit dtype (full fine-tuning of a bf16
-    # model) are updated through fp32 copies (train/optim.py), so small updates do not round away
-    master_weights: bool = False
+    # model) are updated through fp32 copies (train/optim.py), so small updates do not round away; off: bf16 AdamW
+    master_weights: bool = True
     device: str = "auto"
     trust_remote_code: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"

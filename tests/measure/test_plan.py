@@ -9,7 +9,11 @@ import torch
 from builders import build_tiny
 
 from tunelab.errors import ArtifactError, ConfigError
-from tunelab.measure.plan import PlanResult, parse_memory, plan, render_plan
+from tunelab.measure.plan import PlanResult, method_options_for, parse_memory, phases, plan, render_plan
+from tunelab.measure.plan_formulas import runtime
+from tunelab.measure.plan_fsdp import sharded
+from tunelab.measure.plan_methods import build_strategy
+from tunelab.measure.plan_model import describe_model
 
 # A Llama small enough to count by hand: hidden 64, 2 layers, 4 heads of 16, 2 key/value heads (kv_dim 32).
 H, I, L, V, HEADS, KV_DIM = 64, 128, 2, 1000, 4, 32
@@ -52,7 +56,7 @@ def test_llama_params_lora_and_adamw_by_hand():
 
 
 def test_bf16_on_cuda_keeps_adapters_fp32_and_full_states_in_bf16():
-    est = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda"))
+    est = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", master_weights=False))
     lora = 3_584
     assert est["full"].weights_bytes == 2 * 202_048
     assert est["full"].optimizer_bytes == 2 * 2 * 202_048  # moments in the parameter dtype
@@ -180,9 +184,9 @@ def test_gpu_memory_fit_and_largest_batch():
 def test_8b_plan_without_weights_and_its_orders_of_magnitude():
     cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
-    # the plain loss, as measured when these figures were checked on an H200
+    # the plain loss and bf16 AdamW, as measured when these figures were checked on an H200
     result = plan(cfg, batch_size=1, seq_len=1024, gpu_memory="80GB", methods=["full", "lora", "qlora"],
-                  fused_loss=False)
+                  fused_loss=False, master_weights=False)
     est = by_method(result)
     assert result.params_total == 8_030_261_248  # Llama-3-8B
     # bf16 full fine-tuning: weights 2 + grads 2 + two bf16 moments 4 = 8 B/param, peaking at the (fused, in-place)
@@ -207,10 +211,11 @@ def test_8b_plan_without_weights_and_its_orders_of_magnitude():
 def test_tied_embeddings_full_fine_tuning_end_of_backward():
     """Llama-3.2-1B shapes (tied embeddings), bf16 on CUDA, batch 1 x 512: the peak is the end of backward, where
     the embedding's gradient (V x h) and its sum with the LM head's gradient sit beside all the others; fused
-    AdamW adds nothing. Measured on an H200: 10.25 GiB (bench/results/plan_vs_measured_cuda_1b.json)."""
+    AdamW adds nothing (bf16 AdamW, as measured). Measured on an H200: 10.25 GiB (bench/results/plan_vs_measured_cuda_1b.json)."""
     cfg = {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8, "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True}
-    est = by_method(plan(cfg, batch_size=1, seq_len=512, methods=["full"], fused_loss=False))["full"]
+    est = by_method(plan(cfg, batch_size=1, seq_len=512, methods=["full"], fused_loss=False,
+                         master_weights=False))["full"]
     layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
     params = 128256 * 2048 + 16 * layer + 2048
     assert est.params_trainable == params == 1_235_814_400
@@ -472,9 +477,9 @@ def test_predicted_peak_within_5_percent_of_a_measured_cpu_step(method, ckpt, fu
 def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
     """FSDP2 on N GPUs: 1/N of weights, gradients and AdamW states, plus the gathered root group (embeddings,
     final norm, head) and two blocks, plus one block's gradient and its fp32 copy (`measure/plan_fsdp.py`)."""
-    one = by_method(plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora"]))
-    two = plan(LLAMA, batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora", "qlora"],
-               nproc=2, strategy="fsdp")
+    kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", master_weights=False)  # bf16 AdamW
+    one = by_method(plan(LLAMA, methods=["full", "lora"], **kw))
+    two = plan(LLAMA, methods=["full", "lora", "qlora"], nproc=2, strategy="fsdp", **kw)
     est = by_method(two)
     outside = 2 * V * H + H  # untied embeddings and head, final norm
     block = (hand_llama_params() - outside) / L
@@ -497,21 +502,28 @@ def test_nproc_gives_the_per_gpu_peak_under_fsdp2_by_hand():
 
 
 def test_fsdp2_blocks_that_keep_their_gathered_weights_hold_every_block():
-    """`reshard_after_forward`: never holds every block gathered (in the run dtype) from forward to backward;
-    auto does so where the model in the run dtype takes at most 15% of --gpu-memory, as train decides."""
+    """`reshard_after_forward`: never holds every block gathered (in the run dtype) from the end of the forward
+    into the backward, not at the optimizer step (each block frees its weights after its backward); auto does so
+    where the model in the run dtype takes at most 15% of --gpu-memory, as train decides."""
     layers = 6
     deep = {**LLAMA, "num_hidden_layers": layers}
     kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full"], nproc=2, strategy="fsdp")
     block = 2 * H * H + 2 * H * KV_DIM + 3 * H * I + 2 * H  # q, o; k, v; gate, up, down; two norms
-    base = by_method(plan(deep, **kw))["full"]
-    keep = by_method(plan(deep, reshard_after_forward="never", **kw))["full"]
-    assert keep.weights_bytes == round(base.weights_bytes + (layers - 2) * block * 2)
-    assert "every block" in keep.notes[-1] and "two blocks" in base.notes[-1]
-    assert by_method(plan(deep, reshard_after_forward="always", **kw))["full"].weights_bytes == base.weights_bytes
+    extra = (layers - 2) * block * 2
+    info, rt = describe_model(deep), runtime("cuda", 2)
+    st = build_strategy("full", info, method_options_for(["full"])["full"], rt)
+    base, keep = sharded(st, info, 2), sharded(st, info, 2, keep_gathered=True)
+    assert keep.weights_bytes == base.weights_bytes and keep.gathered_bytes == extra and base.gathered_bytes == 0
+    for ckpt in (False, True):
+        kept, plain = phases(keep, info, rt, 2, 16, ckpt), phases(base, info, rt, 2, 16, ckpt)
+        assert kept["optimizer step"] == plain["optimizer step"]
+        assert all(kept[k] == pytest.approx(plain[k] + extra) for k in kept if k != "optimizer step")
+    planned = {r: by_method(plan(deep, reshard_after_forward=r, **kw))["full"] for r in ("always", "never")}
+    assert "every block" in planned["never"].notes[-1] and "two blocks" in planned["always"].notes[-1]
     whole = plan(deep, **kw).params_total * 2  # the model in bf16
     edge = whole / 0.15  # ... is exactly 15% of this GPU
-    assert by_method(plan(deep, gpu_memory=int(edge) + 1, **kw))["full"].weights_bytes == keep.weights_bytes
-    assert by_method(plan(deep, gpu_memory=int(edge) - 1, **kw))["full"].weights_bytes == base.weights_bytes
+    assert "every block" in by_method(plan(deep, gpu_memory=int(edge) + 1, **kw))["full"].notes[-1]
+    assert "two blocks" in by_method(plan(deep, gpu_memory=int(edge) - 1, **kw))["full"].notes[-1]
     with pytest.raises(ConfigError, match="reshard_after_forward 'sometimes': expected auto, always or never"):
         plan(deep, reshard_after_forward="sometimes", **kw)
 
@@ -521,14 +533,14 @@ def test_master_weights_add_fp32_copies_and_moments_by_hand():
     moments (12 bytes a trained weight) and an fp32 gradient chunk at the step; FSDP2 holds the trained weights,
     gradients and moments in fp32 shards. Adapter methods (already fp32) are unchanged."""
     kw = dict(batch_size=2, seq_len=16, dtype="bfloat16", device="cuda", methods=["full", "lora"])
-    plain, master = by_method(plan(LLAMA, **kw)), by_method(plan(LLAMA, master_weights=True, **kw))
+    plain, master = by_method(plan(LLAMA, master_weights=False, **kw)), by_method(plan(LLAMA, **kw))
     n = plain["full"].params_trainable
     assert master["full"].weights_bytes == plain["full"].weights_bytes == 2 * n
     assert master["full"].gradients_bytes == 2 * n
     assert plain["full"].optimizer_bytes == 2 * 2 * n and master["full"].optimizer_bytes == (4 + 8) * n
     assert master["full"].total_bytes >= plain["full"].total_bytes + 8 * n  # masters + fp32 moments are held
     assert master["lora"] == plain["lora"]
-    two_plain = by_method(plan(LLAMA, nproc=2, strategy="fsdp", **kw))
+    two_plain = by_method(plan(LLAMA, master_weights=False, nproc=2, strategy="fsdp", **kw))
     two = by_method(plan(LLAMA, master_weights=True, nproc=2, strategy="fsdp", **kw))
     assert two["full"].gradients_bytes == pytest.approx(4 * n / 2, abs=4)
     assert two["full"].optimizer_bytes == pytest.approx(8 * n / 2, abs=8)

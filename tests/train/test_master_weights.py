@@ -92,9 +92,16 @@ def _artifact(out) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def test_master_weights_are_on_by_default():
+    assert RunConfig(model="m", data="d").master_weights
+    from tunelab.measure.schema import CompareOptions
+
+    assert CompareOptions.model_fields["master_weights"].default is True
+
+
 def test_full_fine_tuning_of_a_bf16_model_moves_its_weights_only_with_master_weights(tiny_dirs, pairs, tmp_path):
     start = _artifact_of_base(tiny_dirs)
-    train(_cfg(tiny_dirs, pairs, tmp_path / "plain"), progress=False)
+    train(_cfg(tiny_dirs, pairs, tmp_path / "plain", master_weights=False), progress=False)
     train(_cfg(tiny_dirs, pairs, tmp_path / "master", master_weights=True), progress=False)
     plain, master = _artifact(tmp_path / "plain"), _artifact(tmp_path / "master")
     assert all(t.dtype == torch.bfloat16 for t in master.values())  # the artifact keeps the model's dtype

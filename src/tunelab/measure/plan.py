@@ -169,11 +169,12 @@ def phases(st: Strategy, info: ModelInfo, rt: Runtime, batch: int, seq: int, ckp
         out["optimizer step"] += min(MasterWeightAdamW.CHUNK_BYTES, FP32 * st.base_trainable)
     stored = _checkpointed_inputs(st, info, rt, batch, seq)
     kept = (stored if ckpt else blocks) + final
-    out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes)
+    out["loss"] = kept + max(loss_fwd, loss_bwd, st.transient_bytes) + st.gathered_bytes
     if ckpt:
-        out["recompute"] = stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
+        out["recompute"] = (stored + final + one_block + 2 * p * h * batch * s + st.transient_bytes
+                            + st.gathered_bytes)
     if st.whole_model and info.task == "causal-lm" and not fused:  # fused: the head's gradient is in loss_*
-        out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h
+        out["lm-head backward"] = kept + p * batch * s * info.vocab + p * info.vocab * h + st.gathered_bytes
         if info.tied:  # the embedding's gradient is added to the head's out of place: new grad + sum beside it
             out["optimizer step"] = max(out["optimizer step"], grads + 2 * p * info.vocab * h)
     return out
@@ -267,7 +268,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
          task: str | None = None, options_for: dict[str, dict[str, Any]] | None = None,
          fused_loss: bool = True, nproc: int = 1, offload_activations: bool = False,
-         master_weights: bool = False, strategy: str = "auto", reshard_after_forward: str = "auto") -> PlanResult:
+         master_weights: bool = True, strategy: str = "auto", reshard_after_forward: str = "auto") -> PlanResult:
     """Predict the peak training memory of each strategy for `model_spec`.
 
     Args:
@@ -298,7 +299,7 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
             most 15% of `gpu_memory` (never without it), as `train` decides.
         offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
             are planned in host memory (each strategy's notes give how much).
-        master_weights: the run's `--master-weights` on a 16-bit model: weights that train in the model dtype
+        master_weights: the run's `--master-weights` (on by default, as in train) on a 16-bit model: weights that train in the model dtype
             (full fine-tuning) get fp32 master copies and fp32 AdamW moments (in the optimizer's state; under
             FSDP2, `nproc` > 1, as fp32 shards with fp32 gradients).
 

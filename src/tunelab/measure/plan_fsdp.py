@@ -8,9 +8,10 @@ parameter, its gradient and its AdamW state over the N ranks: a rank holds 1/N o
 holds, at the peak, the weights FSDP2 has gathered to compute with, in the run dtype (the bf16 mixed-precision
 policy):
 - the root group (embeddings, final norm, output head), gathered from the forward until the end of backward;
-- two blocks: the one computing and the one prefetched; or, where the blocks keep their gathered weights from
-  the forward to the backward (`reshard_after_forward`, train's rule `train/distributed.keeps_gathered`), every
-  block;
+- two blocks: the one computing and the one prefetched; where the blocks keep their gathered weights from the
+  forward to the backward (`reshard_after_forward`, train's rule `train/distributed.keeps_gathered`), every
+  block from the end of the forward into the backward (not at the optimizer step: each block frees its weights
+  after its backward);
 - in backward, one block's whole gradient before its reduce-scatter, and its fp32 copy for the fp32 reduction.
 Activations are those of one rank's micro-batch, as on one GPU. NCCL's own buffers are not counted.
 """
@@ -42,13 +43,14 @@ def sharded(st: Strategy, info: ModelInfo, nproc: int, keep_gathered: bool = Fal
                                                     "--strategy ddp: a whole copy per GPU)")
     block, outside = block_params(info)
     p = st.param_bytes
-    gathered = (outside + (max(info.layers, 1) if keep_gathered else 2) * block) * p
+    gathered = (outside + 2 * block) * p
+    kept_blocks = (max(info.layers, 1) - 2) * block * p if keep_gathered else 0.0
     block_grad = (block if st.whole_model else st.params_trainable / max(info.layers, 1)) * (p + FP32)
     held = "every block (kept from forward to backward)" if keep_gathered else "two blocks"
     note = (f"FSDP2 on {nproc} GPUs: a 1/{nproc} share of weights, gradients and AdamW states per GPU, plus the "
             f"gathered root group and {held} in the run dtype")
     return dataclasses.replace(
-        st, weights_bytes=st.weights_bytes / nproc + gathered + block_grad,
+        st, weights_bytes=st.weights_bytes / nproc + gathered + block_grad, gathered_bytes=kept_blocks,
         adapter_params=math.ceil(st.adapter_params / nproc), base_trainable=math.ceil(st.base_trainable / nproc),
         largest_trainable_bytes=st.largest_trainable_bytes / nproc, notes=[*st.notes, note])
 

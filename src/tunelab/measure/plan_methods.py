@@ -53,6 +53,9 @@ class Strategy:
     keeps: Keeps = field(default_factory=Keeps)
     extra_tokens: int = 0  # prompt: virtual tokens every block processes
     prefix_tokens: int = 0  # prefix: extra keys/values per layer
+    # FSDP2 blocks that keep their gathered weights to the backward: held from the end of the forward into the
+    # backward (the loss and recompute phases), freed block by block before the optimizer step
+    gathered_bytes: float = 0.0
     transient_bytes: float = 0.0  # largest per-op temporary (dequantised 4-bit weight, DoRA's weight norm)
     largest_trainable_bytes: float = 0.0
     artifact_bytes: float = 0.0

@@ -72,7 +72,7 @@ class CompareOptions(_Strict):
     priority: Priority = "quality"
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    master_weights: bool = False  # the runs' `--master-weights` (fp32 copies of weights trained in bf16/fp16)
+    master_weights: bool = True  # the runs' `--master-weights` (fp32 copies of weights trained in bf16/fp16)
     timeout_s: float | None = Field(default=None, gt=0)  # per strategy; a strategy past it is recorded as failed
     nproc: int = Field(default=1, gt=0)  # processes (GPUs) each strategy trains on, through torchrun
     # The devices the runs are spread over, one worker per device at a time ("cuda:0,cuda:1"; or ["cpu"]).
