@@ -181,12 +181,14 @@ def test_bert_is_refused(tiny_bert):
 
 
 def test_gradient_checkpointing_is_refused(tokenizer):
+    from tunelab.train.activations import enable_gradient_checkpointing
+
     model = build_tiny("llama", tokenizer)
-    model.gradient_checkpointing_enable()
+    enable_gradient_checkpointing(model)
     with pytest.raises(ConfigError, match="gradient checkpointing drops the key/value cache"):
         METHOD.inject(model, PLAIN, "default")
     model = injected("llama", tokenizer)
-    model.gradient_checkpointing_enable()  # turned on after inject, as the training loop does
+    enable_gradient_checkpointing(model)  # turned on after inject, as the training loop does
     model.train()
     with pytest.raises(ConfigError, match="gradient checkpointing drops the key/value cache"):
         model(**sample_batch(tokenizer))
