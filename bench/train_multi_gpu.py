@@ -35,8 +35,9 @@ CASES = {
     "1b-full-ddp": ("1b", "full", 8, 2048, "ddp", {}),  # weights, gradients and AdamW state replicated (~20 GB)
     "8b-lora": ("8b", "lora", 4, 2048, "fsdp", {}),
     "8b-lora-ddp": ("8b", "lora", 4, 2048, "ddp", {}),  # the frozen base replicated (16 GB in bf16 per GPU)
-    # 4x2048 per GPU, the shape; one GPU cannot hold 8B full FT with fp32 master weights and AdamW
-    # (16 bytes a parameter, 128 GB before activations): its side is tried and its error recorded
+    # 4x2048 per GPU, the shape. Full fine-tuning cases train bf16 weights and AdamW moments unless they
+    # say master_weights (train_dist_common.case); with fp32 masters one H200 still held 8B at this shape with
+    # checkpointing (123.3 GiB); a side that runs out of memory is recorded with its error
     "8b-full": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True}),
     # --master-weights: fp32 shards of the weights, gradients and AdamW moments (FSDP2), fp32 masters (DDP, 1 GPU)
     "8b-full-master": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True, "set": {"master_weights": True}}),
