@@ -42,8 +42,8 @@ CASES = {
     # --master-weights: fp32 shards of the weights, gradients and AdamW moments (FSDP2), fp32 masters (DDP, 1 GPU)
     "8b-full-master": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True, "set": {"master_weights": True}}),
     # the same with every block gathered again for its backward (FSDP2's default; auto keeps the forward's)
-    "8b-full-master-reshard": ("8b", "full", 4, 2048, "fsdp",
-                               {"checkpointing": True, "set": {"master_weights": True, "reshard_after_forward": "always"}}),
+    "8b-full-master-reshard": ("8b", "full", 4, 2048, "fsdp", {"checkpointing": True, "set": {
+        "master_weights": True, "reshard_after_forward": "always"}}),
     "1b-full-master-ddp": ("1b", "full", 8, 2048, "ddp", {"set": {"master_weights": True}}),
 }
 TINY = {"tiny-lora": ("tiny", "lora", 2, 64, "fsdp", {}), "tiny-full": ("tiny", "full", 2, 64, "fsdp", {}),

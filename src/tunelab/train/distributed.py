@@ -4,22 +4,21 @@ tunelab runs distributed whenever it is started by `torchrun` (the `RANK`/`WORLD
 with one process. Everything a rank needs to know lives in a `World`; the training loop asks it for its slice
 of each optimizer step's window, for the models to forward through, and to agree with the other ranks.
 
-- **Sharding.** `--strategy fsdp`: FSDP2 (`fully_shard`) on every transformer block, then on the root; on CUDA
-  with bf16 a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`. Each block frees its gathered weights
-  after its forward and gathers them again for the backward, unless `reshard_after_forward` says never, or auto
-  finds the whole model in the compute dtype within `KEEP_GATHERED_SHARE` of the GPU's memory (an 8B model in
-  bf16 is 11% of an H200): then the backward's gather is saved, at that memory (torchtitan's "never" policy). `--strategy ddp`: DDP, parameters
-  replicated and gradients all-reduced. `auto` takes DDP when one GPU holds the replicated training state (the
-  weights, plus gradients and AdamW moments of what trains) in `DDP_AUTO_SHARE` of its memory, else FSDP2: on two
-  H200s DDP measured faster wherever it fitted (1B LoRA 1.92x one GPU against FSDP2's 1.39x, 1B full 1.87x
-  against 1.75x, 8B LoRA 1.95x; bench/results/train_multi_gpu_h200x2_*.json), since FSDP2 gathers every frozen
-  weight twice a step while DDP only reduces the gradients. On CPU (gloo) `auto` takes FSDP2 from
-  `FSDP_AUTO_PARAMS` parameters on. On a world of one process it wraps nothing (`none`): there is nothing to
-  shard or reduce, and a wrapper's
-  per-block gathers and copies would only cost time (as torchtitan applies FSDP only when it shards). Checkpoints
-  are DCP's all the same, so such a run resumes on more ranks like any other.
-  A PEFT method's frozen base is sharded like any weight; only its adapter parameters carry gradients and
-  optimizer state, since only they require grad.
+- **Sharding.** `--strategy fsdp`: FSDP2 (`fully_shard`) on every transformer block, then on the root; on CUDA with
+  bf16 a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`. Each block frees its gathered weights after
+  its forward and gathers them again for the backward, unless `reshard_after_forward` says never, or auto finds the
+  whole model in the compute dtype within `KEEP_GATHERED_SHARE` of the GPU's memory (an 8B model in bf16 is 11% of
+  an H200): then the backward's gather is saved, at that memory (8B full on two H200s: +2.4%,
+  bench/results/train_multi_gpu_h200x2_8b_reshard_ab.json). `--strategy ddp`: DDP, parameters replicated and
+  gradients all-reduced. `auto` takes DDP when one GPU holds the replicated training state (the weights, plus
+  gradients and AdamW moments of what trains) in `DDP_AUTO_SHARE` of its memory, else FSDP2: on two H200s DDP
+  measured faster wherever it fitted (1B LoRA 1.92x one GPU against FSDP2's 1.39x, 1B full 1.87x against 1.75x, 8B
+  LoRA 1.95x; bench/results/train_multi_gpu_h200x2_*.json), since FSDP2 gathers every frozen weight twice a step
+  while DDP only reduces the gradients. On CPU (gloo) `auto` takes FSDP2 from `FSDP_AUTO_PARAMS` parameters on. On a
+  world of one process it wraps nothing (`none`): there is nothing to shard or reduce, and a wrapper's per-block
+  gathers and copies would only cost time (as torchtitan applies FSDP only when it shards). Checkpoints are DCP's
+  all the same, so such a run resumes on more ranks like any other. A PEFT method's frozen base is sharded like any
+  weight; only its adapter parameters carry gradients and optimizer state, since only they require grad.
 - **Data.** The window of an optimizer step (`batch_size * grad_accum` examples, `train/batches.py`) is the
   same on every world size. Rank r takes the r-th contiguous share and splits it into micro-batches of
   `batch_size`; every rank runs the same number of micro-batches (collectives must match), a rank short of
