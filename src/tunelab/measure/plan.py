@@ -300,8 +300,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
         offload_activations: the run's switch (CUDA, with gradient checkpointing): the checkpointed block inputs
             are planned in host memory (each strategy's notes give how much).
         master_weights: the run's `--master-weights` (on by default, as in train) on a 16-bit model: weights
-            that train in the model dtype (full fine-tuning) get fp32 master copies and fp32 AdamW moments (in the optimizer's state; under
-            FSDP2, `nproc` > 1, as fp32 shards with fp32 gradients).
+            that train in the model dtype (full fine-tuning) get fp32 master copies and fp32 AdamW moments (in
+            the optimizer's state; under FSDP2, `nproc` > 1, as fp32 shards with fp32 gradients).
 
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).

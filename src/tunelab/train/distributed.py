@@ -136,11 +136,17 @@ def replicated_state(model: nn.Module) -> int:
     return weights + trainable * TRAINING_BYTES_PER_TRAINABLE
 
 
+def gpu_memory_of(model: nn.Module) -> int | None:
+    """The total memory of the GPU `model` is on; None on CPU."""
+    first = next(model.parameters(), None)
+    return torch.cuda.get_device_properties(first.device).total_memory if first is not None and first.is_cuda \
+        else None
+
+
 def replicated_state_fits(model: nn.Module, gpu_memory: int | None = None) -> bool:
     """`auto`'s test for DDP on `model`, with a GPU's memory (`gpu_memory`, else that of the GPU the model is on)."""
-    first = next(model.parameters(), None)
-    if gpu_memory is None and first is not None and first.is_cuda:
-        gpu_memory = torch.cuda.get_device_properties(first.device).total_memory
+    if gpu_memory is None:
+        gpu_memory = gpu_memory_of(model)
     return prefers_ddp(replicated_state(model), sum(p.numel() for p in model.parameters()), gpu_memory)
 
 
@@ -197,10 +203,8 @@ def wrap(world: World, model: nn.Module, strategy: str, bf16: bool, reshard_afte
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    first = next(model.parameters())
-    gpu_memory = torch.cuda.get_device_properties(first.device).total_memory if first.is_cuda else None
     compute_bytes = sum(p.numel() * (2 if bf16 else p.element_size()) for p in model.parameters())
-    world.keep_gathered = keeps_gathered(reshard_after_forward, compute_bytes, gpu_memory)
+    world.keep_gathered = keeps_gathered(reshard_after_forward, compute_bytes, gpu_memory_of(model))
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=policy, reshard_after_forward=not world.keep_gathered)
     fully_shard(model, mp_policy=policy)  # the root keeps its weights to the backward in any case
