@@ -28,15 +28,23 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
 
 def _cause(error) -> tuple[int, object]:
-    """The rank whose failure stopped the run: one killed by a signal, else one that exited with a code other
-    than 1 (the code of ranks stopped because a peer failed), else the first failure torchrun saw. Ranks that
-    leave at once after a peer's failure can be seen in the same poll as the failing rank, and first."""
-    failures = sorted(error.failures.items())
-    for wanted in (lambda f: f.exitcode < 0, lambda f: f.exitcode != 1):
+    """The rank whose failure stopped the run.
+
+    torchrun's agent records the failures of one poll, then SIGTERMs the ranks still running and records those
+    too (its own bookkeeping), so a SIGTERM is the agent's unless nothing else failed. In order: a rank killed
+    by a signal other than SIGTERM; one that exited with a code other than 1 (the code of ranks stopped because
+    a peer failed); one killed by SIGTERM; the first failure recorded. Ranks that leave at once after a peer's
+    failure can be seen in the same poll as the failing rank, and first.
+    """
+    failures = list(error.failures.items())  # in the order the agent recorded them
+    sigterm = -int(signal.SIGTERM)
+    for wanted in (lambda f: f.exitcode < 0 and f.exitcode != sigterm,
+                   lambda f: f.exitcode not in (1, sigterm),
+                   lambda f: f.exitcode == sigterm):
         for rank, failure in failures:
             if wanted(failure):
                 return rank, failure
-    return error.get_first_failure()
+    return failures[0]
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> int:

@@ -275,6 +275,27 @@ def test_launcher_arguments_and_qlora_refusal():
     assert choose_strategy("fsdp", torch.nn.Linear(2, 2), "lora", 1) == "fsdp"  # unless asked for
 
 
+def test_the_failing_rank_is_named_not_the_ones_torchrun_stopped():
+    """torchrun records the failures of one poll, then SIGTERMs the ranks still running and records those too:
+    whichever rank number it is and in whichever order the ranks were seen, the cause is named."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from tunelab.launch import _cause
+
+    def failed(*codes):  # (rank, exit code) in the order the agent recorded them
+        return ChildFailedError("tunelab", {rank: ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                                            for rank, code in codes})
+
+    term, kill = -int(signal.SIGTERM), -int(signal.SIGKILL)
+    assert _cause(failed((1, kill), (0, term)))[0] == 1  # the CI run: rank 0 stopped by the agent
+    assert _cause(failed((0, 1), (1, kill)))[0] == 1  # rank 0 left on its peer's death, in the same poll
+    assert _cause(failed((0, 1), (1, 2)))[0] == 1  # bad input on rank 1 (exit 2), rank 0 stopped (exit 1)
+    assert _cause(failed((0, 1), (1, term)))[0] == 1  # rank 1 was sent SIGTERM by someone else
+    assert _cause(failed((1, 1), (0, 1)))[0] == 1  # nothing tells: the first one recorded
+
+
 def test_auto_replicates_what_fits_a_gpu_and_shards_the_rest(monkeypatch):
     """`auto` on a GPU: DDP while weights + (gradient, bucket, two AdamW moments) of the trainables take at most
     half the GPU's memory, else FSDP2; on CPU the parameter count decides."""
