@@ -32,15 +32,15 @@ def _cause(error) -> tuple[int, object]:
 
     torchrun's agent records the failures of one poll, then SIGTERMs the ranks still running and records those
     too (its own bookkeeping), so a SIGTERM is the agent's unless nothing else failed. In order: a rank killed
-    by a signal other than SIGTERM; one that exited with a code other than 1 (the code of ranks stopped because
-    a peer failed); one killed by SIGTERM; the first failure recorded. Ranks that leave at once after a peer's
-    failure can be seen in the same poll as the failing rank, and first.
+    by a signal other than SIGTERM; one that exited with a code other than 1; one that exited with 1 (a crash,
+    which prints its own traceback, or a rank stopped because a peer failed); then the first recorded. Ranks
+    that leave at once after a peer's failure can be seen in the same poll as the failing rank, and first.
     """
     failures = list(error.failures.items())  # in the order the agent recorded them
     sigterm = -int(signal.SIGTERM)
     for wanted in (lambda f: f.exitcode < 0 and f.exitcode != sigterm,
                    lambda f: f.exitcode not in (1, sigterm),
-                   lambda f: f.exitcode == sigterm):
+                   lambda f: f.exitcode == 1):
         for rank, failure in failures:
             if wanted(failure):
                 return rank, failure

@@ -292,7 +292,8 @@ def test_the_failing_rank_is_named_not_the_ones_torchrun_stopped():
     assert _cause(failed((1, kill), (0, term)))[0] == 1  # the CI run: rank 0 stopped by the agent
     assert _cause(failed((0, 1), (1, kill)))[0] == 1  # rank 0 left on its peer's death, in the same poll
     assert _cause(failed((0, 1), (1, 2)))[0] == 1  # bad input on rank 1 (exit 2), rank 0 stopped (exit 1)
-    assert _cause(failed((0, 1), (1, term)))[0] == 1  # rank 1 was sent SIGTERM by someone else
+    assert _cause(failed((1, 1), (0, term)))[0] == 1  # rank 1 crashed (its traceback says why), rank 0 stopped
+    assert _cause(failed((1, term), (0, term)))[0] == 1  # rank 1 was sent SIGTERM by someone else: recorded first
     assert _cause(failed((1, 1), (0, 1)))[0] == 1  # nothing tells: the first one recorded
 
 
