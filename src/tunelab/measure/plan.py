@@ -263,6 +263,25 @@ def _methods(methods: list[str] | None) -> list[str]:
     return chosen
 
 
+def _check_arguments(batch_size: int, seq_len: int, device: str, nproc: int, strategy: str,
+                     reshard_after_forward: str, offload_activations: bool, gradient_checkpointing: bool) -> None:
+    """`plan`'s scalar arguments, each refused with a one-line `ConfigError` naming it."""
+    if batch_size <= 0 or seq_len <= 0:
+        key, value = ("batch_size", batch_size) if batch_size <= 0 else ("seq_len", seq_len)
+        raise ConfigError(f"{key} = {value}: expected a positive integer")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
+    if nproc < 1:
+        raise ConfigError(f"nproc = {nproc}: expected a positive integer")
+    if strategy not in ("auto", "fsdp", "ddp"):
+        raise ConfigError(f"strategy {strategy!r}: expected auto, fsdp or ddp")
+    if reshard_after_forward not in ("auto", "always", "never"):
+        raise ConfigError(f"reshard_after_forward {reshard_after_forward!r}: expected auto, always or never")
+    if offload_activations and not (gradient_checkpointing and device == "cuda"):
+        raise ConfigError("offload_activations: expected gradient_checkpointing on a cuda device; it parks the "
+                          "checkpointed block inputs in host memory")
+
+
 def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str = "auto",
          gradient_checkpointing: bool = False, method_options: dict[str, Any] | None = None,
          gpu_memory: str | int | None = None, device: str = "cuda", methods: list[str] | None = None,
@@ -306,20 +325,8 @@ def plan(model_spec: Any, *, batch_size: int = 8, seq_len: int = 256, dtype: str
     Returns:
         A `PlanResult` (pydantic; `.model_dump_json()` gives JSON).
     """
-    if batch_size <= 0 or seq_len <= 0:
-        key, value = ("batch_size", batch_size) if batch_size <= 0 else ("seq_len", seq_len)
-        raise ConfigError(f"{key} = {value}: expected a positive integer")
-    if device not in ("cuda", "cpu"):
-        raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
-    if nproc < 1:
-        raise ConfigError(f"nproc = {nproc}: expected a positive integer")
-    if strategy not in ("auto", "fsdp", "ddp"):
-        raise ConfigError(f"strategy {strategy!r}: expected auto, fsdp or ddp")
-    if reshard_after_forward not in ("auto", "always", "never"):
-        raise ConfigError(f"reshard_after_forward {reshard_after_forward!r}: expected auto, always or never")
-    if offload_activations and not (gradient_checkpointing and device == "cuda"):
-        raise ConfigError("offload_activations: expected gradient_checkpointing on a cuda device; it parks the "
-                          "checkpointed block inputs in host memory")
+    _check_arguments(batch_size, seq_len, device, nproc, strategy, reshard_after_forward, offload_activations,
+                     gradient_checkpointing)
     dtype_name, param_bytes = resolve_dtype(dtype, device)
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     chosen = _methods(methods)
